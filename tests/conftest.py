@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one; `make gpu-check` runs them)")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel does not write fails."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture
+def triton_cpu(monkeypatch):
+    """Run Triton kernels on CPU tensors through the interpreter (only without a GPU)."""
+    if not HAS_CUDA:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def backend_params(include_triton=True):
+    """(backend, device) pairs to test on this machine: every backend on every device it runs on."""
+    from convmixer_kernels import _ext
+
+    out = [pytest.param("torch", "cpu", id="torch-cpu")]
+    out.append(pytest.param("cpu", "cpu", id="cpu-cpu",
+                            marks=pytest.mark.skipif(not _ext.loaded(), reason="extension not built")))
+    if include_triton:
+        out.append(pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"))
+    out.append(pytest.param("cuda", "cuda", id="cuda-cuda",
+                            marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]))
+    return out
+
+

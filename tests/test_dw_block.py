@@ -1,0 +1,267 @@
+"""The fused depthwise block against the float64 oracle (reference eager modules), every backend.
+
+Outputs, every gradient (x, conv weight and bias, BN weight and bias), running_mean, running_var and
+num_batches_tracked, in training and eval, both orders, every activation, with and without residual,
+bias, affine and running stats, both memory formats and a non-contiguous input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import convmixer_kernels as ck
+from conftest import HAS_CUDA, backend_params
+from convmixer_kernels.modules import make_activation
+from oracle import check_2x
+
+ACTS = ["gelu", "gelu_tanh", "relu", "silu", "identity"]
+
+
+def make_block(C, k, activation, order, residual, bias, affine, track, momentum, seed):
+    torch.manual_seed(seed)
+    blk = ck.FusedDepthwiseBlock(C, k, activation=activation, order=order, residual=residual, bias=bias,
+                                 affine=affine, track_running_stats=track, momentum=momentum)
+    with torch.no_grad():
+        if affine:
+            blk.norm.weight.uniform_(0.5, 1.5)
+            blk.norm.bias.uniform_(-0.5, 0.5)
+        if track:
+            blk.norm.running_mean.uniform_(-0.3, 0.3)
+            blk.norm.running_var.uniform_(0.5, 1.5)
+            blk.norm.num_batches_tracked.fill_(3)
+    return blk
+
+
+def run(blk_or_ref, x, dy, training, steps=1):
+    """Forward (steps times) and backward of the last step; returns y and grads and buffers."""
+    blk_or_ref.train(training)
+    x = x.detach().clone().requires_grad_(True)
+    for p in blk_or_ref.parameters():
+        p.grad = None
+    for _ in range(steps):
+        y = blk_or_ref(x)
+    y.backward(dy)
+    out = {"y": y.detach(), "dx": x.grad}
+    for n, p in blk_or_ref.named_parameters():
+        out["d:" + n] = p.grad
+    for n, b in blk_or_ref.named_buffers():
+        out["b:" + n] = b.detach().clone()
+    return out
+
+
+def compare(backend, device, dtype, shape, k, activation="gelu", order="act_norm", residual=True, bias=True,
+            affine=True, track=True, momentum=0.1, training=True, layout="nchw", steps=1, seed=0):
+    N, C, H, W = shape
+    blk = make_block(C, k, activation, order, residual, bias, affine, track, momentum, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(N, C, H, W, generator=g)
+    dy = torch.randn(N, C, H, W, generator=g)
+
+    # The oracle: the eager reference modules in float64 on the CPU.
+    ref64 = copy.deepcopy(blk).double().reference()
+    want = run(ref64, x.double(), dy.double(), training, steps)
+    # PyTorch's own computation in dtype D on the device, in both memory formats (see oracle.check_2x).
+    theirs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        ref_d = copy.deepcopy(blk).to(device=device, dtype=dtype).reference()
+        theirs.append(run(ref_d, x.to(device, dtype).contiguous(memory_format=fmt),
+                          dy.to(device, dtype).contiguous(memory_format=fmt), training, steps))
+
+    fused = copy.deepcopy(blk).to(device=device, dtype=dtype)
+    xd, dyd = x.to(device, dtype), dy.to(device, dtype)
+    if layout == "channels_last":
+        xd = xd.contiguous(memory_format=torch.channels_last)
+        dyd = dyd.contiguous(memory_format=torch.channels_last)
+    elif layout == "noncontig":  # every other column of a wider tensor
+        wide = torch.zeros(N, C, H, 2 * W, device=device, dtype=dtype)
+        wide[..., ::2] = xd
+        xd = wide[..., ::2]
+        assert not xd.is_contiguous()
+    with ck.backend(backend):
+        ours = run(fused, xd, dyd, training, steps)
+
+    if layout == "channels_last":
+        assert ours["y"].is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
+        assert ours["dx"].is_contiguous(memory_format=torch.channels_last), "dx lost channels_last"
+    # Parameter names differ (conv/norm vs fn.0/fn.2): map by position.
+    names_ours = [n for n in ours if n.startswith(("d:", "b:"))]
+    names_ref = [n for n in want if n.startswith(("d:", "b:"))]
+    assert len(names_ours) == len(names_ref)
+    for a, b in zip(["y", "dx"] + names_ours, ["y", "dx"] + names_ref):
+        if b.endswith("num_batches_tracked"):
+            assert torch.equal(ours[a].cpu(), want[b]), f"{a}: {ours[a]} != {want[b]}"
+            continue
+        assert ours[a] is not None, f"{a}: missing gradient"
+        assert ours[a].dtype == theirs[0][b].dtype, f"{a}: dtype {ours[a].dtype} != {theirs[0][b].dtype}"
+        check_2x(a, ours[a], [t[b] for t in theirs], want[b], dtype)
+
+
+BACKENDS = backend_params()
+
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dtypes_layouts(backend, device, dtype, layout, training, poison, triton_cpu):
+    compare(backend, device, dtype, (2, 37, 17, 23), 7, layout=layout, training=training)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("order", ["act_norm", "norm_act"])
+def test_activations_orders(backend, device, activation, order, poison, triton_cpu):
+    compare(backend, device, torch.float32, (2, 16, 9, 11), 5, activation=activation, order=order)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("k", [1, 3, 5, 9, 15])
+def test_kernel_sizes(backend, device, k, poison, triton_cpu):
+    compare(backend, device, torch.float32, (2, 16, 13, 10), k, layout="channels_last" if k % 4 == 1 else "nchw")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("opts", [
+    dict(residual=False), dict(bias=False), dict(affine=False), dict(track=False),
+    dict(track=False, training=False), dict(momentum=None, steps=2), dict(layout="noncontig"),
+    dict(residual=False, bias=False, affine=False, order="norm_act", activation="relu", training=False),
+], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_options(backend, device, opts, poison, triton_cpu):
+    compare(backend, device, torch.float32, (2, 16, 8, 9), 3, **opts)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_batch1_eval_image_smaller_than_kernel(backend, device, poison, triton_cpu):
+    compare(backend, device, torch.float32, (1, 3, 5, 4), 9, training=False)
+    compare(backend, device, torch.bfloat16, (1, 3, 5, 4), 9, training=False, layout="channels_last")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic(backend, device, triton_cpu):
+    blk = make_block(16, 7, "gelu", "act_norm", True, True, True, True, 0.1, 0).to(device)
+    x = torch.randn(2, 16, 19, 21, device=device)
+    outs = []
+    for _ in range(2):
+        b = copy.deepcopy(blk)
+        with ck.backend(backend):
+            outs.append(run(b, x, torch.ones_like(x), True))
+    for n in outs[0]:
+        assert torch.equal(outs[0][n], outs[1][n]), f"{n} differs between two identical runs"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_inf_propagate(backend, device, triton_cpu):
+    blk = make_block(4, 3, "gelu", "act_norm", True, True, True, True, 0.1, 0).to(device).eval()
+    x = torch.randn(1, 4, 6, 6, device=device)
+    x[0, 0, 2, 2] = float("nan")
+    x[0, 1, 3, 3] = float("inf")
+    with torch.no_grad():
+        want = blk.reference()(x)
+        with ck.backend(backend):
+            got = blk(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+
+
+def test_gradcheck_cpu_float64():
+    from convmixer_kernels import _ext
+
+    backends = ["torch"] + (["cpu"] if _ext.loaded() else [])
+    torch.manual_seed(0)
+    for backend in backends:
+        for order, act in (("act_norm", "gelu"), ("norm_act", "silu")):
+            for training in (True, False):
+                x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+                w = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+                b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+                gw = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
+                gb = torch.randn(3, dtype=torch.float64, requires_grad=True)
+                rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+
+                def f(x, w, b, gw, gb):
+                    return ck.functional.dw_block(x, w, b, gw, gb, rm.clone(), rv.clone(), None, training=training,
+                                                  activation=act, order=order, backend=backend)
+
+                assert torch.autograd.gradcheck(f, (x, w, b, gw, gb)), (backend, order, training)
+
+
+def test_one_value_per_channel_error():
+    blk = ck.FusedDepthwiseBlock(3, 3).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        blk(torch.randn(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(3, 4, 4)), "x: expected a 4-D"),
+    (dict(weight=torch.randn(4, 1, 4, 4)), "weight: expected an odd kernel size"),
+    (dict(weight=torch.randn(5, 1, 3, 3)), r"weight: expected shape \(4, 1, k, k\)"),
+    (dict(weight=torch.randn(4, 1, 33, 33)), "weight: expected an odd kernel size"),
+    (dict(x=torch.randn(1, 4, 5, 5).int()), "x: expected dtype"),
+    (dict(bias=torch.randn(3)), r"bias: expected shape \(4,\)"),
+    (dict(bn_weight=torch.randn(4, dtype=torch.float16)), "bn_weight: expected dtype"),
+    (dict(running_var=None), "running_mean, running_var"),
+    (dict(activation="tanh"), "activation: expected one of"),
+    (dict(order="act_act"), "order: expected one of"),
+    (dict(backend="cuda_graphs"), "backend: expected one of"),
+])
+def test_bad_input(bad, match):
+    args = dict(x=torch.randn(1, 4, 5, 5), weight=torch.randn(4, 1, 3, 3), bias=torch.randn(4),
+                bn_weight=torch.ones(4), bn_bias=torch.zeros(4), running_mean=torch.zeros(4),
+                running_var=torch.ones(4))
+    kw = {k: bad.pop(k) for k in ("activation", "order", "backend") if k in bad}
+    args.update(bad)
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
+        ck.functional.dw_block(**args, **kw)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.gpu
+def test_device_mismatch_names_argument():
+    with pytest.raises(ValueError, match="weight: expected a tensor on cuda"):
+        ck.functional.dw_block(torch.randn(1, 4, 5, 5, device="cuda"), torch.randn(4, 1, 3, 3))
+
+
+def test_unavailable_backend_says_why():
+    from convmixer_kernels import _ext
+
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            ck.functional.dw_block(torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3), backend="cuda")
+    if _ext.loaded() and HAS_CUDA:
+        with pytest.raises(RuntimeError, match="backend 'cpu' is not available.*CPU tensors only"):
+            ck.functional.dw_block(torch.randn(1, 4, 5, 5, device="cuda"), torch.randn(4, 1, 3, 3, device="cuda"),
+                                   backend="cpu")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device, triton_cpu):
+    x = torch.randn(2, 4, 6, 7, device=device)
+    args = (x, torch.randn(4, 1, 3, 3, device=device), torch.randn(4, device=device),
+            torch.rand(4, device=device) + 0.5, torch.randn(4, device=device), torch.zeros(4, device=device),
+            torch.ones(4, device=device), 1e-5, 2, True, True, True, True, backend)
+    torch.library.opcheck(torch.ops.convmixer_kernels.dw_block.default, args)
+    for a in args[:5]:
+        a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.convmixer_kernels.dw_block.default, args)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph(backend, device, training, triton_cpu):
+    blk = make_block(8, 5, "gelu", "act_norm", True, True, True, True, 0.1, 0).to(device).train(training)
+    ref = copy.deepcopy(blk)
+    x = torch.randn(2, 8, 9, 9, device=device)
+    with ck.backend(backend):
+        compiled = torch.compile(blk, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+        y = compiled(x)
+        y.square().mean().backward()
+        y_eager = ref(x)
+        y_eager.square().mean().backward()
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(blk.conv.weight.grad, ref.conv.weight.grad)
+    torch.testing.assert_close(blk.norm.weight.grad, ref.norm.weight.grad)
+    torch.testing.assert_close(blk.norm.running_var, ref.norm.running_var)
+    torch.testing.assert_close(blk.norm.num_batches_tracked, ref.norm.num_batches_tracked)
