@@ -24,23 +24,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _is_toolkit(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
-        os.path.isdir(os.path.join(path, "lib64")) or os.path.isdir(os.path.join(path, "lib"))
-    )
+    """A real CUDA toolkit: nvcc, the runtime headers and libcudart (not a folder holding a wrapper)."""
+    if not path:
+        return False
+    has_lib = any(glob.glob(os.path.join(path, d, "libcudart.so*")) for d in ("lib64", "lib", "targets/*/lib"))
+    return (os.path.isfile(os.path.join(path, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and has_lib)
 
 
-def find_cuda_home() -> str | None:
+def find_cuda_home(env=os.environ, prefix: str = "/usr/local/cuda", which=shutil.which) -> str | None:
     """The real CUDA toolkit: CUDA_HOME/CUDA_PATH if set, else the standard prefix, else nvcc's.
 
     torch guesses the folder above the `nvcc` on PATH, which is wrong when that nvcc is a
     wrapper script (as on our machines): linking then fails with `cannot find -lcudart`.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
-        if _is_toolkit(os.environ.get(var)):
-            return os.environ[var]
-    if _is_toolkit("/usr/local/cuda"):
-        return "/usr/local/cuda"
-    nvcc = shutil.which("nvcc")
+        if _is_toolkit(env.get(var)):
+            return env[var]
+    if _is_toolkit(prefix):
+        return prefix
+    nvcc = which("nvcc")
     if nvcc is None:
         return None
     real = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
@@ -58,23 +61,8 @@ def find_cuda_home() -> str | None:
     return None
 
 
-SKIP_CUDA = os.environ.get("CONVMIXER_KERNELS_SKIP_CUDA_BUILD", "0") == "1"
-CUDA_HOME = None if SKIP_CUDA else find_cuda_home()
-if CUDA_HOME is not None:
-    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
-    os.environ["CUDA_HOME"] = CUDA_HOME
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
-WITH_CUDA = CUDA_HOME is not None and torch.version.cuda is not None
-if CUDA_HOME is not None and torch.version.cuda is None:
-    print("convmixer_kernels: torch is a CPU build, building the C++/CPU part only", file=sys.stderr)
-
-
 def nvidia_wheel_includes() -> list[str]:
-    """Include folders of torch's `nvidia` wheels (cuBLAS/cuSPARSE headers ATen's CUDA headers need)."""
+    """Include folders of torch's `nvidia` wheels (cuBLAS/cuSPARSE headers that ATen's CUDA headers need)."""
     try:
         import nvidia  # namespace package installed with torch's CUDA build
     except ImportError:
@@ -91,13 +79,31 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
-torch_version = torch.__version__.split("+")[0]
-cxx_flags = ["-O3", f"-DCONVMIXER_KERNELS_TORCH_VERSION={torch_version}"]
-if sys.platform.startswith("linux"):
-    cxx_flags += ["-fopenmp"]
-srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+def extension():
+    skip_cuda = os.environ.get("CONVMIXER_KERNELS_SKIP_CUDA_BUILD", "0") == "1"
+    cuda_home = None if skip_cuda else find_cuda_home()
+    if cuda_home is not None:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
-if WITH_CUDA:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = cuda_home is not None and torch.version.cuda is not None
+    if cuda_home is not None and not with_cuda:
+        print("convmixer_kernels: torch is a CPU build, building the C++/CPU part only", file=sys.stderr)
+    torch_version = torch.__version__.split("+")[0]
+    cxx_flags = ["-O3", f"-DCONVMIXER_KERNELS_TORCH_VERSION={torch_version}"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    if not with_cuda:
+        ext = CppExtension(name="convmixer_kernels._C", sources=srcs, include_dirs=[os.path.join(HERE, "csrc")],
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+        return ext, BuildExtension
     srcs += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
     nvcc_flags = [
         "-O3",
@@ -122,28 +128,28 @@ if WITH_CUDA:
             "cxx": cxx_flags + ["-DCONVMIXER_KERNELS_WITH_CUDA"] + [f"-idirafter{d}" for d in wheel_inc],
             "nvcc": nvcc_flags + [f"-isystem={d}" for d in wheel_inc],
         },
-        extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+        extra_link_args=link_flags,
     )
-else:
-    ext = CppExtension(
-        name="convmixer_kernels._C",
-        sources=srcs,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+    return ext, BuildExtension
+
+
+def main():
+    ext, build_ext = extension()
+    setup(
+        name="convmixer-kernels",
+        version="0.1.0",
+        description="Fused CUDA, Triton and C++ kernels for ConvMixer and depthwise-convolution networks",
+        packages=find_packages(include=["convmixer_kernels", "convmixer_kernels.*"]),
+        python_requires=">=3.10",
+        # torch.library.custom_op / register_fake / register_autograd / opcheck arrived in 2.4.
+        install_requires=["torch>=2.4", "numpy"],
+        extras_require={"triton": ["triton>=3.0"], "dev": ["pytest", "ninja", "timm", "scikit-learn", "tqdm"]},
+        ext_modules=[ext],
+        cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+        entry_points={"console_scripts": ["convmixer-kernels=convmixer_kernels.__main__:main"]},
+        zip_safe=False,
     )
 
-setup(
-    name="convmixer-kernels",
-    version="0.1.0",
-    description="Fused CUDA, Triton and C++ kernels for ConvMixer and depthwise-convolution networks",
-    packages=find_packages(include=["convmixer_kernels", "convmixer_kernels.*"]),
-    python_requires=">=3.10",
-    # torch.library.custom_op / register_fake / register_autograd / opcheck arrived in 2.4.
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "dev": ["pytest", "ninja", "timm", "scikit-learn", "tqdm"]},
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["convmixer-kernels=convmixer_kernels.__main__:main"]},
-    zip_safe=False,
-)
+
+if __name__ == "__main__":  # pip and `python setup.py` run this file as __main__; tests import its helpers
+    main()

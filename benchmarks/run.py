@@ -1,0 +1,255 @@
+"""Benchmarks: every provider in the same run, random data, medians with p20/p80, roofline ceilings
+measured in the same run.  Writes <out>/bench_<device>.json and .md (device, versions, commit, date).
+
+    python benchmarks/run.py --out benchmarks/results            # GPU suite if CUDA, else the CPU suite
+    python benchmarks/run.py --quick                             # fewer shapes (what gpu-check runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import convmixer_kernels as ck  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------- timing
+def bench_gpu(fn, rotate: int = 1) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of fn(i) through triton.testing.do_bench (L2 flushed)."""
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def call():
+        fn(state["i"] % rotate)
+        state["i"] += 1
+
+    q = do_bench(call, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+    return tuple(float(v) for v in q)
+
+
+def bench_cpu(fn, rotate: int = 1) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds on the CPU, after warm-up, at least ~1 s of samples."""
+    for i in range(3):
+        fn(i % rotate)
+    times = []
+    t_end = time.perf_counter() + 1.0
+    i = 0
+    while time.perf_counter() < t_end or len(times) < 5:
+        t0 = time.perf_counter()
+        fn(i % rotate)
+        times.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+# ----------------------------------------------------------------------------------------- ceilings
+def measure_bandwidth_gpu() -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = bench_gpu(lambda i: b.copy_(a))[0]
+    return 2 * n / (ms * 1e-3)
+
+
+def measure_fp32_rate_gpu() -> float:
+    """fp32 FLOP/s on CUDA cores (non-tensor FMA), from a Triton kernel of dependent FMA chains."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fma_kernel(out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        a = offs.to(tl.float32) * 1e-9
+        b = a + 1.0
+        c = a + 2.0
+        d = a + 3.0
+        for _ in range(ITERS):
+            a = a * 0.999 + 0.001
+            b = b * 0.999 + 0.001
+            c = c * 0.999 + 0.001
+            d = d * 0.999 + 0.001
+        tl.store(out_ptr + offs, a + b + c + d)
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block, iters = 1024, 4096
+    grid = sms * 16
+    out = torch.empty(grid * block, device="cuda")
+    ms = bench_gpu(lambda i: _fma_kernel[(grid,)](out, ITERS=iters, BLOCK=block, num_warps=8))[0]
+    return grid * block * iters * 4 * 2 / (ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------------------- dw block
+def _dw_modules(C, k, act, dtype, device):
+    torch.manual_seed(0)
+    blk = ck.FusedDepthwiseBlock(C, k, activation=act).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        blk.norm.weight.uniform_(0.5, 1.5)
+        blk.norm.bias.uniform_(-0.5, 0.5)
+        blk.norm.running_var.uniform_(0.5, 1.5)
+    ref = copy.deepcopy(blk).reference()
+    return blk, ref
+
+
+def _run_step(m, x, dy, training):
+    if training:
+        for p in m.parameters():
+            p.grad = None
+        y = m(x)
+        y.backward(dy)
+    else:
+        with torch.no_grad():
+            m(x)
+
+
+def dw_suite(device, quick):
+    res = []
+    if device == "cuda":
+        dtype, N, H = torch.bfloat16, 64, 32
+        shapes = [(768, 7), (768, 9), (1536, 7), (1536, 9)] if not quick else [(768, 7), (768, 9), (1536, 9)]
+        bench = bench_gpu
+        providers = ["eager", "compile", "cuda", "triton"]
+    else:
+        dtype, N, H = torch.float32, 8, 32
+        shapes = [(256, 5), (256, 9)]
+        bench = bench_cpu
+        providers = ["eager", "cpu", "torch"]
+    for C, k in shapes:
+        for layout in ("nchw", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            rotate = 2
+            xs = [torch.randn(N, C, H, H, device=device, dtype=dtype).contiguous(memory_format=fmt)
+                  for _ in range(rotate)]
+            dys = [torch.randn_like(x) for x in xs]
+            xg = [x.clone().requires_grad_(True) for x in xs]
+            for mode in ("eval", "train"):
+                training = mode == "train"
+                for prov in providers:
+                    if prov == "compile" and (device != "cuda" or (quick and C != 768)):
+                        continue
+                    blk, ref = _dw_modules(C, k, "gelu", dtype, device)
+                    if prov == "eager":
+                        m, ctx = ref, ck.backend("auto")
+                    elif prov == "compile":
+                        m, ctx = torch.compile(ref), ck.backend("auto")
+                    else:
+                        m, ctx = blk, ck.backend(prov)
+                    if device != "cpu" and ck.backends.why_unavailable(prov, torch.device(device)) and \
+                            prov not in ("eager", "compile"):
+                        continue
+                    m.train(training)
+                    inputs = xg if training else xs
+                    try:
+                        with ctx:
+                            t = bench(lambda i: _run_step(m, inputs[i], dys[i], training), rotate)
+                    except Exception as e:  # a provider that fails is reported, not hidden
+                        res.append(dict(op="dw_block", C=C, k=k, layout=layout, mode=mode, provider=prov,
+                                        error=f"{type(e).__name__}: {str(e)[:200]}"))
+                        print(f"  dw C={C} k={k} {layout} {mode} {prov}: FAILED {e}", flush=True)
+                        continue
+                    elems = N * C * H * H
+                    r = dict(op="dw_block", N=N, C=C, H=H, W=H, k=k, dtype=str(dtype), layout=layout, mode=mode,
+                             provider=prov, ms=t[0], p20=t[1], p80=t[2],
+                             bytes=elems * xs[0].element_size() * (2 if mode == "eval" else 7),
+                             flops=2 * k * k * elems * (1 if mode == "eval" else 4))
+                    res.append(r)
+                    print(f"  dw C={C} k={k} {layout:13s} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
+    return res
+
+
+def summarize(res, ceilings):
+    """Speedups vs eager (best layout) and compile, and % of roofline for the fused providers."""
+    rows = []
+    keyf = lambda r: (r["op"], r["C"], r["k"], r["mode"])  # noqa: E731
+    groups = {}
+    for r in res:
+        if "ms" in r:
+            groups.setdefault(keyf(r), []).append(r)
+    for key, rs in groups.items():
+        eager = min((r["ms"] for r in rs if r["provider"] == "eager"), default=None)
+        comp = min((r["ms"] for r in rs if r["provider"] == "compile"), default=None)
+        for r in rs:
+            if r["provider"] in ("eager", "compile"):
+                continue
+            row = dict(r)
+            row["speedup_vs_eager_best"] = eager / r["ms"] if eager else None
+            row["speedup_vs_compile_best"] = comp / r["ms"] if comp else None
+            if ceilings.get("bandwidth") and r["mode"] == "eval":
+                floor = max(r["bytes"] / ceilings["bandwidth"], r["flops"] / ceilings["fp32_flops"]) * 1e3
+                row["roofline_floor_ms"] = floor
+                row["pct_of_roofline"] = 100 * floor / r["ms"]
+            rows.append(row)
+    return rows
+
+
+def write_markdown(path, meta, rows):
+    with open(path, "w") as f:
+        f.write(f"# Benchmarks on {meta['device']}\n\n")
+        f.write(f"commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}\n\n")
+        if meta["ceilings"]:
+            c = meta["ceilings"]
+            f.write(f"Measured ceilings: copy bandwidth {c['bandwidth'] / 1e12:.2f} TB/s, "
+                    f"fp32 FMA rate {c['fp32_flops'] / 1e12:.1f} TFLOP/s\n\n")
+        f.write("| op | C | k | layout | mode | provider | ms (p20-p80) | vs eager best | vs compile best | "
+                "% roofline |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            fmt = lambda v, s="{:.2f}x": s.format(v) if v is not None else "-"  # noqa: E731
+            f.write(f"| {r['op']} | {r['C']} | {r['k']} | {r['layout']} | {r['mode']} | {r['provider']} | "
+                    f"{r['ms']:.3f} ({r['p20']:.3f}-{r['p80']:.3f}) | {fmt(r['speedup_vs_eager_best'])} | "
+                    f"{fmt(r['speedup_vs_compile_best'])} | {fmt(r.get('pct_of_roofline'), '{:.0f}%')} |\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        dev_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    else:
+        dev_name = torch.cuda.get_device_name(0)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    ceilings = {}
+    if device == "cuda":
+        ceilings = {"bandwidth": measure_bandwidth_gpu(), "fp32_flops": measure_fp32_rate_gpu()}
+        print(f"ceilings: {ceilings['bandwidth'] / 1e12:.2f} TB/s, {ceilings['fp32_flops'] / 1e12:.1f} TFLOP/s fp32")
+    res = dw_suite(device, args.quick)
+    rows = summarize(res, ceilings)
+    meta = dict(device=dev_name, commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                torch=torch.__version__, triton=tv, python=platform.python_version(), ceilings=ceilings,
+                build=ck._ext.build_info())
+    os.makedirs(args.out, exist_ok=True)
+    tag = "gpu" if device == "cuda" else "cpu"
+    with open(os.path.join(args.out, f"bench_{tag}.json"), "w") as f:
+        json.dump(dict(meta=meta, results=res, summary=rows), f, indent=1)
+    write_markdown(os.path.join(args.out, f"bench_{tag}.md"), meta, rows)
+    print(open(os.path.join(args.out, f"bench_{tag}.md")).read())
+
+
+if __name__ == "__main__":
+    main()
