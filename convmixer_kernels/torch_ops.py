@@ -153,3 +153,118 @@ def dw_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act: int, act_fir
     if residual:
         dx = dx + dy.to(acc)
     return dx.to(x.dtype).contiguous(memory_format=_fmt(x)), dweight, d.sum(dim=(0, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pointwise block (1x1 conv = GEMM) and patch-embedding stem (non-overlapping p x p conv = GEMM).
+#
+# * ``weight`` of a GEMM op is in the STORAGE dtype (the tensor-core operand: what autocast would
+#   feed cuBLAS), shape (C_out, C_in, 1, 1) for pw, (C_out, C_img, p, p) for the stem; ``bias`` (C_out,)
+#   and per-channel vectors in acc dtype.  Accumulation in acc dtype (fp32).
+# * pw: the GEMM input is s = x, or s = x + t rounded to the storage dtype when ``t`` is given (the
+#   ConvMixer residual sum, fused into the operand load instead of a pass of its own).
+# * pre = GEMM + bias, rounded to storage dtype; BN input u = act(pre) if act_first else pre (as in dw).
+# * The BN backward reuses dw_bwd_reduce (it is generic over (N, C, H, W)) and bn_act_bwd below.
+
+
+def _pw_input(x, t):
+    return x if t is None else (x.to(acc_dtype(x.dtype)) + t.to(acc_dtype(x.dtype))).to(x.dtype)
+
+
+def _pw_pre(x, t, weight, bias):
+    acc = acc_dtype(x.dtype)
+    s = _pw_input(x, t).to(acc)
+    c = F.conv2d(s, weight.to(acc), None if bias is None else bias.to(acc))
+    return c.to(x.dtype).to(acc)
+
+
+def _stem_pre(x, weight, bias):
+    acc = acc_dtype(x.dtype)
+    p = weight.shape[-1]
+    c = F.conv2d(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc), stride=p)
+    return c.to(x.dtype).to(acc)
+
+
+def _stats(pre, act, act_first):
+    u = act_fwd(pre, act) if act_first else pre
+    mean = u.mean(dim=(0, 2, 3))
+    return mean, (u - _vec(mean)).square().mean(dim=(0, 2, 3))
+
+
+def _bn_act(pre, scale, shift, act, act_first):
+    if act_first:
+        return _vec(scale) * act_fwd(pre, act) + _vec(shift)
+    return act_fwd(_vec(scale) * pre + _vec(shift), act)
+
+
+def pw_gemm_stats(x, t, weight, bias, act: int, act_first: bool):
+    """-> (pre [storage, x's format], mean [C_out], var [C_out] biased) for pre = conv1x1(x [+ t]) + bias."""
+    pre = _pw_pre(x, t, weight, bias)
+    mean, var = _stats(pre, act, act_first)
+    return pre.to(x.dtype).contiguous(memory_format=_fmt(x)), mean, var
+
+
+def pw_fwd(x, t, weight, bias, scale, shift, act: int, act_first: bool):
+    """y = scale*act(pre)+shift (act_first) or act(scale*pre+shift), pre = conv1x1(x [+ t]) + bias."""
+    pre = _pw_pre(x, t, weight, bias)
+    return _bn_act(pre, scale, shift, act, act_first).to(x.dtype).contiguous(memory_format=_fmt(x))
+
+
+def stem_gemm_stats(x, weight, bias, act: int, act_first: bool):
+    """-> (pre, mean, var) for pre = conv2d(x, weight, bias, stride=p), p = kernel size (remainder dropped)."""
+    pre = _stem_pre(x, weight, bias)
+    mean, var = _stats(pre, act, act_first)
+    return pre.to(x.dtype).contiguous(memory_format=_fmt(x)), mean, var
+
+
+def stem_fwd(x, weight, bias, scale, shift, act: int, act_first: bool):
+    pre = _stem_pre(x, weight, bias)
+    return _bn_act(pre, scale, shift, act, act_first).to(x.dtype).contiguous(memory_format=_fmt(x))
+
+
+def bn_act_fwd(pre, scale, shift, act: int, act_first: bool):
+    """Elementwise: y = scale*act(pre)+shift (act_first) or act(scale*pre+shift), pre's dtype and format."""
+    acc = acc_dtype(pre.dtype)
+    return _bn_act(pre.to(acc), scale, shift, act, act_first).to(pre.dtype).contiguous(memory_format=_fmt(pre))
+
+
+def bn_act_bwd(dy, pre, scale, shift, mean, ca, cb, cd, act: int, act_first: bool):
+    """Elementwise: dpre (storage dtype, pre's format), the gradient at pre, as in dw_bwd:
+    dpre_in = ca*g + cb*(u - mean) + cd, dpre = dpre_in * act'(pre) if act_first else dpre_in."""
+    acc = acc_dtype(pre.dtype)
+    p = pre.to(acc)
+    g, u = _g_u(dy, p, scale, shift, act, act_first)
+    d = _vec(ca) * g + _vec(cb) * (u - _vec(mean)) + _vec(cd)
+    if act_first:
+        d = d * act_grad(p, act)
+    return d.to(pre.dtype).contiguous(memory_format=_fmt(pre))
+
+
+def pw_bwd(dy, x, t, pre, weight, scale, shift, mean, ca, cb, cd, act: int, act_first: bool):
+    """-> (ds [storage, x's format], dweight [storage dtype, weight's shape], dbias [C_out] acc).
+
+    dpre as in bn_act_bwd (rounded to storage: the GEMM operand), ds = conv1x1 backward of dpre (the
+    gradient of both x and t when t is given), dweight = dpre^T @ s with s = x [+ t] recomputed,
+    dbias = sum of dpre (acc)."""
+    acc = acc_dtype(x.dtype)
+    dpre = bn_act_bwd(dy, pre, scale, shift, mean, ca, cb, cd, act, act_first).to(acc)
+    s = _pw_input(x, t).to(acc)
+    w = weight.to(acc)
+    ds = torch.nn.grad.conv2d_input(s.shape, w, dpre)
+    dw = torch.nn.grad.conv2d_weight(s, w.shape, dpre)
+    return ds.to(x.dtype).contiguous(memory_format=_fmt(x)), dw.to(weight.dtype), dpre.sum(dim=(0, 2, 3))
+
+
+def stem_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act: int, act_first: bool, need_dx: bool):
+    """-> (dx [storage, x's format; empty (0,) unless need_dx], dweight [storage], dbias [acc]).
+    Pixels of x beyond the last full patch get zero gradient (the conv dropped them)."""
+    acc = acc_dtype(x.dtype)
+    p = weight.shape[-1]
+    dpre = bn_act_bwd(dy, pre, scale, shift, mean, ca, cb, cd, act, act_first).to(acc)
+    w = weight.to(acc)
+    dw = torch.nn.grad.conv2d_weight(x.to(acc), w.shape, dpre, stride=p)
+    if need_dx:
+        dx = torch.nn.grad.conv2d_input(x.shape, w, dpre, stride=p).to(x.dtype).contiguous(memory_format=_fmt(x))
+    else:
+        dx = x.new_empty((0,))
+    return dx, dw.to(weight.dtype), dpre.sum(dim=(0, 2, 3))

@@ -38,6 +38,25 @@ TORCH_LIBRARY(convmixer_kernels, m) {
   m.def("dw_bwd(Tensor dy, Tensor x, Tensor pre, Tensor weight, Tensor scale, Tensor shift,"
         " Tensor mean, Tensor ca, Tensor cb, Tensor cd, int act, bool act_first, bool residual)"
         " -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // Pointwise block (1x1 conv GEMM, optional fused residual input t) and patch-embedding stem.
+  m.def("pw_gemm_stats(Tensor x, Tensor? t, Tensor weight, Tensor? bias, int act, bool act_first)"
+        " -> (Tensor pre, Tensor mean, Tensor var)");
+  m.def("pw_fwd(Tensor x, Tensor? t, Tensor weight, Tensor? bias, Tensor scale, Tensor shift, int act,"
+        " bool act_first) -> Tensor");
+  m.def("pw_bwd(Tensor dy, Tensor x, Tensor? t, Tensor pre, Tensor weight, Tensor scale, Tensor shift,"
+        " Tensor mean, Tensor ca, Tensor cb, Tensor cd, int act, bool act_first)"
+        " -> (Tensor ds, Tensor dweight, Tensor dbias)");
+  m.def("stem_gemm_stats(Tensor x, Tensor weight, Tensor? bias, int act, bool act_first)"
+        " -> (Tensor pre, Tensor mean, Tensor var)");
+  m.def("stem_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, Tensor shift, int act,"
+        " bool act_first) -> Tensor");
+  m.def("stem_bwd(Tensor dy, Tensor x, Tensor pre, Tensor weight, Tensor scale, Tensor shift,"
+        " Tensor mean, Tensor ca, Tensor cb, Tensor cd, int act, bool act_first, bool need_dx)"
+        " -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // Elementwise BatchNorm + activation, forward and backward (the light passes of training).
+  m.def("bn_act_fwd(Tensor pre, Tensor scale, Tensor shift, int act, bool act_first) -> Tensor");
+  m.def("bn_act_bwd(Tensor dy, Tensor pre, Tensor scale, Tensor shift, Tensor mean, Tensor ca,"
+        " Tensor cb, Tensor cd, int act, bool act_first) -> Tensor");
   m.def("build_info() -> str", &convmixer_kernels::build_info);
 }
 
