@@ -26,6 +26,10 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 AUTO_ORDER = {
     ("dw_block", "cuda"): ("cuda", "triton", "torch"),
     ("dw_block", "cpu"): ("cpu", "torch"),
+    ("pw_block", "cuda"): ("triton", "cuda", "torch"),
+    ("pw_block", "cpu"): ("cpu", "torch"),
+    ("stem_block", "cuda"): ("triton", "cuda", "torch"),
+    ("stem_block", "cpu"): ("cpu", "torch"),
 }
 
 _state = threading.local()

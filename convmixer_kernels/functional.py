@@ -6,7 +6,10 @@ import torch
 
 from . import backends
 from .ops import dw_block as _dw_block_op
+from .ops import pw_block as _pw_block_op
+from .ops import stem_block as _stem_block_op
 from .torch_ops import ACTIVATIONS
+from .utils import memory_format_of
 
 ORDERS = ("act_norm", "norm_act")
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -40,6 +43,47 @@ def _layout_ok(x: torch.Tensor) -> torch.Tensor:
         return x
     cl = x.dim() == 4 and x.stride(1) < x.stride(3)
     return x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _check_block_args(x, C, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order):
+    """Checks shared by every block: per-channel tensors (C = output channels), dtypes, order, activation."""
+    _check_tensor(bias, "bias", x, (C,))
+    _check_tensor(bn_weight, "bn_weight", x, (C,))
+    _check_tensor(bn_bias, "bn_bias", x, (C,))
+    _check_tensor(running_mean, "running_mean", x, (C,))
+    _check_tensor(running_var, "running_var", x, (C,))
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: expected both tensors or both None")
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(ORDERS)}, got {order!r}")
+    for pname, p in (("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if p is not None and p.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"{pname}: expected dtype {x.dtype} (the dtype of x) or float32, got {p.dtype}")
+    return act_code(activation)
+
+
+def _check_x(x, name="x"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in _ACT_DTYPES:
+        raise ValueError(f"{name}: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def _stats_flags(training, running_mean, count, shape, x, *params):
+    """(batch_stats, need_pre) for a block op; raises as nn.BatchNorm2d does for one value per channel."""
+    batch_stats = training or running_mean is None
+    if batch_stats and count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+    need_pre = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+    return bool(batch_stats), bool(need_pre)
+
+
+def _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
+                             momentum)
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
@@ -86,12 +130,7 @@ def dw_block(
 
     with batch_norm exactly nn.BatchNorm2d's (`training`, running stats updated in place once,
     momentum None = cumulative average; running_mean/var None = track_running_stats=False)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
-    if x.dtype not in _ACT_DTYPES:
-        raise ValueError(f"x: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
+    _check_x(x)
     N, C, H, W = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight: expected a (C, 1, k, k) tensor, got {getattr(weight, 'shape', weight)}")
@@ -101,32 +140,109 @@ def dw_block(
     if k % 2 == 0 or not 1 <= k <= 31:
         raise ValueError(f"weight: expected an odd kernel size k in 1..31, got k = {k}")
     _check_tensor(weight, "weight", x, weight.shape)
-    _check_tensor(bias, "bias", x, (C,))
-    _check_tensor(bn_weight, "bn_weight", x, (C,))
-    _check_tensor(bn_bias, "bn_bias", x, (C,))
-    _check_tensor(running_mean, "running_mean", x, (C,))
-    _check_tensor(running_var, "running_var", x, (C,))
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean, running_var: expected both tensors or both None")
-    if order not in ORDERS:
-        raise ValueError(f"order: expected one of {', '.join(ORDERS)}, got {order!r}")
-    act = act_code(activation)
-    for pname, p in (("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        if p is not None and p.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"{pname}: expected dtype {x.dtype} (the dtype of x) or float32, got {p.dtype}")
-
-    batch_stats = training or running_mean is None
-    count = N * H * W
-    if batch_stats and count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    act = _check_block_args(x, C, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
     name = backends.resolve("dw_block", x.device, backend)
     x = _layout_ok(x)
-    params = (weight, bias, bn_weight, bn_bias)
-    need_pre = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
     y, _pre, mean, var = _dw_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
-                                      act, order == "act_norm", bool(residual), bool(batch_stats), bool(need_pre),
-                                      name)
-    if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
-                             momentum)
+                                      act, order == "act_norm", bool(residual),
+                                      *_stats_flags(training, running_mean, N * H * W, x.shape, x, weight, bias,
+                                                    bn_weight, bn_bias), name)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, N * H * W, momentum)
+    return y
+
+
+def _check_gemm_weight(weight, x, c_in, kernel, what):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight: expected a (C_out, {c_in}, {kernel}, {kernel}) tensor, got "
+                         f"{getattr(weight, 'shape', weight)}")
+    if weight.shape[1] != c_in or weight.shape[2] != weight.shape[3] or (kernel != "p" and weight.shape[2] != 1):
+        raise ValueError(f"weight: expected shape (C_out, {c_in}, {kernel}, {kernel}) for {what}, got "
+                         f"{tuple(weight.shape)}")
+    _check_tensor(weight, "weight", x, weight.shape)
+
+
+def pw_block(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    activation: str = "gelu",
+    order: str = "act_norm",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The fused pointwise block, equivalent to
+
+        s = x + residual if residual is not None else x      (fused into the GEMM's operand load)
+        t = conv2d(s, weight, bias)                          (1x1, C_in -> C_out)
+        return batch_norm(act(t), ...) if order == "act_norm" else act(batch_norm(t, ...))
+
+    BatchNorm exactly as nn.BatchNorm2d (see dw_block)."""
+    _check_x(x)
+    N, C, H, W = x.shape
+    _check_gemm_weight(weight, x, C, 1, f"x with C_in = {C} channels")
+    if residual is not None:
+        _check_x(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual: expected a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                             f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+    co = weight.shape[0]
+    act = _check_block_args(x, co, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
+    name = backends.resolve("pw_block", x.device, backend)
+    x = _layout_ok(x)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=memory_format_of(x))
+    flags = _stats_flags(training, running_mean, N * H * W, x.shape, x, weight, bias, bn_weight, bn_bias,
+                         residual)
+    y, _pre, mean, var = _pw_block_op(x, residual, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                      float(eps), act, order == "act_norm", *flags, name)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, N * H * W, momentum)
+    return y
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
+    *,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    activation: str = "gelu",
+    order: str = "act_norm",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The fused patch-embedding stem, equivalent to
+
+        t = conv2d(x, weight, bias, stride=p)     (p x p non-overlapping patches; a remainder is dropped)
+        return batch_norm(act(t), ...) if order == "act_norm" else act(batch_norm(t, ...))"""
+    _check_x(x)
+    N, C, H, W = x.shape
+    _check_gemm_weight(weight, x, C, "p", f"images with {C} channels")
+    p = weight.shape[-1]
+    if H < p or W < p:
+        raise ValueError(f"x: expected an image of at least {p}x{p} for patch size {p}, got {H}x{W}")
+    co = weight.shape[0]
+    act = _check_block_args(x, co, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
+    name = backends.resolve("stem_block", x.device, backend)
+    x = _layout_ok(x)
+    count = N * (H // p) * (W // p)
+    flags = _stats_flags(training, running_mean, count, (N, co, H // p, W // p), x, weight, bias, bn_weight,
+                         bn_bias)
+    y, _pre, mean, var = _stem_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
+                                        act, order == "act_norm", *flags, name)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     return y

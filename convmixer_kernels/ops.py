@@ -26,8 +26,12 @@ def _like_x(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
-def _vec_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
+def _vec_like(x: torch.Tensor, c: int | None = None) -> torch.Tensor:
+    return x.new_empty((x.shape[1] if c is None else c,), dtype=acc_dtype(x.dtype))
+
+
+def _out_like(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+    return torch.empty((x.shape[0], c, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def _fake_dw_conv_stats(x, weight, bias, act, act_first):
@@ -46,69 +50,114 @@ def _fake_dw_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act, act_fi
     return _like_x(x), weight.new_empty(weight.shape, dtype=acc_dtype(x.dtype)), _vec_like(x)
 
 
-_FAKES = {
-    "dw_conv_stats": _fake_dw_conv_stats,
-    "dw_fwd": _fake_dw_fwd,
-    "dw_bwd_reduce": _fake_dw_bwd_reduce,
-    "dw_bwd": _fake_dw_bwd,
+def _fake_pw_gemm_stats(x, t, weight, bias, act, act_first):
+    co = weight.shape[0]
+    return _out_like(x, co, x.shape[2], x.shape[3]), _vec_like(x, co), _vec_like(x, co)
+
+
+def _fake_pw_fwd(x, t, weight, bias, scale, shift, act, act_first):
+    return _out_like(x, weight.shape[0], x.shape[2], x.shape[3])
+
+
+def _fake_pw_bwd(dy, x, t, pre, weight, scale, shift, mean, ca, cb, cd, act, act_first):
+    return _like_x(x), torch.empty_like(weight), _vec_like(x, weight.shape[0])
+
+
+def _fake_stem_gemm_stats(x, weight, bias, act, act_first):
+    co, p = weight.shape[0], weight.shape[-1]
+    return _out_like(x, co, x.shape[2] // p, x.shape[3] // p), _vec_like(x, co), _vec_like(x, co)
+
+
+def _fake_stem_fwd(x, weight, bias, scale, shift, act, act_first):
+    p = weight.shape[-1]
+    return _out_like(x, weight.shape[0], x.shape[2] // p, x.shape[3] // p)
+
+
+def _fake_stem_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act, act_first, need_dx):
+    return (_like_x(x) if need_dx else x.new_empty((0,))), torch.empty_like(weight), _vec_like(x, weight.shape[0])
+
+
+def _fake_bn_act_fwd(pre, scale, shift, act, act_first):
+    return _like_x(pre)
+
+
+def _fake_bn_act_bwd(dy, pre, scale, shift, mean, ca, cb, cd, act, act_first):
+    return _like_x(pre)
+
+
+# name -> (schema, fake, Triton module).  The schemas mirror csrc/ops.cpp exactly (tests/test_ops.py checks
+# that they agree), so the Triton ops are the same ops under a `_triton` suffix.
+OPS = {
+    "dw_conv_stats": ("(Tensor x, Tensor weight, Tensor? bias, int act, bool act_first)"
+                      " -> (Tensor pre, Tensor mean, Tensor var)", _fake_dw_conv_stats, "dw"),
+    "dw_fwd": ("(Tensor x, Tensor weight, Tensor? bias, Tensor scale, Tensor shift, int act, bool act_first,"
+               " bool residual) -> Tensor", _fake_dw_fwd, "dw"),
+    "dw_bwd_reduce": ("(Tensor dy, Tensor pre, Tensor scale, Tensor shift, Tensor mean, Tensor invstd, int act,"
+                      " bool act_first) -> (Tensor sum_g, Tensor sum_gxhat)", _fake_dw_bwd_reduce, "dw"),
+    "dw_bwd": ("(Tensor dy, Tensor x, Tensor pre, Tensor weight, Tensor scale, Tensor shift, Tensor mean,"
+               " Tensor ca, Tensor cb, Tensor cd, int act, bool act_first, bool residual)"
+               " -> (Tensor dx, Tensor dweight, Tensor dbias)", _fake_dw_bwd, "dw"),
+    "pw_gemm_stats": ("(Tensor x, Tensor? t, Tensor weight, Tensor? bias, int act, bool act_first)"
+                      " -> (Tensor pre, Tensor mean, Tensor var)", _fake_pw_gemm_stats, "pw"),
+    "pw_fwd": ("(Tensor x, Tensor? t, Tensor weight, Tensor? bias, Tensor scale, Tensor shift, int act,"
+               " bool act_first) -> Tensor", _fake_pw_fwd, "pw"),
+    "pw_bwd": ("(Tensor dy, Tensor x, Tensor? t, Tensor pre, Tensor weight, Tensor scale, Tensor shift,"
+               " Tensor mean, Tensor ca, Tensor cb, Tensor cd, int act, bool act_first)"
+               " -> (Tensor ds, Tensor dweight, Tensor dbias)", _fake_pw_bwd, "pw"),
+    "stem_gemm_stats": ("(Tensor x, Tensor weight, Tensor? bias, int act, bool act_first)"
+                        " -> (Tensor pre, Tensor mean, Tensor var)", _fake_stem_gemm_stats, "pw"),
+    "stem_fwd": ("(Tensor x, Tensor weight, Tensor? bias, Tensor scale, Tensor shift, int act,"
+                 " bool act_first) -> Tensor", _fake_stem_fwd, "pw"),
+    "stem_bwd": ("(Tensor dy, Tensor x, Tensor pre, Tensor weight, Tensor scale, Tensor shift,"
+                 " Tensor mean, Tensor ca, Tensor cb, Tensor cd, int act, bool act_first, bool need_dx)"
+                 " -> (Tensor dx, Tensor dweight, Tensor dbias)", _fake_stem_bwd, "pw"),
+    "bn_act_fwd": ("(Tensor pre, Tensor scale, Tensor shift, int act, bool act_first) -> Tensor",
+                   _fake_bn_act_fwd, "pw"),
+    "bn_act_bwd": ("(Tensor dy, Tensor pre, Tensor scale, Tensor shift, Tensor mean, Tensor ca,"
+                   " Tensor cb, Tensor cd, int act, bool act_first) -> Tensor", _fake_bn_act_bwd, "pw"),
 }
 
 if _ext.loaded():
-    for _name, _fake in _FAKES.items():
-        torch.library.register_fake(f"{LIB}::{_name}", _fake)
+    for _name, (_schema, _fake, _mod) in OPS.items():
+        if hasattr(torch.ops.convmixer_kernels, _name):
+            torch.library.register_fake(f"{LIB}::{_name}", _fake)
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton ops: custom_op + register_fake (triton_op cannot trace under the CPU interpreter).
-def _triton_dw():
-    from .triton import dw  # imported lazily: the package works without triton
+# Triton ops: the same schemas with a `_triton` suffix, implemented for CPU (interpreter) and CUDA
+# by the launchers in convmixer_kernels/triton/ (imported lazily: the package works without triton).
+# (torch.library.triton_op cannot trace under the CPU interpreter; plain definitions + fakes can.)
+def _triton_impl(name: str, module: str):
+    def impl(*args):
+        import importlib
 
-    return dw
+        return getattr(importlib.import_module(f"{__package__}.triton.{module}"), name)(*args)
 
-
-@torch.library.custom_op(f"{LIB}::dw_conv_stats_triton", mutates_args=())
-def _dw_conv_stats_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: int,
-                          act_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_dw().dw_conv_stats(x, weight, bias, act, act_first)
-
-
-@torch.library.custom_op(f"{LIB}::dw_fwd_triton", mutates_args=())
-def _dw_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-                   shift: torch.Tensor, act: int, act_first: bool, residual: bool) -> torch.Tensor:
-    return _triton_dw().dw_fwd(x, weight, bias, scale, shift, act, act_first, residual)
+    impl.__name__ = f"{name}_triton"
+    return impl
 
 
-@torch.library.custom_op(f"{LIB}::dw_bwd_reduce_triton", mutates_args=())
-def _dw_bwd_reduce_triton(dy: torch.Tensor, pre: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                          mean: torch.Tensor, invstd: torch.Tensor, act: int,
-                          act_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton_dw().dw_bwd_reduce(dy, pre, scale, shift, mean, invstd, act, act_first)
-
-
-@torch.library.custom_op(f"{LIB}::dw_bwd_triton", mutates_args=())
-def _dw_bwd_triton(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, weight: torch.Tensor,
-                   scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, ca: torch.Tensor,
-                   cb: torch.Tensor, cd: torch.Tensor, act: int, act_first: bool,
-                   residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_dw().dw_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act, act_first, residual)
-
-
-for _name, _fake in _FAKES.items():
+_triton_lib = torch.library.Library(LIB, "FRAGMENT")
+for _name, (_schema, _fake, _mod) in OPS.items():
+    _triton_lib.define(f"{_name}_triton{_schema}")
+    for _key in ("CPU", "CUDA"):
+        _triton_lib.impl(f"{_name}_triton", _triton_impl(_name, _mod), _key)
     torch.library.register_fake(f"{LIB}::{_name}_triton", _fake)
 
 
-def dw_ops(backend: str):
-    """The four low-level depthwise ops of a concrete backend, as a namespace."""
+def _ops_namespace(suffix: str):
+    o = torch.ops.convmixer_kernels
+    return types.SimpleNamespace(**{n: getattr(o, n + suffix) for n in OPS if hasattr(o, n + suffix)})
+
+
+def backend_ops(backend: str):
+    """The low-level ops of a concrete backend, as a namespace (torch_ops for `torch`)."""
     if backend == "torch":
         return torch_ops
     if backend in ("cpu", "cuda"):
-        o = torch.ops.convmixer_kernels
-        return types.SimpleNamespace(dw_conv_stats=o.dw_conv_stats, dw_fwd=o.dw_fwd,
-                                     dw_bwd_reduce=o.dw_bwd_reduce, dw_bwd=o.dw_bwd)
+        return _ops_namespace("")
     if backend == "triton":
-        o = torch.ops.convmixer_kernels
-        return types.SimpleNamespace(dw_conv_stats=o.dw_conv_stats_triton, dw_fwd=o.dw_fwd_triton,
-                                     dw_bwd_reduce=o.dw_bwd_reduce_triton, dw_bwd=o.dw_bwd_triton)
+        return _ops_namespace("_triton")
     raise ValueError(f"backend: expected a concrete backend (cuda, triton, cpu, torch), got {backend!r}")
 
 
@@ -130,7 +179,7 @@ def dw_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, b
     Returns (y, pre, mean, var): pre = DWConv(x) + bias in x's dtype (empty unless batch_stats or
     need_pre), mean/var = the statistics BN normalised with (batch, biased; or the running ones).
     Argument checking and BN bookkeeping are functional.dw_block's job."""
-    ops = dw_ops(backend)
+    ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     w = weight.to(acc)
     b = None if bias is None else bias.to(acc)
@@ -139,9 +188,7 @@ def dw_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, b
     else:
         mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
         pre = ops.dw_conv_stats(x, w, b, act, act_first)[0] if need_pre else x.new_empty((0,))
-    gamma, beta = _bn_affine(x.shape[1], acc, x.device, bn_weight, bn_bias)
-    scale = gamma * torch.rsqrt(var + eps)
-    shift = beta - mean * scale
+    _g, _i, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
     y = ops.dw_fwd(x, w, b, scale, shift, act, act_first, residual)
     return y, pre, mean, var
 
@@ -165,22 +212,12 @@ def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar):
     eps, act, act_first, residual, batch_stats, backend = ctx.cfg
     if pre.numel() == 0:
         raise RuntimeError("dw_block: backward needs pre; call the op with need_pre=True when gradients are needed")
-    ops = dw_ops(backend)
+    ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     dy = dy.contiguous(memory_format=memory_format_of(x))  # no-op unless autograd handed another layout
-    gamma, beta = _bn_affine(x.shape[1], acc, x.device, bn_weight, bn_bias)
-    invstd = torch.rsqrt(var + eps)
-    scale = gamma * invstd
-    shift = beta - mean * scale
-    sum_g, sum_gx = ops.dw_bwd_reduce(dy, pre, scale, shift, mean, invstd, act, act_first)
-    ca = scale
-    if batch_stats:
-        m = x.shape[0] * x.shape[2] * x.shape[3]
-        cb = -ca * invstd * sum_gx / m
-        cd = -ca * sum_g / m
-    else:
-        cb = torch.zeros_like(ca)
-        cd = torch.zeros_like(ca)
+    gamma, invstd, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, act, act_first,
+                                              batch_stats)
     dx, dweight, dbias = ops.dw_bwd(dy, x, pre, weight.to(acc), scale, shift, mean, ca, cb, cd, act, act_first,
                                     residual)
     return (dx, dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype),
@@ -190,3 +227,128 @@ def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar):
 
 
 dw_block.register_autograd(_dw_block_backward, setup_context=_dw_block_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The differentiable pointwise-block and stem ops: GEMM (+ stats) then the light BN pass in training,
+# one GEMM with the whole epilogue in eval.
+def _bn_scale_shift(C, acc, device, bn_weight, bn_bias, mean, var, eps):
+    gamma, beta = _bn_affine(C, acc, device, bn_weight, bn_bias)
+    invstd = torch.rsqrt(var + eps)
+    scale = gamma * invstd
+    return gamma, invstd, scale, beta - mean * scale
+
+
+def _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, act, act_first, batch_stats):
+    """BN backward sums (dbeta, dgamma) and the per-channel coefficients of dpre (see torch_ops.dw_bwd)."""
+    sum_g, sum_gx = ops.dw_bwd_reduce(dy, pre, scale, shift, mean, invstd, act, act_first)
+    ca = scale
+    if batch_stats:
+        m = pre.shape[0] * pre.shape[2] * pre.shape[3]
+        cb, cd = -ca * invstd * sum_gx / m, -ca * sum_g / m
+    else:
+        cb, cd = torch.zeros_like(ca), torch.zeros_like(ca)
+    return sum_g, sum_gx, ca, cb, cd
+
+
+def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act,
+                        act_first, batch_stats, need_pre):
+    acc = acc_dtype(x.dtype)
+    w = weight.to(x.dtype)  # the GEMM operand is in the storage dtype (as autocast feeds cuBLAS)
+    b = None if bias is None else bias.to(acc)
+    C = weight.shape[0]
+    stats = (lambda: ops.pw_gemm_stats(x, t, w, b, act, act_first)) if kind == "pw" else \
+        (lambda: ops.stem_gemm_stats(x, w, b, act, act_first))
+    if batch_stats or need_pre:
+        pre, mean, var = stats()
+        if not batch_stats:
+            mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
+        _g, _i, scale, shift = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
+        y = ops.bn_act_fwd(pre, scale, shift, act, act_first)
+    else:
+        mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
+        _g, _i, scale, shift = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
+        y = ops.pw_fwd(x, t, w, b, scale, shift, act, act_first) if kind == "pw" else \
+            ops.stem_fwd(x, w, b, scale, shift, act, act_first)
+        pre = x.new_empty((0,))
+    return y, pre, mean, var
+
+
+@torch.library.custom_op(f"{LIB}::pw_block", mutates_args=())
+def pw_block(x: torch.Tensor, t: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+             bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+             running_var: torch.Tensor | None, eps: float, act: int, act_first: bool, batch_stats: bool,
+             need_pre: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = BN(act(Conv1x1(x [+ t]) + bias)) (act_first) or act(BN(...)); returns (y, pre, mean, var)."""
+    return _gemm_block_forward("pw", backend_ops(backend), x, t, weight, bias, bn_weight, bn_bias, running_mean,
+                               running_var, eps, act, act_first, batch_stats, need_pre)
+
+
+@torch.library.custom_op(f"{LIB}::stem_block", mutates_args=())
+def stem_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
+               bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               eps: float, act: int, act_first: bool, batch_stats: bool, need_pre: bool,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = BN(act(Conv_p,stride p(x) + bias)) (act_first) or act(BN(...)); returns (y, pre, mean, var)."""
+    return _gemm_block_forward("stem", backend_ops(backend), x, None, weight, bias, bn_weight, bn_bias, running_mean,
+                               running_var, eps, act, act_first, batch_stats, need_pre)
+
+
+@pw_block.register_fake
+def _(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, batch_stats, need_pre,
+      backend):
+    co = weight.shape[0]
+    y = _out_like(x, co, x.shape[2], x.shape[3])
+    pre = _out_like(x, co, x.shape[2], x.shape[3]) if (batch_stats or need_pre) else x.new_empty((0,))
+    return y, pre, _vec_like(x, co), _vec_like(x, co)
+
+
+@stem_block.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, batch_stats, need_pre,
+      backend):
+    co, p = weight.shape[0], weight.shape[-1]
+    y = _out_like(x, co, x.shape[2] // p, x.shape[3] // p)
+    pre = _out_like(x, co, x.shape[2] // p, x.shape[3] // p) if (batch_stats or need_pre) else x.new_empty((0,))
+    return y, pre, _vec_like(x, co), _vec_like(x, co)
+
+
+def _gemm_block_setup(ctx, inputs, output):
+    if len(inputs) == 14:  # pw_block
+        x, t, weight, bias, bn_weight, bn_bias, _rm, _rv, eps, act, act_first, batch_stats, _np, backend = inputs
+        ctx.kind = "pw"
+    else:
+        x, weight, bias, bn_weight, bn_bias, _rm, _rv, eps, act, act_first, batch_stats, _np, backend = inputs
+        t, ctx.kind = None, "stem"
+    _y, pre, mean, var = output
+    ctx.has_t = t is not None
+    ctx.save_for_backward(x, t, weight, bias, bn_weight, bn_bias, pre, mean, var)
+    ctx.cfg = (eps, act, act_first, batch_stats, backend)
+
+
+def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar):
+    x, t, weight, bias, bn_weight, bn_bias, pre, mean, var = ctx.saved_tensors
+    eps, act, act_first, batch_stats, backend = ctx.cfg
+    if pre.numel() == 0:
+        raise RuntimeError(f"{ctx.kind}_block: backward needs pre; call the op with need_pre=True for gradients")
+    ops = backend_ops(backend)
+    acc = acc_dtype(x.dtype)
+    dy = dy.contiguous(memory_format=memory_format_of(pre))
+    gamma, invstd, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, act, act_first,
+                                              batch_stats)
+    w = weight.to(x.dtype)
+    if ctx.kind == "pw":
+        ds, dweight, dbias = ops.pw_bwd(dy, x, t, pre, w, scale, shift, mean, ca, cb, cd, act, act_first)
+        dx, dt = ds, (ds if ctx.has_t else None)
+    else:
+        need_dx = ctx.needs_input_grad[0]
+        dx, dweight, dbias = ops.stem_bwd(dy, x, pre, w, scale, shift, mean, ca, cb, cd, act, act_first, need_dx)
+        dx = dx if need_dx else None
+    grads = (dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype),
+             None if bn_weight is None else sum_gx.to(bn_weight.dtype),
+             None if bn_bias is None else sum_g.to(bn_bias.dtype), None, None, None, None, None, None, None, None)
+    return (dx, dt) + grads if ctx.kind == "pw" else (dx,) + grads
+
+
+pw_block.register_autograd(_gemm_block_backward, setup_context=_gemm_block_setup)
+stem_block.register_autograd(_gemm_block_backward, setup_context=_gemm_block_setup)
