@@ -13,8 +13,8 @@ import torch
 
 import convmixer_kernels as ck
 from conftest import HAS_CUDA, backend_params
-from convmixer_kernels.modules import make_activation
-from oracle import check_2x
+import block_harness as harness
+from block_harness import randomize_bn, run
 
 ACTS = ["gelu", "gelu_tanh", "relu", "silu", "identity"]
 
@@ -23,79 +23,14 @@ def make_block(C, k, activation, order, residual, bias, affine, track, momentum,
     torch.manual_seed(seed)
     blk = ck.FusedDepthwiseBlock(C, k, activation=activation, order=order, residual=residual, bias=bias,
                                  affine=affine, track_running_stats=track, momentum=momentum)
-    with torch.no_grad():
-        if affine:
-            blk.norm.weight.uniform_(0.5, 1.5)
-            blk.norm.bias.uniform_(-0.5, 0.5)
-        if track:
-            blk.norm.running_mean.uniform_(-0.3, 0.3)
-            blk.norm.running_var.uniform_(0.5, 1.5)
-            blk.norm.num_batches_tracked.fill_(3)
-    return blk
-
-
-def run(blk_or_ref, x, dy, training, steps=1):
-    """Forward (steps times) and backward of the last step; returns y and grads and buffers."""
-    blk_or_ref.train(training)
-    x = x.detach().clone().requires_grad_(True)
-    for p in blk_or_ref.parameters():
-        p.grad = None
-    for _ in range(steps):
-        y = blk_or_ref(x)
-    y.backward(dy)
-    out = {"y": y.detach(), "dx": x.grad}
-    for n, p in blk_or_ref.named_parameters():
-        out["d:" + n] = p.grad
-    for n, b in blk_or_ref.named_buffers():
-        out["b:" + n] = b.detach().clone()
-    return out
+    return randomize_bn(blk, seed)
 
 
 def compare(backend, device, dtype, shape, k, activation="gelu", order="act_norm", residual=True, bias=True,
             affine=True, track=True, momentum=0.1, training=True, layout="nchw", steps=1, seed=0):
-    N, C, H, W = shape
-    blk = make_block(C, k, activation, order, residual, bias, affine, track, momentum, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(N, C, H, W, generator=g)
-    dy = torch.randn(N, C, H, W, generator=g)
-
-    # The oracle: the eager reference modules in float64 on the CPU.
-    ref64 = copy.deepcopy(blk).double().reference()
-    want = run(ref64, x.double(), dy.double(), training, steps)
-    # PyTorch's own computation in dtype D on the device, in both memory formats (see oracle.check_2x).
-    theirs = []
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        ref_d = copy.deepcopy(blk).to(device=device, dtype=dtype).reference()
-        theirs.append(run(ref_d, x.to(device, dtype).contiguous(memory_format=fmt),
-                          dy.to(device, dtype).contiguous(memory_format=fmt), training, steps))
-
-    fused = copy.deepcopy(blk).to(device=device, dtype=dtype)
-    xd, dyd = x.to(device, dtype), dy.to(device, dtype)
-    if layout == "channels_last":
-        xd = xd.contiguous(memory_format=torch.channels_last)
-        dyd = dyd.contiguous(memory_format=torch.channels_last)
-    elif layout == "noncontig":  # every other column of a wider tensor
-        wide = torch.zeros(N, C, H, 2 * W, device=device, dtype=dtype)
-        wide[..., ::2] = xd
-        xd = wide[..., ::2]
-        assert not xd.is_contiguous()
-    with ck.backend(backend):
-        ours = run(fused, xd, dyd, training, steps)
-
-    if layout == "channels_last":
-        assert ours["y"].is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
-        assert ours["dx"].is_contiguous(memory_format=torch.channels_last), "dx lost channels_last"
-    # Parameter names differ (conv/norm vs fn.0/fn.2): map by position.
-    names_ours = [n for n in ours if n.startswith(("d:", "b:"))]
-    names_ref = [n for n in want if n.startswith(("d:", "b:"))]
-    assert len(names_ours) == len(names_ref)
-    for a, b in zip(["y", "dx"] + names_ours, ["y", "dx"] + names_ref):
-        if b.endswith("num_batches_tracked"):
-            assert torch.equal(ours[a].cpu(), want[b]), f"{a}: {ours[a]} != {want[b]}"
-            continue
-        assert ours[a] is not None, f"{a}: missing gradient"
-        assert ours[a].dtype == theirs[0][b].dtype, f"{a}: dtype {ours[a].dtype} != {theirs[0][b].dtype}"
-        check_2x(a, ours[a], [t[b] for t in theirs], want[b], dtype)
+    blk = make_block(shape[1], k, activation, order, residual, bias, affine, track, momentum, seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    harness.compare(blk, [x], backend, device, dtype, training=training, layout=layout, steps=steps, seed=seed)
 
 
 BACKENDS = backend_params()
@@ -147,7 +82,7 @@ def test_deterministic(backend, device, triton_cpu):
     for _ in range(2):
         b = copy.deepcopy(blk)
         with ck.backend(backend):
-            outs.append(run(b, x, torch.ones_like(x), True))
+            outs.append(run(b, [x], torch.ones_like(x), True))
     for n in outs[0]:
         assert torch.equal(outs[0][n], outs[1][n]), f"{n} differs between two identical runs"
 
