@@ -9,9 +9,12 @@ from . import _ext, ops  # noqa: F401  (registers the ops)
 from . import functional, reference, torch_ops  # noqa: F401
 from .backends import BACKENDS, available, backend, get_backend, set_backend
 from .info import info
-from .modules import FusedDepthwiseBlock
+from .fuse import FuseReport, fuse, unfuse
+from .models import ConvMixer
+from .modules import FusedDepthwiseBlock, FusedPatchEmbed, FusedPointwiseBlock
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "FusedDepthwiseBlock", "available", "backend", "functional", "get_backend", "info",
+__all__ = ["BACKENDS", "ConvMixer", "FuseReport", "FusedDepthwiseBlock", "FusedPatchEmbed", "FusedPointwiseBlock",
+           "fuse", "unfuse", "available", "backend", "functional", "get_backend", "info",
            "reference", "set_backend", "__version__"]

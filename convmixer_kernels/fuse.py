@@ -1,0 +1,292 @@
+"""fuse(model) / unfuse(model): swap fused kernels into any nn.Module tree by pattern matching.
+
+Patterns, found in every nn.Sequential of the tree (the paper's ConvMixer, timm's ConvMixer, MobileNet-like
+stacks all build their blocks from Sequentials):
+
+* ``Residual(fn=Sequential(dwconv, act, BN))``                 -> FusedDepthwiseBlock(residual=True)
+* a run ``conv, act, BN`` or ``conv, BN, act`` of a Sequential, where conv is
+    - depthwise (groups = C, odd k, stride 1, "same" zero padding)   -> fused depthwise block
+    - 1x1 (stride 1, no padding, groups 1)                         -> fused pointwise block
+    - a patch embedding (k = stride = p, no padding, groups 1)       -> fused stem
+
+A Sequential that is exactly such a run is replaced by FusedDepthwiseBlock / FusedPointwiseBlock /
+FusedPatchEmbed holding the same children.  A run inside a longer Sequential keeps every position: the
+conv becomes a fused conv (an nn.Conv2d subclass that runs the whole run), the activation and the BN
+become pass-through placeholders that keep the BN's parameters and buffers.  Either way module names,
+state-dict keys, parameter identity, dtype, device and memory format are unchanged, so checkpoints load
+both ways and an optimizer built before fusing keeps working.  Anything else is left alone and reported."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from . import functional as F_
+from .modules import (FusedDepthwiseBlock, FusedPatchEmbed, FusedPointwiseBlock, _FusedConvActBN,
+                      activation_name)
+
+
+@dataclasses.dataclass
+class FuseReport:
+    fused: list = dataclasses.field(default_factory=list)    # (module name, what)
+    skipped: list = dataclasses.field(default_factory=list)  # (module name, why)
+
+    def __str__(self):
+        lines = [f"fused {len(self.fused)} block(s), skipped {len(self.skipped)}"]
+        lines += [f"  fused   {n or '<root>'}: {w}" for n, w in self.fused]
+        lines += [f"  skipped {n or '<root>'}: {w}" for n, w in self.skipped]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- matching
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def conv_kind(conv: nn.Conv2d) -> tuple[str | None, str]:
+    """('dw' | 'pw' | 'stem', '') for a fusable conv, else (None, why not)."""
+    k, s, d, g = conv.kernel_size, conv.stride, conv.dilation, conv.groups
+    cin, cout = conv.in_channels, conv.out_channels
+    if conv.padding_mode != "zeros":
+        return None, f"padding_mode={conv.padding_mode!r} (only zeros)"
+    if d != (1, 1):
+        return None, f"dilation {d} (only 1)"
+    if g == cin == cout and g > 1:
+        if k[0] != k[1]:
+            return None, f"non-square depthwise kernel {k}"
+        if k[0] % 2 == 0:
+            return None, f"even depthwise kernel size {k[0]}"
+        if k[0] > 31:
+            return None, f"depthwise kernel size {k[0]} > 31"
+        if s != (1, 1):
+            return None, f"depthwise stride {s} (only 1)"
+        if conv.padding not in ("same", (k[0] // 2, k[1] // 2)):
+            return None, f"depthwise padding {conv.padding!r} (only 'same')"
+        return "dw", ""
+    if g != 1:
+        return None, f"groups={g} (only 1, or = channels for depthwise)"
+    if k == (1, 1) and s == (1, 1) and conv.padding in ((0, 0), "valid"):
+        return "pw", ""
+    if k[0] == k[1] == s[0] == s[1] and k[0] > 1 and conv.padding in ((0, 0), "valid"):
+        return "stem", ""
+    return None, f"conv with kernel {k}, stride {s}, padding {conv.padding!r} is not depthwise, 1x1 or a patch embedding"
+
+
+def match_run(mods: list[nn.Module], counts: dict[int, int]) -> tuple[dict | None, str | None]:
+    """Match [conv, act, BN] or [conv, BN, act]: (plan, None), (None, why not), or (None, None) if not a candidate."""
+    if len(mods) < 3 or type(mods[0]) is not nn.Conv2d:
+        return None, None
+    conv, a, b = mods[:3]
+    if isinstance(b, nn.modules.batchnorm._BatchNorm):
+        act, bn, order = a, b, "act_norm"
+    elif isinstance(a, nn.modules.batchnorm._BatchNorm):
+        act, bn, order = b, a, "norm_act"
+    else:
+        return None, None
+    if type(bn) is not nn.BatchNorm2d:
+        return None, f"{type(bn).__name__} is not nn.BatchNorm2d"
+    kind, why = conv_kind(conv)
+    if kind is None:
+        return None, why
+    if activation_name(act) is None:
+        return None, f"activation {type(act).__name__} is not supported (GELU, GELU(tanh), ReLU, SiLU, Identity)"
+    if bn.num_features != conv.out_channels:
+        return None, f"BatchNorm2d({bn.num_features}) does not match the conv's {conv.out_channels} channels"
+    for m, what in ((conv, "conv"), (act, "activation"), (bn, "BatchNorm2d")):
+        if _has_hooks(m):
+            return None, f"the {what} has hooks"
+        if counts.get(id(m), 0) > 1:
+            return None, f"the {what} is shared (used more than once in the model)"
+    return dict(kind=kind, conv=conv, act=act, bn=bn, order=order), None
+
+
+def _is_residual(m: nn.Module) -> bool:
+    return "Residual" in type(m).__name__ and list(m._modules) == ["fn"] and isinstance(m.fn, nn.Sequential)
+
+
+# ----------------------------------------------------------------------------------------------- placeholders
+def _retype(m: nn.Module, cls):
+    """A new module of class `cls` with m's attributes, parameters and buffers (same tensor objects)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(m.__dict__)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[attr] = dict(m.__dict__[attr])
+    return new
+
+
+class FusedAway(nn.Identity):
+    """Placeholder for an activation whose work a preceding fused conv does; keeps the original module."""
+
+    def __init__(self, original: nn.Module, into: str):
+        super().__init__()
+        self.__dict__["_original"] = original
+        self.into = into
+
+    def extra_repr(self):
+        return f"{self._original!r} fused into ({self.into})"
+
+
+class FusedAwayBatchNorm2d(nn.BatchNorm2d):
+    """Placeholder that keeps a BatchNorm2d's parameters and buffers (same names, same tensors) while a
+    preceding fused conv does its work; forward passes the input through."""
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fused into ({self._fused_into})"
+
+
+class FusedConv2d(nn.Conv2d):
+    """An nn.Conv2d (same parameters) that computes conv -> act -> BN (or conv -> BN -> act) in one fused op,
+    reading the BN's parameters and buffers from its placeholder in the parent Sequential."""
+
+    def forward(self, x):
+        bn, act_name, order, kind = self._fused_peers[0], self._fused_act, self._fused_order, self._fused_kind
+        args = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+        kw = dict(training=self.training, momentum=bn.momentum, eps=bn.eps, activation=act_name, order=order)
+        if kind == "dw":
+            return F_.dw_block(x, *args, residual=False, **kw)
+        if kind == "pw":
+            return F_.pw_block(x, *args, **kw)
+        return F_.patch_embed(x, *args, **kw)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fused={self._fused_kind}: {self._fused_act}, order={self._fused_order}"
+
+
+_STANDALONE = {"dw": FusedDepthwiseBlock, "pw": FusedPointwiseBlock, "stem": FusedPatchEmbed}
+_KIND_NAMES = {"dw": "depthwise block", "pw": "pointwise block", "stem": "patch-embedding stem"}
+
+
+# ----------------------------------------------------------------------------------------------- fuse
+def _check_fusable_model(model: nn.Module):
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(f"model: module {name or '<root>'} ({type(m).__name__}) has uninitialised lazy "
+                             "parameters; run one forward pass before fusing")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(f"model: {name} is on the meta device; materialise the model (to_empty + load "
+                             "weights) before fusing")
+
+
+def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseReport):
+    """Runs conv, act, BN inside a Sequential: fused conv + placeholders, every position kept."""
+    names = list(seq._modules)
+    i = 0
+    while i < len(names):
+        plan, why = match_run([seq._modules[n] for n in names[i:i + 3]], counts)
+        if plan is None:
+            if why is not None:
+                report.skipped.append((f"{prefix}{names[i]}", why))
+            i += 1
+            continue
+        into = names[i]
+        head = _retype(plan["conv"], FusedConv2d)
+        slot = _retype(plan["bn"], FusedAwayBatchNorm2d)
+        slot._fused_into = into
+        head.__dict__.update(_fused_peers=[slot], _fused_act=activation_name(plan["act"]),
+                             _fused_order=plan["order"], _fused_kind=plan["kind"])
+        act_pos = 1 if plan["order"] == "act_norm" else 2
+        seq._modules[names[i]] = head
+        seq._modules[names[i + act_pos]] = FusedAway(plan["act"], into)
+        seq._modules[names[i + 3 - act_pos]] = slot
+        report.fused.append((f"{prefix}{names[i]}", f"{prefix}{names[i]}..{names[i + 2]} -> "
+                             f"{_KIND_NAMES[plan['kind']]} ({head._fused_act}, {plan['order']})"))
+        i += 3
+
+
+def _fuse_tree(module: nn.Module, prefix: str, counts, report: FuseReport):
+    for name, child in list(module._modules.items()):
+        if child is None or isinstance(child, (_FusedConvActBN, FusedConv2d, FusedAway, FusedAwayBatchNorm2d)):
+            continue
+        full = f"{prefix}{name}"
+        if _is_residual(child) and len(child.fn) == 3 and not _has_hooks(child) and not _has_hooks(child.fn):
+            plan, _ = match_run(list(child.fn), counts)
+            if plan is not None and plan["kind"] == "dw":
+                fused = FusedDepthwiseBlock.from_modules(plan["conv"], plan["act"], plan["bn"], plan["order"],
+                                                         residual=True)
+                fused.__dict__["_orig_cls"] = type(child)
+                module._modules[name] = fused
+                report.fused.append((full, f"Residual -> FusedDepthwiseBlock({fused.extra_repr()})"))
+                continue
+        if type(child) is nn.Sequential and len(child) == 3 and not _has_hooks(child):
+            plan, _ = match_run(list(child), counts)
+            if plan is not None:
+                cls = _STANDALONE[plan["kind"]]
+                extra = {"residual": False} if cls is FusedDepthwiseBlock else {}
+                fused = cls.from_modules(plan["conv"], plan["act"], plan["bn"], plan["order"], **extra)
+                module._modules[name] = fused
+                report.fused.append((full, f"Sequential -> {cls.__name__}({fused.extra_repr()})"))
+                continue
+        _fuse_tree(child, f"{full}.", counts, report)
+    if isinstance(module, nn.Sequential):
+        _fuse_runs_in_place(module, prefix, counts, report)
+
+
+def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False, return_report: bool = False):
+    """Swap fused kernels into `model` (a deep copy unless inplace=True).  See the module docstring.
+
+    Returns the fused model (and a FuseReport if return_report).  verbose=True prints what was swapped
+    and what was skipped and why.  Fusing a fused model again changes nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_fusable_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    report = FuseReport()
+    _fuse_tree(model, "", counts, report)
+    if verbose:
+        print(report)
+    return (model, report) if return_report else model
+
+
+# ----------------------------------------------------------------------------------------------- unfuse
+def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Plain PyTorch modules again, with the same parameters and buffers (the same tensor objects)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, _FusedConvActBN):
+        return _plain(model)
+    for name, child in list(model._modules.items()):
+        if child is None:
+            continue
+        if isinstance(child, _FusedConvActBN):
+            model._modules[name] = _plain(child)
+        elif isinstance(child, FusedConv2d):
+            conv = _retype(child, nn.Conv2d)
+            for k in [k for k in conv.__dict__ if k.startswith("_fused")]:
+                del conv.__dict__[k]
+            model._modules[name] = conv
+        elif isinstance(child, FusedAwayBatchNorm2d):
+            bn = _retype(child, nn.BatchNorm2d)
+            bn.__dict__.pop("_fused_into", None)
+            model._modules[name] = bn
+        elif isinstance(child, FusedAway):
+            model._modules[name] = child._original
+        else:
+            unfuse(child, inplace=True)
+    return model
+
+
+def _plain(m: _FusedConvActBN) -> nn.Module:
+    seq = nn.Sequential(m.conv, m.act, m.norm) if m.order == "act_norm" else nn.Sequential(m.conv, m.norm, m.act)
+    if not m.residual:
+        return seq
+    cls = m.__dict__.get("_orig_cls")
+    if cls is not None:
+        try:
+            return cls(seq)
+        except TypeError:
+            pass
+    from .reference import Residual
+
+    return Residual(seq)
