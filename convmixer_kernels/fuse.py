@@ -125,6 +125,7 @@ class FusedAway(nn.Identity):
         super().__init__()
         self.__dict__["_original"] = original
         self.into = into
+        self.training = original.training
 
     def extra_repr(self):
         return f"{self._original!r} fused into ({self.into})"

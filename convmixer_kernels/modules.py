@@ -64,6 +64,9 @@ class _FusedConvActBN(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_children(conv, act, norm, order, residual)
+        self.training = norm.training  # keep the mode of the modules it wraps
+        if residual:
+            self.fn.training = norm.training
         return self
 
     def _body(self):

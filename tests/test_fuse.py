@@ -1,0 +1,230 @@
+"""fuse / unfuse and the fused ConvMixer: pattern matching over module trees, checkpoints both ways,
+parameter identity, modes/dtypes/devices/formats kept, skip reports, bad input, torch.compile, autocast."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import convmixer_kernels as ck
+from conftest import HAS_CUDA
+from convmixer_kernels.fuse import FusedAwayBatchNorm2d, FusedConv2d
+from convmixer_kernels.reference import ConvMixer, Residual
+from oracle import check_2x
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def small_convmixer(act=nn.GELU, seed=0):
+    torch.manual_seed(seed)
+    m = ConvMixer(24, 2, kernel_size=5, patch_size=2, n_classes=7, activation=act)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def test_fuse_paper_convmixer_structure_and_keys():
+    m = small_convmixer()
+    f, rep = ck.fuse(m, return_report=True)
+    assert len(rep.fused) == 1 + 2 * 2 and not rep.skipped, str(rep)
+    assert list(f.state_dict()) == list(m.state_dict())
+    assert [n for n, _ in f.named_modules()] == [n for n, _ in m.named_modules()]
+    assert isinstance(f[0], FusedConv2d) and isinstance(f[2], FusedAwayBatchNorm2d)
+    assert isinstance(f[3][0], ck.FusedDepthwiseBlock) and isinstance(f[3][1], FusedConv2d)
+    assert "FusedDepthwiseBlock" in repr(f) and "fused into (1)" in repr(f)
+    assert type(m[3][0]) is Residual  # not inplace: the original is untouched
+
+
+def test_checkpoints_both_ways():
+    m = small_convmixer()
+    f = ck.ConvMixer(24, 2, kernel_size=5, patch_size=2, n_classes=7)
+    f.load_state_dict(m.state_dict(), strict=True)
+    m2 = ConvMixer(24, 2, kernel_size=5, patch_size=2, n_classes=7)
+    m2.load_state_dict(f.state_dict(), strict=True)
+    for (ka, a), (kb, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert ka == kb and torch.equal(a, b)
+    bad = dict(m.state_dict())
+    bad.pop("3.0.fn.0.weight")
+    bad["extra"] = torch.zeros(1)
+    err = {}
+    for name, model in (("ref", ConvMixer(24, 2, 5, 2, 7)), ("fused", ck.ConvMixer(24, 2, 5, 2, 7))):
+        with pytest.raises(RuntimeError) as e:
+            model.load_state_dict(bad, strict=True)
+        err[name] = str(e.value).split("\n", 1)[1]
+    assert err["ref"] == err["fused"]  # missing / unexpected keys reported exactly as on the original
+
+
+def test_inplace_keeps_parameter_identity_and_optimizer():
+    m = small_convmixer()
+    params = list(m.parameters())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    f = ck.fuse(m, inplace=True)
+    assert f is m
+    assert [id(p) for p in f.parameters()] == [id(p) for p in params]
+    x = torch.randn(2, 3, 8, 8)
+    with ck.backend("torch"):
+        f(x).sum().backward()
+    before = params[0].detach().clone()
+    opt.step()
+    assert not torch.equal(before, params[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU])
+def test_fused_model_matches_reference(device, act):
+    """Eval outputs and one training step (loss, every gradient, running stats) against the fp64 oracle."""
+    m = small_convmixer(act).to(device)
+    f = ck.fuse(m)
+    x = torch.randn(3, 3, 10, 9, device=device)
+    y = torch.randint(0, 7, (3,), device=device)
+    oracle = copy.deepcopy(m).double()
+    for training in (False, True):
+        outs = {}
+        for name, model, inp in (("oracle", oracle, x.double()), ("torch", m, x), ("fused", f, x)):
+            model.train(training)
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(model(inp), y)
+            loss.backward()
+            outs[name] = dict(loss=loss.detach(), **{f"g:{n}": p.grad for n, p in model.named_parameters()},
+                              **{f"b:{n}": b for n, b in model.named_buffers()})
+        for k in outs["oracle"]:
+            if k.endswith("num_batches_tracked"):
+                assert torch.equal(outs["fused"][k].cpu(), outs["oracle"][k].cpu()), k
+                continue
+            check_2x(f"{'train' if training else 'eval'} {k}", outs["fused"][k], outs["torch"][k],
+                     outs["oracle"][k], torch.float32)
+
+
+def test_fuse_timm_convmixers():
+    timm = pytest.importorskip("timm")
+    for name, n_blocks, act in (("convmixer_768_32", 32, nn.ReLU), ("convmixer_1024_20_ks9_p14", 20, nn.GELU),
+                                ("convmixer_1536_20", 20, nn.GELU)):
+        t = timm.create_model(name, pretrained=False)
+        keys = list(t.state_dict())
+        f, rep = ck.fuse(t, return_report=True)
+        assert len(rep.fused) == 1 + 2 * n_blocks and not rep.skipped, (name, str(rep))
+        assert list(f.state_dict()) == keys
+        assert isinstance(f.stem, ck.FusedPatchEmbed) and f.blocks[0][0].activation == act.__name__.lower()
+    t = timm.create_model("convmixer_768_32", pretrained=False, num_classes=5)
+    t.eval()
+    f = ck.fuse(t)
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), t(x), rtol=1e-4, atol=1e-4)
+    u = ck.unfuse(f)
+    assert type(u.blocks[0][0]).__module__.startswith("timm") and list(u.state_dict()) == list(t.state_dict())
+
+
+def test_generic_patterns_and_skip_report(capsys):
+    class Tanhish(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x)
+
+    shared_bn = nn.BatchNorm2d(8)
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU()),  # norm_act dw: fused
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, stride=2), nn.ReLU(), nn.BatchNorm2d(8),      # stride 2: skipped
+        nn.Conv2d(8, 8, 3, padding=2, groups=8, dilation=2), nn.ReLU(), nn.BatchNorm2d(8),    # dilation: skipped
+        nn.Conv2d(8, 8, 4, padding="same", groups=8), nn.ReLU(), nn.BatchNorm2d(8),           # even k: skipped
+        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(), nn.BatchNorm2d(8),                # groups: skipped
+        nn.Conv2d(8, 8, 1), Tanhish(), nn.BatchNorm2d(8),                                     # activation: skipped
+        nn.Conv2d(8, 8, 1), nn.SiLU(), shared_bn,                                             # shared BN: skipped
+        nn.Conv2d(8, 8, 1), nn.SiLU(), shared_bn,
+        nn.Conv2d(8, 8, 3, padding=0, groups=8), nn.ReLU(), nn.BatchNorm2d(8),                # not "same": skipped
+    )
+    hooked = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.BatchNorm2d(8))
+    hooked[2].register_forward_hook(lambda *a: None)
+    model.append(hooked)
+    f, rep = ck.fuse(model, verbose=True, return_report=True)
+    out = capsys.readouterr().out
+    assert len(rep.fused) == 1 and isinstance(f[0], ck.FusedDepthwiseBlock) and f[0].order == "norm_act"
+    whys = " | ".join(w for _, w in rep.skipped)
+    for needle in ("stride", "dilation", "even depthwise kernel", "groups=4", "Tanhish", "shared", "padding",
+                   "hooks"):
+        assert needle in whys, (needle, whys)
+    assert "skipped" in out and "stride" in out
+
+
+def test_fuse_twice_is_a_noop():
+    f = ck.fuse(small_convmixer())
+    keys = list(f.state_dict())
+    f2, rep = ck.fuse(f, return_report=True)
+    assert not rep.fused and not rep.skipped and list(f2.state_dict()) == keys
+    assert repr(f2) == repr(f)
+
+
+def test_bad_models():
+    with pytest.raises(TypeError, match="model: expected an nn.Module"):
+        ck.fuse("convmixer")
+    with torch.device("meta"):
+        meta = ConvMixer(8, 1, 3, 2, 4)
+    with pytest.raises(ValueError, match="meta device"):
+        ck.fuse(meta)
+    lazy = nn.Sequential(nn.LazyConv2d(8, 1), nn.ReLU(), nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match="uninitialised lazy"):
+        ck.fuse(lazy)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_keeps_mode_dtype_device_format(device):
+    m = small_convmixer().to(device).to(memory_format=torch.channels_last).eval()
+    f = ck.fuse(m)
+    assert not f.training and all(not mod.training for mod in f.modules())
+    assert all(p.device.type == device for p in f.parameters())
+    x = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+    feats = f[:5](x)
+    assert feats.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unfuse_round_trip():
+    m = small_convmixer()
+    f = ck.fuse(m)
+    u = ck.unfuse(f)
+    assert [type(a) for a in m.modules()] == [type(b) for b in u.modules()]
+    assert list(u.state_dict()) == list(m.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    m.eval(), u.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(u(x), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_fused_model(device, training):
+    f = ck.fuse(small_convmixer()).to(device).train(training)
+    ref = copy.deepcopy(f)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    y = compiled(x)
+    y.sum().backward()
+    y_ref = ref(x)
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(f[3][1].weight.grad, ref[3][1].weight.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_bf16(device):
+    m = small_convmixer().to(device)
+    f = ck.fuse(m)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y_ref, y = m(x), f(x)
+    assert y.dtype == y_ref.dtype
+    for mod in f.modules():  # BN parameters and statistics stay fp32
+        if isinstance(mod, nn.BatchNorm2d):
+            assert mod.weight.dtype == torch.float32 and mod.running_mean.dtype == torch.float32
+    y.float().sum().backward()
+    assert f[3][0].conv.weight.grad.dtype == torch.float32
+    oracle = copy.deepcopy(m).double()
+    with torch.no_grad():
+        y64 = oracle(x.double())
+    check_2x("autocast logits", y.float(), y_ref.float(), y64, torch.bfloat16)
