@@ -12,6 +12,8 @@ followed by a depthwise conv with no activation, norm or residual, is a differen
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -59,6 +61,12 @@ class ConvMixer(nn.Sequential):
             nn.Linear(dim, n_classes),
         )
         self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
+
+    def __getitem__(self, idx):
+        """As nn.Sequential, but a slice is a plain nn.Sequential (the paper's model is one)."""
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
 
 
 def dw_block_ref(x, weight, bias, bn: nn.BatchNorm2d, activation: nn.Module, order="act_norm", residual=True):
