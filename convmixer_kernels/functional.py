@@ -71,13 +71,28 @@ def _check_x(x, name="x"):
         raise ValueError(f"{name}: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def _stats_flags(training, running_mean, count, shape, x, *params):
-    """(batch_stats, need_pre) for a block op; raises as nn.BatchNorm2d does for one value per channel."""
+def sync_group_name(sync: bool, process_group=None) -> str:
+    """The process group to sync batch statistics over, as nn.SyncBatchNorm decides: only with an
+    initialised torch.distributed and more than one rank; "" means no sync."""
+    if not sync:
+        return ""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    pg = process_group if process_group is not None else dist.group.WORLD
+    return pg.group_name if dist.get_world_size(pg) > 1 else ""
+
+
+def _stats_flags(training, running_mean, count, shape, x, params, sync, process_group):
+    """(batch_stats, need_pre, sync_group) for a block op; raises as nn.BatchNorm2d does for one value per
+    channel (with a sync group, as nn.SyncBatchNorm: checked on the concatenated batch inside the op)."""
     batch_stats = training or running_mean is None
-    if batch_stats and count <= 1:
+    group = sync_group_name(sync, process_group) if batch_stats else ""
+    if batch_stats and count <= 1 and not group:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
     need_pre = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
-    return bool(batch_stats), bool(need_pre)
+    return bool(batch_stats), bool(need_pre), group
 
 
 def _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
@@ -95,7 +110,7 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
             factor = 1.0 / num_batches_tracked.to(torch.float64)
         else:
             factor = momentum
-        unbiased = var * (count / max(count - 1, 1))
+        unbiased = var * (count / (count - 1).clamp(min=1))
         if isinstance(factor, torch.Tensor):
             running_mean.copy_(running_mean + (mean.to(running_mean.dtype) - running_mean) * factor.to(running_mean.dtype))
             running_var.copy_(running_var + (unbiased.to(running_var.dtype) - running_var) * factor.to(running_var.dtype))
@@ -120,6 +135,8 @@ def dw_block(
     activation: str = "gelu",
     order: str = "act_norm",
     residual: bool = True,
+    sync: bool = False,
+    process_group=None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """The fused depthwise block, equivalent to
@@ -129,7 +146,9 @@ def dw_block(
         return x + t if residual else t
 
     with batch_norm exactly nn.BatchNorm2d's (`training`, running stats updated in place once,
-    momentum None = cumulative average; running_mean/var None = track_running_stats=False)."""
+    momentum None = cumulative average; running_mean/var None = track_running_stats=False).
+    sync=True computes the batch statistics over `process_group` (default: the world) as
+    nn.SyncBatchNorm does, forward and backward."""
     _check_x(x)
     N, C, H, W = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
@@ -143,11 +162,11 @@ def dw_block(
     act = _check_block_args(x, C, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
     name = backends.resolve("dw_block", x.device, backend)
     x = _layout_ok(x)
-    y, _pre, mean, var = _dw_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
-                                      act, order == "act_norm", bool(residual),
-                                      *_stats_flags(training, running_mean, N * H * W, x.shape, x, weight, bias,
-                                                    bn_weight, bn_bias), name)
-    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, N * H * W, momentum)
+    flags = _stats_flags(training, running_mean, N * H * W, x.shape, x, (weight, bias, bn_weight, bn_bias), sync,
+                         process_group)
+    y, _pre, mean, var, count = _dw_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                             float(eps), act, order == "act_norm", bool(residual), *flags, name)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     return y
 
 
@@ -177,6 +196,8 @@ def pw_block(
     eps: float = 1e-5,
     activation: str = "gelu",
     order: str = "act_norm",
+    sync: bool = False,
+    process_group=None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """The fused pointwise block, equivalent to
@@ -200,11 +221,11 @@ def pw_block(
     x = _layout_ok(x)
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format_of(x))
-    flags = _stats_flags(training, running_mean, N * H * W, x.shape, x, weight, bias, bn_weight, bn_bias,
-                         residual)
-    y, _pre, mean, var = _pw_block_op(x, residual, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                      float(eps), act, order == "act_norm", *flags, name)
-    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, N * H * W, momentum)
+    flags = _stats_flags(training, running_mean, N * H * W, x.shape, x, (weight, bias, bn_weight, bn_bias, residual),
+                         sync, process_group)
+    y, _pre, mean, var, count = _pw_block_op(x, residual, weight, bias, bn_weight, bn_bias, running_mean,
+                                             running_var, float(eps), act, order == "act_norm", *flags, name)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     return y
 
 
@@ -223,6 +244,8 @@ def patch_embed(
     eps: float = 1e-5,
     activation: str = "gelu",
     order: str = "act_norm",
+    sync: bool = False,
+    process_group=None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """The fused patch-embedding stem, equivalent to
@@ -240,9 +263,9 @@ def patch_embed(
     name = backends.resolve("stem_block", x.device, backend)
     x = _layout_ok(x)
     count = N * (H // p) * (W // p)
-    flags = _stats_flags(training, running_mean, count, (N, co, H // p, W // p), x, weight, bias, bn_weight,
-                         bn_bias)
-    y, _pre, mean, var = _stem_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
-                                        act, order == "act_norm", *flags, name)
+    flags = _stats_flags(training, running_mean, count, (N, co, H // p, W // p), x, (weight, bias, bn_weight, bn_bias),
+                         sync, process_group)
+    y, _pre, mean, var, count = _stem_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                               float(eps), act, order == "act_norm", *flags, name)
     _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     return y

@@ -87,8 +87,8 @@ def match_run(mods: list[nn.Module], counts: dict[int, int]) -> tuple[dict | Non
         act, bn, order = b, a, "norm_act"
     else:
         return None, None
-    if type(bn) is not nn.BatchNorm2d:
-        return None, f"{type(bn).__name__} is not nn.BatchNorm2d"
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return None, f"{type(bn).__name__} is not nn.BatchNorm2d or nn.SyncBatchNorm"
     kind, why = conv_kind(conv)
     if kind is None:
         return None, why
@@ -149,7 +149,8 @@ class FusedConv2d(nn.Conv2d):
     def forward(self, x):
         bn, act_name, order, kind = self._fused_peers[0], self._fused_act, self._fused_order, self._fused_kind
         args = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
-        kw = dict(training=self.training, momentum=bn.momentum, eps=bn.eps, activation=act_name, order=order)
+        kw = dict(training=self.training, momentum=bn.momentum, eps=bn.eps, activation=act_name, order=order,
+                  sync=self._fused_sync, process_group=self._fused_pg)
         if kind == "dw":
             return F_.dw_block(x, *args, residual=False, **kw)
         if kind == "pw":
@@ -176,7 +177,7 @@ def _check_fusable_model(model: nn.Module):
                              "weights) before fusing")
 
 
-def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseReport):
+def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseReport, sync_bn, process_group):
     """Runs conv, act, BN inside a Sequential: fused conv + placeholders, every position kept."""
     names = list(seq._modules)
     i = 0
@@ -190,9 +191,12 @@ def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseRep
         into = names[i]
         head = _retype(plan["conv"], FusedConv2d)
         slot = _retype(plan["bn"], FusedAwayBatchNorm2d)
-        slot._fused_into = into
+        slot.__dict__.update(_fused_into=into, _fused_orig_cls=type(plan["bn"]))
         head.__dict__.update(_fused_peers=[slot], _fused_act=activation_name(plan["act"]),
-                             _fused_order=plan["order"], _fused_kind=plan["kind"])
+                             _fused_order=plan["order"], _fused_kind=plan["kind"],
+                             _fused_sync=sync_bn or isinstance(plan["bn"], nn.SyncBatchNorm),
+                             _fused_pg=process_group if process_group is not None
+                             else getattr(plan["bn"], "process_group", None))
         act_pos = 1 if plan["order"] == "act_norm" else 2
         seq._modules[names[i]] = head
         seq._modules[names[i + act_pos]] = FusedAway(plan["act"], into)
@@ -202,7 +206,15 @@ def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseRep
         i += 3
 
 
-def _fuse_tree(module: nn.Module, prefix: str, counts, report: FuseReport):
+def _set_sync(fused, sync_bn, process_group):
+    if sync_bn:
+        fused.sync_bn = True
+    if process_group is not None:
+        fused.process_group = process_group
+    return fused
+
+
+def _fuse_tree(module: nn.Module, prefix: str, counts, report: FuseReport, sync_bn=False, process_group=None):
     for name, child in list(module._modules.items()):
         if child is None or isinstance(child, (_FusedConvActBN, FusedConv2d, FusedAway, FusedAwayBatchNorm2d)):
             continue
@@ -213,7 +225,7 @@ def _fuse_tree(module: nn.Module, prefix: str, counts, report: FuseReport):
                 fused = FusedDepthwiseBlock.from_modules(plan["conv"], plan["act"], plan["bn"], plan["order"],
                                                          residual=True)
                 fused.__dict__["_orig_cls"] = type(child)
-                module._modules[name] = fused
+                module._modules[name] = _set_sync(fused, sync_bn, process_group)
                 report.fused.append((full, f"Residual -> FusedDepthwiseBlock({fused.extra_repr()})"))
                 continue
         if type(child) is nn.Sequential and len(child) == 3 and not _has_hooks(child):
@@ -222,19 +234,22 @@ def _fuse_tree(module: nn.Module, prefix: str, counts, report: FuseReport):
                 cls = _STANDALONE[plan["kind"]]
                 extra = {"residual": False} if cls is FusedDepthwiseBlock else {}
                 fused = cls.from_modules(plan["conv"], plan["act"], plan["bn"], plan["order"], **extra)
-                module._modules[name] = fused
+                module._modules[name] = _set_sync(fused, sync_bn, process_group)
                 report.fused.append((full, f"Sequential -> {cls.__name__}({fused.extra_repr()})"))
                 continue
-        _fuse_tree(child, f"{full}.", counts, report)
+        _fuse_tree(child, f"{full}.", counts, report, sync_bn, process_group)
     if isinstance(module, nn.Sequential):
-        _fuse_runs_in_place(module, prefix, counts, report)
+        _fuse_runs_in_place(module, prefix, counts, report, sync_bn, process_group)
 
 
-def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False, return_report: bool = False):
+def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False, return_report: bool = False,
+         sync_bn: bool = False, process_group=None):
     """Swap fused kernels into `model` (a deep copy unless inplace=True).  See the module docstring.
 
     Returns the fused model (and a FuseReport if return_report).  verbose=True prints what was swapped
-    and what was skipped and why.  Fusing a fused model again changes nothing."""
+    and what was skipped and why.  Fusing a fused model again changes nothing.  sync_bn=True (and
+    nn.SyncBatchNorm modules) compute batch statistics over `process_group` (default: the world), forward
+    and backward, as nn.SyncBatchNorm does."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     _check_fusable_model(model)
@@ -244,7 +259,7 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False, return_
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
     report = FuseReport()
-    _fuse_tree(model, "", counts, report)
+    _fuse_tree(model, "", counts, report, sync_bn, process_group)
     if verbose:
         print(report)
     return (model, report) if return_report else model
@@ -268,8 +283,9 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
                 del conv.__dict__[k]
             model._modules[name] = conv
         elif isinstance(child, FusedAwayBatchNorm2d):
-            bn = _retype(child, nn.BatchNorm2d)
-            bn.__dict__.pop("_fused_into", None)
+            bn = _retype(child, child.__dict__.get("_fused_orig_cls", nn.BatchNorm2d))
+            for k in [k for k in bn.__dict__ if k.startswith("_fused")]:
+                del bn.__dict__[k]
             model._modules[name] = bn
         elif isinstance(child, FusedAway):
             model._modules[name] = child._original

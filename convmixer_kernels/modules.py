@@ -50,6 +50,7 @@ class _FusedConvActBN(nn.Module):
         if name is None:
             raise ValueError(f"activation: expected one of nn.GELU (none/tanh), nn.ReLU, nn.SiLU, nn.Identity, got {act}")
         self.activation, self.order, self.residual = name, order, residual
+        self.sync_bn, self.process_group = isinstance(norm, nn.SyncBatchNorm), getattr(norm, "process_group", None)
         seq = [conv, act, norm] if order == "act_norm" else [conv, norm, act]
         if residual:
             self.fn = nn.Sequential(*seq)
@@ -87,7 +88,7 @@ class _FusedConvActBN(nn.Module):
     def _common_kwargs(self):
         bn = self.norm
         return dict(training=self.training, momentum=bn.momentum, eps=bn.eps, activation=self.activation,
-                    order=self.order)
+                    order=self.order, sync=self.sync_bn, process_group=self.process_group)
 
     def reference(self) -> nn.Module:
         """The equivalent eager modules (sharing this module's parameters and buffers)."""

@@ -162,76 +162,13 @@ def backend_ops(backend: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# The differentiable block op.
+# BatchNorm helpers shared by the block ops (per-channel math on (C,) vectors: negligible cost).
 def _bn_affine(C, acc, device, bn_weight, bn_bias):
     gamma = torch.ones(C, dtype=acc, device=device) if bn_weight is None else bn_weight.to(acc)
     beta = torch.zeros(C, dtype=acc, device=device) if bn_bias is None else bn_bias.to(acc)
     return gamma, beta
 
 
-@torch.library.custom_op(f"{LIB}::dw_block", mutates_args=())
-def dw_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
-             bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-             eps: float, act: int, act_first: bool, residual: bool, batch_stats: bool, need_pre: bool,
-             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = [x +] BN(act(DWConv(x) + bias)) (act_first) or [x +] act(BN(DWConv(x) + bias)).
-
-    Returns (y, pre, mean, var): pre = DWConv(x) + bias in x's dtype (empty unless batch_stats or
-    need_pre), mean/var = the statistics BN normalised with (batch, biased; or the running ones).
-    Argument checking and BN bookkeeping are functional.dw_block's job."""
-    ops = backend_ops(backend)
-    acc = acc_dtype(x.dtype)
-    w = weight.to(acc)
-    b = None if bias is None else bias.to(acc)
-    if batch_stats:
-        pre, mean, var = ops.dw_conv_stats(x, w, b, act, act_first)
-    else:
-        mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
-        pre = ops.dw_conv_stats(x, w, b, act, act_first)[0] if need_pre else x.new_empty((0,))
-    _g, _i, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
-    y = ops.dw_fwd(x, w, b, scale, shift, act, act_first, residual)
-    return y, pre, mean, var
-
-
-@dw_block.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, residual,
-      batch_stats, need_pre, backend):
-    pre = _like_x(x) if (batch_stats or need_pre) else x.new_empty((0,))
-    return _like_x(x), pre, _vec_like(x), _vec_like(x)
-
-
-def _dw_block_setup(ctx, inputs, output):
-    x, weight, bias, bn_weight, bn_bias, _rm, _rv, eps, act, act_first, residual, batch_stats, _np, backend = inputs
-    _y, pre, mean, var = output
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, pre, mean, var)
-    ctx.cfg = (eps, act, act_first, residual, batch_stats, backend)
-
-
-def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar):
-    x, weight, bias, bn_weight, bn_bias, pre, mean, var = ctx.saved_tensors
-    eps, act, act_first, residual, batch_stats, backend = ctx.cfg
-    if pre.numel() == 0:
-        raise RuntimeError("dw_block: backward needs pre; call the op with need_pre=True when gradients are needed")
-    ops = backend_ops(backend)
-    acc = acc_dtype(x.dtype)
-    dy = dy.contiguous(memory_format=memory_format_of(x))  # no-op unless autograd handed another layout
-    gamma, invstd, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
-    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, act, act_first,
-                                              batch_stats)
-    dx, dweight, dbias = ops.dw_bwd(dy, x, pre, weight.to(acc), scale, shift, mean, ca, cb, cd, act, act_first,
-                                    residual)
-    return (dx, dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype),
-            None if bn_weight is None else sum_gx.to(bn_weight.dtype),
-            None if bn_bias is None else sum_g.to(bn_bias.dtype),
-            None, None, None, None, None, None, None, None, None)
-
-
-dw_block.register_autograd(_dw_block_backward, setup_context=_dw_block_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# The differentiable pointwise-block and stem ops: GEMM (+ stats) then the light BN pass in training,
-# one GEMM with the whole epilogue in eval.
 def _bn_scale_shift(C, acc, device, bn_weight, bn_bias, mean, var, eps):
     gamma, beta = _bn_affine(C, acc, device, bn_weight, bn_bias)
     invstd = torch.rsqrt(var + eps)
@@ -239,115 +176,234 @@ def _bn_scale_shift(C, acc, device, bn_weight, bn_bias, mean, var, eps):
     return gamma, invstd, scale, beta - mean * scale
 
 
-def _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, act, act_first, batch_stats):
-    """BN backward sums (dbeta, dgamma) and the per-channel coefficients of dpre (see torch_ops.dw_bwd)."""
+def _process_group(name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def _sync_stats(mean, var, count, group: str):
+    """Merge per-rank (count, mean, biased var) over the process group, in rank order (deterministic);
+    every rank gets the statistics of the concatenated batch.  No host synchronisation."""
+    import torch.distributed as dist
+
+    pg = _process_group(group)
+    local = torch.stack([count.expand_as(mean), mean, var])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(parts, local, group=pg)
+    n, m, v = parts[0][0], parts[0][1], parts[0][2]
+    for p in parts[1:]:  # Chan et al.: pairwise merge of (count, mean, M2)
+        n2, m2, v2 = p[0], p[1], p[2]
+        tot = n + n2
+        delta = m2 - m
+        m = m + delta * (n2 / tot)
+        v = (v * n + v2 * n2 + delta * delta * (n * n2 / tot)) / tot
+        n = tot
+    return m, v, n[0]
+
+
+def _all_reduce(t, group: str):
+    import torch.distributed as dist
+
+    dist.all_reduce(t, group=_process_group(group))
+    return t
+
+
+def _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first, batch_stats, group):
+    """BN backward sums (local dbeta, dgamma) and the per-channel coefficients of dpre (see torch_ops.dw_bwd);
+    with a sync group the sums entering the coefficients are the group's (as nn.SyncBatchNorm does)."""
     sum_g, sum_gx = ops.dw_bwd_reduce(dy, pre, scale, shift, mean, invstd, act, act_first)
     ca = scale
     if batch_stats:
-        m = pre.shape[0] * pre.shape[2] * pre.shape[3]
-        cb, cd = -ca * invstd * sum_gx / m, -ca * sum_g / m
+        g_sum, gx_sum = sum_g, sum_gx
+        if group:
+            both = _all_reduce(torch.stack([sum_g, sum_gx]), group)
+            g_sum, gx_sum = both[0], both[1]
+        cb, cd = -ca * invstd * gx_sum / count, -ca * g_sum / count
     else:
         cb, cd = torch.zeros_like(ca), torch.zeros_like(ca)
     return sum_g, sum_gx, ca, cb, cd
 
 
+def _statistics(stats_fn, x, c_out, running_mean, running_var, batch_stats, need_pre, count_local, group):
+    """(pre or empty, mean, var, count): batch statistics (synced over `group` if given) or the running ones."""
+    acc = acc_dtype(x.dtype)
+    count = torch.full((), float(count_local), dtype=acc, device=x.device)
+    if batch_stats or need_pre:
+        pre, mean, var = stats_fn()
+        if batch_stats and group:
+            mean, var, count = _sync_stats(mean, var, count, group)
+    else:
+        pre = x.new_empty((0,))
+    if not batch_stats:
+        mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
+    return pre, mean, var, count
+
+
+_BLOCK_OUT = "-> (Tensor y, Tensor pre, Tensor mean, Tensor var, Tensor count)"
+_BN_ARGS = ("Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, float eps, int act, "
+            "bool act_first")
+_FLAGS = "bool batch_stats, bool need_pre, str sync_group, str backend"
+
+
+# ---------------------------------------------------------------------------------------------
+# The differentiable block ops.  They return (y, pre, mean, var, count): pre = the conv/GEMM output
+# before the norm (saved for backward; empty unless batch_stats or need_pre), mean/var = the statistics
+# BN normalised with (batch, biased, synced over sync_group if not ""; or the running ones), count = the
+# number of values per channel behind them.  Argument checking and BN bookkeeping: functional.py.
+@torch.library.custom_op(f"{LIB}::dw_block", mutates_args=(),
+                         schema=f"(Tensor x, Tensor weight, Tensor? bias, {_BN_ARGS}, bool residual, {_FLAGS}) "
+                                f"{_BLOCK_OUT}")
+def dw_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, residual,
+             batch_stats, need_pre, sync_group, backend):
+    """y = [x +] BN(act(DWConv(x) + bias)) (act_first) or [x +] act(BN(DWConv(x) + bias))."""
+    ops = backend_ops(backend)
+    acc = acc_dtype(x.dtype)
+    w = weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    pre, mean, var, count = _statistics(lambda: ops.dw_conv_stats(x, w, b, act, act_first), x, x.shape[1],
+                                        running_mean, running_var, batch_stats, need_pre,
+                                        x.shape[0] * x.shape[2] * x.shape[3], sync_group)
+    _g, _i, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    y = ops.dw_fwd(x, w, b, scale, shift, act, act_first, residual)
+    return y, pre, mean, var, count
+
+
+def _block_fake(x, c_out, h, w, batch_stats, need_pre):
+    pre = _out_like(x, c_out, h, w) if (batch_stats or need_pre) else x.new_empty((0,))
+    return _out_like(x, c_out, h, w), pre, _vec_like(x, c_out), _vec_like(x, c_out), \
+        x.new_empty((), dtype=acc_dtype(x.dtype))
+
+
+@dw_block.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, residual,
+      batch_stats, need_pre, sync_group, backend):
+    return _block_fake(x, x.shape[1], x.shape[2], x.shape[3], batch_stats, need_pre)
+
+
+def _dw_block_setup(ctx, inputs, output):
+    (x, weight, bias, bn_weight, bn_bias, _rm, _rv, eps, act, act_first, residual, batch_stats, _np, group,
+     backend) = inputs
+    _y, pre, mean, var, count = output
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, pre, mean, var, count)
+    ctx.cfg = (eps, act, act_first, residual, batch_stats, group, backend)
+
+
+def _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g):
+    return (dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype),
+            None if bn_weight is None else sum_gx.to(bn_weight.dtype),
+            None if bn_bias is None else sum_g.to(bn_bias.dtype))
+
+
+def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
+    x, weight, bias, bn_weight, bn_bias, pre, mean, var, count = ctx.saved_tensors
+    eps, act, act_first, residual, batch_stats, group, backend = ctx.cfg
+    if pre.numel() == 0:
+        raise RuntimeError("dw_block: backward needs pre; call the op with need_pre=True when gradients are needed")
+    ops = backend_ops(backend)
+    acc = acc_dtype(x.dtype)
+    dy = dy.contiguous(memory_format=memory_format_of(x))  # no-op unless autograd handed another layout
+    gamma, invstd, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
+                                              batch_stats, group)
+    dx, dweight, dbias = ops.dw_bwd(dy, x, pre, weight.to(acc), scale, shift, mean, ca, cb, cd, act, act_first,
+                                    residual)
+    return (dx,) + _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g) + (None,) * 10
+
+
+dw_block.register_autograd(_dw_block_backward, setup_context=_dw_block_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pointwise-block and stem ops: GEMM (+ stats) then the light BN pass in training (the GEMM is not
+# recomputed), one GEMM with the whole epilogue in eval.
 def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act,
-                        act_first, batch_stats, need_pre):
+                        act_first, batch_stats, need_pre, group):
     acc = acc_dtype(x.dtype)
     w = weight.to(x.dtype)  # the GEMM operand is in the storage dtype (as autocast feeds cuBLAS)
     b = None if bias is None else bias.to(acc)
     C = weight.shape[0]
+    p = 1 if kind == "pw" else weight.shape[-1]
     stats = (lambda: ops.pw_gemm_stats(x, t, w, b, act, act_first)) if kind == "pw" else \
         (lambda: ops.stem_gemm_stats(x, w, b, act, act_first))
-    if batch_stats or need_pre:
-        pre, mean, var = stats()
-        if not batch_stats:
-            mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
-        _g, _i, scale, shift = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    pre, mean, var, count = _statistics(stats, x, C, running_mean, running_var, batch_stats, need_pre,
+                                        x.shape[0] * (x.shape[2] // p) * (x.shape[3] // p), group)
+    _g, _i, scale, shift = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    if pre.numel() > 0:
         y = ops.bn_act_fwd(pre, scale, shift, act, act_first)
+    elif kind == "pw":
+        y = ops.pw_fwd(x, t, w, b, scale, shift, act, act_first)
     else:
-        mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
-        _g, _i, scale, shift = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
-        y = ops.pw_fwd(x, t, w, b, scale, shift, act, act_first) if kind == "pw" else \
-            ops.stem_fwd(x, w, b, scale, shift, act, act_first)
-        pre = x.new_empty((0,))
-    return y, pre, mean, var
+        y = ops.stem_fwd(x, w, b, scale, shift, act, act_first)
+    return y, pre, mean, var, count
 
 
-@torch.library.custom_op(f"{LIB}::pw_block", mutates_args=())
-def pw_block(x: torch.Tensor, t: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-             bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None,
-             running_var: torch.Tensor | None, eps: float, act: int, act_first: bool, batch_stats: bool,
-             need_pre: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = BN(act(Conv1x1(x [+ t]) + bias)) (act_first) or act(BN(...)); returns (y, pre, mean, var)."""
+@torch.library.custom_op(f"{LIB}::pw_block", mutates_args=(),
+                         schema=f"(Tensor x, Tensor? t, Tensor weight, Tensor? bias, {_BN_ARGS}, {_FLAGS}) "
+                                f"{_BLOCK_OUT}")
+def pw_block(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, batch_stats,
+             need_pre, sync_group, backend):
+    """y = BN(act(Conv1x1(x [+ t]) + bias)) (act_first) or act(BN(...))."""
     return _gemm_block_forward("pw", backend_ops(backend), x, t, weight, bias, bn_weight, bn_bias, running_mean,
-                               running_var, eps, act, act_first, batch_stats, need_pre)
+                               running_var, eps, act, act_first, batch_stats, need_pre, sync_group)
 
 
-@torch.library.custom_op(f"{LIB}::stem_block", mutates_args=())
-def stem_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bn_weight: torch.Tensor | None,
-               bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-               eps: float, act: int, act_first: bool, batch_stats: bool, need_pre: bool,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = BN(act(Conv_p,stride p(x) + bias)) (act_first) or act(BN(...)); returns (y, pre, mean, var)."""
+@torch.library.custom_op(f"{LIB}::stem_block", mutates_args=(),
+                         schema=f"(Tensor x, Tensor weight, Tensor? bias, {_BN_ARGS}, {_FLAGS}) {_BLOCK_OUT}")
+def stem_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, batch_stats,
+               need_pre, sync_group, backend):
+    """y = BN(act(Conv_p,stride p(x) + bias)) (act_first) or act(BN(...))."""
     return _gemm_block_forward("stem", backend_ops(backend), x, None, weight, bias, bn_weight, bn_bias, running_mean,
-                               running_var, eps, act, act_first, batch_stats, need_pre)
+                               running_var, eps, act, act_first, batch_stats, need_pre, sync_group)
 
 
 @pw_block.register_fake
 def _(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, batch_stats, need_pre,
-      backend):
-    co = weight.shape[0]
-    y = _out_like(x, co, x.shape[2], x.shape[3])
-    pre = _out_like(x, co, x.shape[2], x.shape[3]) if (batch_stats or need_pre) else x.new_empty((0,))
-    return y, pre, _vec_like(x, co), _vec_like(x, co)
+      sync_group, backend):
+    return _block_fake(x, weight.shape[0], x.shape[2], x.shape[3], batch_stats, need_pre)
 
 
 @stem_block.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, batch_stats, need_pre,
-      backend):
-    co, p = weight.shape[0], weight.shape[-1]
-    y = _out_like(x, co, x.shape[2] // p, x.shape[3] // p)
-    pre = _out_like(x, co, x.shape[2] // p, x.shape[3] // p) if (batch_stats or need_pre) else x.new_empty((0,))
-    return y, pre, _vec_like(x, co), _vec_like(x, co)
+      sync_group, backend):
+    p = weight.shape[-1]
+    return _block_fake(x, weight.shape[0], x.shape[2] // p, x.shape[3] // p, batch_stats, need_pre)
 
 
 def _gemm_block_setup(ctx, inputs, output):
-    if len(inputs) == 14:  # pw_block
-        x, t, weight, bias, bn_weight, bn_bias, _rm, _rv, eps, act, act_first, batch_stats, _np, backend = inputs
+    if len(inputs) == 15:  # pw_block
+        (x, t, weight, bias, bn_weight, bn_bias, _rm, _rv, eps, act, act_first, batch_stats, _np, group,
+         backend) = inputs
         ctx.kind = "pw"
     else:
-        x, weight, bias, bn_weight, bn_bias, _rm, _rv, eps, act, act_first, batch_stats, _np, backend = inputs
+        x, weight, bias, bn_weight, bn_bias, _rm, _rv, eps, act, act_first, batch_stats, _np, group, backend = inputs
         t, ctx.kind = None, "stem"
-    _y, pre, mean, var = output
+    _y, pre, mean, var, count = output
     ctx.has_t = t is not None
-    ctx.save_for_backward(x, t, weight, bias, bn_weight, bn_bias, pre, mean, var)
-    ctx.cfg = (eps, act, act_first, batch_stats, backend)
+    ctx.save_for_backward(x, t, weight, bias, bn_weight, bn_bias, pre, mean, var, count)
+    ctx.cfg = (eps, act, act_first, batch_stats, group, backend)
 
 
-def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar):
-    x, t, weight, bias, bn_weight, bn_bias, pre, mean, var = ctx.saved_tensors
-    eps, act, act_first, batch_stats, backend = ctx.cfg
+def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
+    x, t, weight, bias, bn_weight, bn_bias, pre, mean, var, count = ctx.saved_tensors
+    eps, act, act_first, batch_stats, group, backend = ctx.cfg
     if pre.numel() == 0:
         raise RuntimeError(f"{ctx.kind}_block: backward needs pre; call the op with need_pre=True for gradients")
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     dy = dy.contiguous(memory_format=memory_format_of(pre))
     gamma, invstd, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, mean, var, eps)
-    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, act, act_first,
-                                              batch_stats)
+    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
+                                              batch_stats, group)
     w = weight.to(x.dtype)
     if ctx.kind == "pw":
         ds, dweight, dbias = ops.pw_bwd(dy, x, t, pre, w, scale, shift, mean, ca, cb, cd, act, act_first)
-        dx, dt = ds, (ds if ctx.has_t else None)
+        inputs = (ds, ds if ctx.has_t else None)
     else:
         need_dx = ctx.needs_input_grad[0]
         dx, dweight, dbias = ops.stem_bwd(dy, x, pre, w, scale, shift, mean, ca, cb, cd, act, act_first, need_dx)
-        dx = dx if need_dx else None
-    grads = (dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype),
-             None if bn_weight is None else sum_gx.to(bn_weight.dtype),
-             None if bn_bias is None else sum_g.to(bn_bias.dtype), None, None, None, None, None, None, None, None)
-    return (dx, dt) + grads if ctx.kind == "pw" else (dx,) + grads
+        inputs = (dx if need_dx else None,)
+    return inputs + _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g) + (None,) * 9
 
 
 pw_block.register_autograd(_gemm_block_backward, setup_context=_gemm_block_setup)

@@ -176,7 +176,7 @@ def test_opcheck(backend, device, triton_cpu):
     x = torch.randn(2, 4, 6, 7, device=device)
     args = (x, torch.randn(4, 1, 3, 3, device=device), torch.randn(4, device=device),
             torch.rand(4, device=device) + 0.5, torch.randn(4, device=device), torch.zeros(4, device=device),
-            torch.ones(4, device=device), 1e-5, 2, True, True, True, True, backend)
+            torch.ones(4, device=device), 1e-5, 2, True, True, True, True, "", backend)
     torch.library.opcheck(torch.ops.convmixer_kernels.dw_block.default, args)
     for a in args[:5]:
         a.requires_grad_(True)

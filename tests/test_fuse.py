@@ -228,3 +228,38 @@ def test_autocast_bf16(device):
     with torch.no_grad():
         y64 = oracle(x.double())
     check_2x("autocast logits", y.float(), y_ref.float(), y64, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+def test_cuda_graph_capture_forward_backward(backend):
+    """No host synchronisation in forward or backward: a CUDA graph captures a training step and replays it."""
+    with ck.backend(backend):
+        model = ck.fuse(small_convmixer()).cuda().train()
+        static_x = torch.randn(4, 3, 16, 16, device="cuda")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                model.zero_grad(set_to_none=True)
+                model(static_x).square().mean().backward()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        model.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_y = model(static_x)
+            static_y.square().mean().backward()
+        eager = copy.deepcopy(model)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        y = eager(new_x)
+        y.square().mean().backward()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_y, y)
+    for (n, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=n)
+    for (n, a), (_, b) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(a, b, msg=n)

@@ -159,9 +159,10 @@ def test_opcheck(backend, device, triton_cpu):
     vec = lambda c: [torch.randn(c, **d), torch.rand(c, **d) + 0.5, torch.randn(c, **d), torch.zeros(c, **d),  # noqa
                      torch.ones(c, **d)]
     x = torch.randn(2, 6, 5, 4, **d)
-    pw_args = [x, torch.randn_like(x), torch.randn(5, 6, 1, 1, **d)] + vec(5) + [1e-5, 2, True, True, True, backend]
+    pw_args = [x, torch.randn_like(x), torch.randn(5, 6, 1, 1, **d)] + vec(5) + [1e-5, 2, True, True, True, "",
+                                                                               backend]
     img = torch.randn(2, 3, 9, 8, **d)
-    stem_args = [img, torch.randn(5, 3, 4, 4, **d)] + vec(5) + [1e-5, 3, False, True, True, backend]
+    stem_args = [img, torch.randn(5, 3, 4, 4, **d)] + vec(5) + [1e-5, 3, False, True, True, "", backend]
     for op, args, diff in ((torch.ops.convmixer_kernels.pw_block.default, pw_args, 6),
                            (torch.ops.convmixer_kernels.stem_block.default, stem_args, 5)):
         torch.library.opcheck(op, args)
