@@ -1,69 +1,114 @@
-"""python -m convmixer_kernels {info,demo}"""
+"""python -m convmixer_kernels {info,demo,verify}"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
 
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        class _Null:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+
+
+def _print_checks(result, verbose=False):
+    bad = [c for c in result["checks"] if not c[-1]]
+    worst = max(result["checks"], key=lambda c: c[1] / c[3] if c[3] else 0.0)
+    print(f"verified {len(result['checks'])} tensors (eval output and loss; training loss, every gradient, "
+          f"running statistics): {'OK' if result['ok'] else f'{len(bad)} FAILED'}")
+    print(f"  tightest: {worst[0]}: fused error {worst[1]:.2e}, original's own {worst[2]:.2e}, bound {worst[3]:.2e}")
+    for c in (result["checks"] if verbose else bad):
+        print(f"  {'ok  ' if c[-1] else 'FAIL'} {c[0]}: fused {c[1]:.2e}, original {c[2]:.2e}, bound {c[3]:.2e}")
+
+
 def _demo(args) -> int:
+    import copy
+
     import convmixer_kernels as ck
     from convmixer_kernels.reference import ConvMixer
+    from convmixer_kernels.verify import time_model, verify_model
 
     ck.info()
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
-    dim, depth, k, p, res, batch = (1536, 20, 9, 7, 224, 64) if cuda else (256, 8, 5, 2, 32, 8)
+    if cuda:
+        dim, depth, k, p, res, batch, classes = 1536, 20, 9, 7, 224, 64, 1000
+    else:
+        dim, depth, k, p, res, batch, classes = 256, 8, 5, 2, 32, 32, 10
     torch.manual_seed(0)
-    model = ConvMixer(dim, depth, kernel_size=k, patch_size=p, n_classes=10 if not cuda else 1000).to(device)
+    model = ConvMixer(dim, depth, kernel_size=k, patch_size=p, n_classes=classes)
     n_params = sum(t.numel() for t in model.parameters())
-    print(f"\nreference ConvMixer-{dim}/{depth} (k={k}, p={p}) on {device}: {n_params:,} parameters")
-    x = torch.randn(batch, 3, res, res, device=device)
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-    print(f"forward of a {tuple(x.shape)} batch -> logits {tuple(logits.shape)}")
+    print(f"\nConvMixer-{dim}/{depth} (k={k}, p={p}, {n_params:,} parameters) on {device}")
+    vshape = (2, 3, res, res) if not cuda else (2, 3, 112, 112)
+    bar = _progress(2 * (2 + 2 * len(list(model.parameters())) + 3 * len(list(model.buffers()))), "verifying")
+    result = verify_model(model, vshape, device=device, progress=bar)
+    bar.close()
+    print(result["report"].__str__().split("\n")[0])
+    _print_checks(result)
+    fused = result["fused"]
+    model = model.to(device)
+    dtypes = [torch.float32] + ([torch.bfloat16] if cuda else [])
+    rows = []
+    bar = _progress(len(dtypes) * 4, "timing")
+    for dt in dtypes:
+        fmt = torch.channels_last
+        x = torch.randn(batch, 3, res, res, device=device, dtype=dt).contiguous(memory_format=fmt)
+        for training in (False, True):
+            times = {}
+            for name, m in (("eager", model), ("fused", fused)):
+                mm = copy.deepcopy(m).to(dtype=dt, memory_format=fmt)
+                times[name] = time_model(mm, x, training)
+                bar.update(1)
+            rows.append((str(dt).replace("torch.", ""), "train" if training else "eval", times["eager"],
+                         times["fused"]))
+    bar.close()
+    print(f"\nspeed on {torch.cuda.get_device_name(0) if cuda else 'this CPU'} (batch {batch}, {res}x{res}, "
+          "channels_last; ms per step):")
+    print(f"  {'dtype':9s} {'mode':6s} {'eager':>10s} {'fused':>10s} {'speedup':>8s}")
+    for dt, mode, te, tf in rows:
+        print(f"  {dt:9s} {mode:6s} {te:10.2f} {tf:10.2f} {te / tf:7.2f}x")
+    return 0 if result["ok"] else 1
 
-    # The fused depthwise block, checked against the model's first depthwise block.
-    ref_block = model[3][0]  # Residual(Sequential(conv, GELU, BN))
-    fused = ck.FusedDepthwiseBlock(dim, k).to(device)
-    fused.conv.load_state_dict(ref_block.fn[0].state_dict())
-    fused.norm.load_state_dict(ref_block.fn[2].state_dict())
-    fused.eval()
-    with torch.no_grad():
-        h = model[2](model[1](model[0](x)))
-        want, got = ref_block(h), fused(h)
-    err = (got - want).abs().max().item()
-    print(f"fused depthwise block vs eager block (eval, fp32): max abs difference {err:.2e}")
 
-    def timeit(fn, n=10):
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / n * 1e3
+def _verify(args) -> int:
+    from convmixer_kernels.verify import load_model, verify_model
 
-    with torch.no_grad():
-        t_ref = timeit(lambda: ref_block(h))
-        t_fused = timeit(lambda: fused(h))
-    print(f"depthwise block, eval forward on {device}: eager {t_ref:.2f} ms, fused ({ck.backends.resolve('dw_block', h.device)}) "
-          f"{t_fused:.2f} ms -> {t_ref / t_fused:.2f}x")
-    return 0 if err < 1e-3 else 1
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model)
+    shape = (args.batch, 3, args.size, args.size)
+    bar = _progress(2 * (2 + 2 * len(list(model.parameters())) + 3 * len(list(model.buffers()))), "verifying")
+    result = verify_model(model, shape, device=device, progress=bar)
+    bar.close()
+    print(result["report"])
+    _print_checks(result, args.verbose)
+    return 0 if result["ok"] else 1
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convmixer_kernels")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, what was built, usable backends, the GPU")
-    d = sub.add_parser("demo", help="build a ConvMixer, check and time the fused kernels against it")
+    d = sub.add_parser("demo", help="build a ConvMixer, fuse it, verify it against the original, time both")
     d.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    v = sub.add_parser("verify", help="fuse a model and verify it against the original")
+    v.add_argument("--model", required=True, help="timm:<name> or package.module:factory")
+    v.add_argument("--device", default=None)
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--size", type=int, default=64, help="input height and width")
+    v.add_argument("--verbose", action="store_true", help="print every check")
     args = ap.parse_args(argv)
     if args.cmd == "info":
         import convmixer_kernels as ck
@@ -72,7 +117,7 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "demo":
         return _demo(args)
-    return 2
+    return _verify(args)
 
 
 if __name__ == "__main__":
