@@ -65,15 +65,15 @@ def _tanh(z):
 
 
 @triton.jit
-def _act_fwd(v, ACT: tl.constexpr):
+def _act_fwd(v, act):
     # 0 identity, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu
-    if ACT == 1:
+    if act == 1:
         r = tl.where(v > 0.0, v, 0.0)
-    elif ACT == 2:
+    elif act == 2:
         r = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-    elif ACT == 3:
+    elif act == 3:
         r = 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
-    elif ACT == 4:
+    elif act == 4:
         r = v / (1.0 + tl.exp(-v))
     else:
         r = v
@@ -81,20 +81,20 @@ def _act_fwd(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(v, ACT: tl.constexpr):
+def _act_grad(v, act):
     # d act(v) / dv; relu'(0) = 0
-    if ACT == 1:
+    if act == 1:
         r = tl.where(v > 0.0, 1.0, 0.0)
-    elif ACT == 2:
+    elif act == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
         pdf = tl.exp(-0.5 * v * v) * 0.3989422804014327
         r = cdf + v * pdf
-    elif ACT == 3:
+    elif act == 3:
         k0 = 0.7978845608028654
         k1 = 0.044715
         t = _tanh(k0 * (v + k1 * v * v * v))
         r = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * v * v)
-    elif ACT == 4:
+    elif act == 4:
         s = 1.0 / (1.0 + tl.exp(-v))
         r = s * (1.0 + v * (1.0 - s))
     else:
@@ -174,8 +174,8 @@ def _tile_coords(tile, c1, cm1, N, C, H, W, sN, sC, sH, sW,
 
 
 @triton.jit
-def _pre_tile(x_ptr, w_ptr, b_ptr, base, h, w, va, cm, c1, cm1, H, W, sH, sW,
-              K: tl.constexpr, HAS_BIAS: tl.constexpr, CL: tl.constexpr,
+def _pre_tile(x_ptr, w_ptr, b_ptr, base, h, w, va, cm, c1, cm1, H, W, sH, sW, w_sc, w_st,
+              K: tl.constexpr, has_bias, CL: tl.constexpr,
               BA: tl.constexpr, BB: tl.constexpr):
     """pre = DWConv_k(x) + bias of one tile, rounded to x's dtype, returned in float32.
 
@@ -188,7 +188,7 @@ def _pre_tile(x_ptr, w_ptr, b_ptr, base, h, w, va, cm, c1, cm1, H, W, sH, sW,
         hh = h + di
         mi = valid & (hh >= 0) & (hh < H)
         x_row = x_ptr + (base + di * sH)
-        w_row = w_ptr + c1 * (K * K) + i * K
+        w_row = w_ptr + c1 * w_sc + (i * K) * w_st
         for j in tl.static_range(K):
             # (no jit-function calls in the tap loop: each one costs ~1 ms under the interpreter)
             # valid outputs have 0 <= w < W, so a shift needs a check on one side only
@@ -199,23 +199,23 @@ def _pre_tile(x_ptr, w_ptr, b_ptr, base, h, w, va, cm, c1, cm1, H, W, sH, sW,
             else:
                 m = mi
             xv = tl.load(x_row + (j - K // 2) * sW, mask=m, other=0.0).to(tl.float32)
-            wv = tl.load(w_row + j, mask=cm1, other=0.0)
+            wv = tl.load(w_row + j * w_st, mask=cm1, other=0.0)
             if CL:
                 wv = wv[None, :]
             acc = tl.fma(xv, tl.broadcast_to(wv, [BA, BB]), acc)
-    if HAS_BIAS:
+    if has_bias:
         acc = acc + _chan_bcast(tl.load(b_ptr + c1, mask=cm1, other=0.0), CL)
     return acc.to(x_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
-def _g_u(dy, pre, scale, shift, ACT: tl.constexpr, ACT_FIRST: tl.constexpr):
+def _g_u(dy, pre, scale, shift, act, act_first):
     """(g, u): the gradient at the BN output and the BN input (see torch_ops._g_u)."""
-    if ACT_FIRST:
+    if act_first:
         g = dy
-        u = _act_fwd(pre, ACT)
+        u = _act_fwd(pre, act)
     else:
-        g = dy * _act_grad(scale * pre + shift, ACT)
+        g = dy * _act_grad(scale * pre + shift, act)
         u = pre
     return g, u
 
@@ -225,34 +225,34 @@ def _g_u(dy, pre, scale, shift, ACT: tl.constexpr, ACT_FIRST: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "act", "act_first", "residual", "has_bias"])
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr,
-                   N, C, H, W, sN, sC, sH, sW,
-                   K: tl.constexpr, ACT: tl.constexpr, ACT_FIRST: tl.constexpr,
-                   RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, CL: tl.constexpr,
+                   N, C, H, W, sN, sC, sH, sW, w_sc, w_st,
+                   K: tl.constexpr, act, act_first,
+                   residual, has_bias, CL: tl.constexpr,
                    BA: tl.constexpr, BB: tl.constexpr):
     # grid: (tiles, channel blocks); one tile per program
     tile = tl.program_id(0)
     c1, cm1 = _chan_coords(tl.program_id(1), C, CL, BB)
     base, h, w, va, cm, valid = _tile_coords(tile, c1, cm1, N, C, H, W, sN, sC, sH, sW, CL, BA, BB)
-    pre = _pre_tile(x_ptr, w_ptr, b_ptr, base, h, w, va, cm, c1, cm1, H, W, sH, sW,
-                    K, HAS_BIAS, CL, BA, BB)
+    pre = _pre_tile(x_ptr, w_ptr, b_ptr, base, h, w, va, cm, c1, cm1, H, W, sH, sW, w_sc, w_st,
+                    K, has_bias, CL, BA, BB)
     scale = _chan_bcast(tl.load(scale_ptr + c1, mask=cm1, other=0.0), CL)
     shift = _chan_bcast(tl.load(shift_ptr + c1, mask=cm1, other=0.0), CL)
-    if ACT_FIRST:
-        out = scale * _act_fwd(pre, ACT) + shift
+    if act_first:
+        out = scale * _act_fwd(pre, act) + shift
     else:
-        out = _act_fwd(scale * pre + shift, ACT)
-    if RESIDUAL:
+        out = _act_fwd(scale * pre + shift, act)
+    if residual:
         out = out + tl.load(x_ptr + base, mask=valid, other=0.0).to(tl.float32)
     tl.store(y_ptr + base, out.to(y_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "T", "TPP", "G", "act", "act_first", "has_bias"])
 def _dw_conv_stats_kernel(x_ptr, w_ptr, b_ptr, pre_ptr, part_ptr,
-                          N, C, H, W, sN, sC, sH, sW, T, TPP, G,
-                          K: tl.constexpr, ACT: tl.constexpr, ACT_FIRST: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, CL: tl.constexpr,
+                          N, C, H, W, sN, sC, sH, sW, w_sc, w_st, T, TPP, G,
+                          K: tl.constexpr, act, act_first,
+                          has_bias, CL: tl.constexpr,
                           BA: tl.constexpr, BB: tl.constexpr):
     # grid: (G tile groups, channel blocks).  Writes pre and, per (group, channel), the
     # (count, mean, M2) of u over the group's tiles, merged tile by tile (Chan et al.).
@@ -268,10 +268,10 @@ def _dw_conv_stats_kernel(x_ptr, w_ptr, b_ptr, pre_ptr, part_ptr,
         base, h, w, va, cm, valid = _tile_coords(tile, c1, cm1, N, C, H, W, sN, sC, sH, sW,
                                                  CL, BA, BB)
         pre = _pre_tile(x_ptr, w_ptr, b_ptr, base, h, w, va, cm, c1, cm1, H, W, sH, sW,
-                        K, HAS_BIAS, CL, BA, BB)
+                        w_sc, w_st, K, has_bias, CL, BA, BB)
         tl.store(pre_ptr + base, pre.to(pre_ptr.dtype.element_ty), mask=valid)
-        if ACT_FIRST:
-            u = _act_fwd(pre, ACT)
+        if act_first:
+            u = _act_fwd(pre, act)
         else:
             u = pre
         cnt = _chan_sum(tl.where(valid, 1.0, 0.0), CL)
@@ -291,7 +291,7 @@ def _dw_conv_stats_kernel(x_ptr, w_ptr, b_ptr, pre_ptr, part_ptr,
     tl.store(part_ptr + 2 * stride + off, m2_a, mask=cm1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G"])
 def _stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, G, C, BG: tl.constexpr, BM: tl.constexpr):
     # Merge the G (count, mean, M2) partials of each channel in a fixed order:
     # mean = sum(n_g mean_g) / n, M2 = sum(M2_g + n_g (mean_g - mean)^2), var = M2 / n.
@@ -325,7 +325,7 @@ def _stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, G, C, BG: tl.constexpr, 
     tl.store(var_ptr + cols, tl.sum(acc_m2, axis=0) / n, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G"])
 def _sum_partials_kernel(part_ptr, out_ptr, scale_ptr, G, M, C,
                          HAS_SCALE: tl.constexpr, BG: tl.constexpr, BM: tl.constexpr):
     # out[m] = sum_g part[g, m] (fixed order) [* scale[m % C]]
@@ -343,10 +343,10 @@ def _sum_partials_kernel(part_ptr, out_ptr, scale_ptr, G, M, C,
     tl.store(out_ptr + cols, s, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "T", "TPP", "G", "act", "act_first"])
 def _dw_bwd_reduce_kernel(dy_ptr, pre_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr,
                           N, C, H, W, sN, sC, sH, sW, T, TPP, G,
-                          ACT: tl.constexpr, ACT_FIRST: tl.constexpr, CL: tl.constexpr,
+                          act, act_first, CL: tl.constexpr,
                           BA: tl.constexpr, BB: tl.constexpr):
     # grid: (G tile groups, channel blocks); partial sums of g and g * (u - mean)
     g_id = tl.program_id(0)
@@ -364,7 +364,7 @@ def _dw_bwd_reduce_kernel(dy_ptr, pre_ptr, scale_ptr, shift_ptr, mean_ptr, part_
                                                  CL, BA, BB)
         dy = tl.load(dy_ptr + base, mask=valid, other=0.0).to(tl.float32)
         pre = tl.load(pre_ptr + base, mask=valid, other=0.0).to(tl.float32)
-        g, u = _g_u(dy, pre, scale, shift, ACT, ACT_FIRST)
+        g, u = _g_u(dy, pre, scale, shift, act, act_first)
         g = tl.where(valid, g, 0.0)
         s_g += _chan_sum(g, CL)
         s_gx += _chan_sum(g * (u - mean), CL)
@@ -373,10 +373,10 @@ def _dw_bwd_reduce_kernel(dy_ptr, pre_ptr, scale_ptr, shift_ptr, mean_ptr, part_
     tl.store(part_ptr + G * C + off, s_gx, mask=cm1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "act", "act_first"])
 def _dw_bwd_dpre_kernel(dy_ptr, pre_ptr, scale_ptr, shift_ptr, mean_ptr, ca_ptr, cb_ptr, cd_ptr,
                         d_ptr, N, C, H, W, sN, sC, sH, sW,
-                        ACT: tl.constexpr, ACT_FIRST: tl.constexpr, CL: tl.constexpr,
+                        act, act_first, CL: tl.constexpr,
                         BA: tl.constexpr, BB: tl.constexpr):
     # grid: (tiles, channel blocks); dpre = [ca g + cb (u - mean) + cd] [* act'(pre)] in float32
     c1, cm1 = _chan_coords(tl.program_id(1), C, CL, BB)
@@ -390,17 +390,17 @@ def _dw_bwd_dpre_kernel(dy_ptr, pre_ptr, scale_ptr, shift_ptr, mean_ptr, ca_ptr,
     cd = _chan_bcast(tl.load(cd_ptr + c1, mask=cm1, other=0.0), CL)
     dy = tl.load(dy_ptr + base, mask=valid, other=0.0).to(tl.float32)
     pre = tl.load(pre_ptr + base, mask=valid, other=0.0).to(tl.float32)
-    g, u = _g_u(dy, pre, scale, shift, ACT, ACT_FIRST)
+    g, u = _g_u(dy, pre, scale, shift, act, act_first)
     d = ca * g + cb * (u - mean) + cd
-    if ACT_FIRST:
-        d = d * _act_grad(pre, ACT)
+    if act_first:
+        d = d * _act_grad(pre, act)
     tl.store(d_ptr + base, d, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "T", "TPP", "G", "residual"])
 def _dw_bwd_conv_kernel(dy_ptr, x_ptr, d_ptr, w_ptr, dx_ptr, pdw_ptr, pdb_ptr,
-                        N, C, H, W, sN, sC, sH, sW, T, TPP, G,
-                        K: tl.constexpr, RESIDUAL: tl.constexpr, CL: tl.constexpr,
+                        N, C, H, W, sN, sC, sH, sW, w_sc, w_st, T, TPP, G,
+                        K: tl.constexpr, residual, CL: tl.constexpr,
                         BA: tl.constexpr, BB: tl.constexpr, KKP: tl.constexpr):
     # grid: (G tile groups, channel blocks).  For each tile: dx = sum over taps (i, j) of
     # w[i, j] * dpre shifted by (r - i, r - j) [+ dy]; the same shifted tile times x gives
@@ -427,7 +427,7 @@ def _dw_bwd_conv_kernel(dy_ptr, x_ptr, d_ptr, w_ptr, dx_ptr, pdw_ptr, pdb_ptr,
             hh = h + di
             mi = valid & (hh >= 0) & (hh < H)
             d_row = d_ptr + (base + di * sH)
-            w_row = w_ptr + c1 * (K * K) + i * K
+            w_row = w_ptr + c1 * w_sc + (i * K) * w_st
             for j in tl.static_range(K):
                 # (no jit-function calls in the tap loop, see _pre_tile)
                 if j > K // 2:
@@ -437,7 +437,7 @@ def _dw_bwd_conv_kernel(dy_ptr, x_ptr, d_ptr, w_ptr, dx_ptr, pdw_ptr, pdb_ptr,
                 else:
                     m = mi
                 ds = tl.load(d_row + (K // 2 - j) * sW, mask=m, other=0.0)
-                wv = tl.load(w_row + j, mask=cm1, other=0.0)
+                wv = tl.load(w_row + j * w_st, mask=cm1, other=0.0)
                 prod = xc * ds
                 if CL:
                     dx = tl.fma(ds, tl.broadcast_to(wv[None, :], [BA, BB]), dx)
@@ -445,7 +445,7 @@ def _dw_bwd_conv_kernel(dy_ptr, x_ptr, d_ptr, w_ptr, dx_ptr, pdw_ptr, pdb_ptr,
                 else:
                     dx = tl.fma(ds, tl.broadcast_to(wv, [BA, BB]), dx)
                     dw_acc += tl.where(kk == i * K + j, tl.sum(prod), 0.0)
-        if RESIDUAL:
+        if residual:
             dx = dx + tl.load(dy_ptr + base, mask=valid, other=0.0).to(tl.float32)
         tl.store(dx_ptr + base, dx.to(dx_ptr.dtype.element_ty), mask=valid)
     # partial layouts: pdw [G, C, K*K] (so the final reduction writes dweight directly),
@@ -654,6 +654,19 @@ def _reduce_partials(part: torch.Tensor, G: int, M: int, C: int, out: torch.Tens
         HAS_SCALE=scale is not None, BG=BG, BM=BM, num_warps=4)
 
 
+def _tap_major_weight(weight: torch.Tensor, cl: bool):
+    """The weight as the kernels read it, and its (channel, tap) element strides.
+
+    channels_last kernels load the weights of one tap for a block of consecutive channels, so
+    they get a tap-major (k*k, C) copy: one coalesced, vectorized load per tap instead of a
+    strided gather (the copy is C*k*k floats, negligible next to the activations).  NCHW
+    kernels load one scalar per tap and read the (C, 1, k, k) weight in place."""
+    C, kk = weight.shape[0], weight.shape[2] * weight.shape[3]
+    if cl:
+        return weight.reshape(C, kk).t().contiguous(), (1, C)
+    return weight, (kk, 1)
+
+
 def _bias_arg(bias, x):
     if bias is None:
         return None
@@ -685,11 +698,12 @@ def dw_conv_stats(x, weight, bias, act: int, act_first: bool):
         return pre, mean, var
     p = _Plan(x, cl, target=2048, max_bb=64, grouped=True)
     part = torch.empty((3, p.G, C), dtype=torch.float32, device=x.device)
+    w_t, w_strides = _tap_major_weight(weight, cl)
     with _device_guard(x.device):
         _dw_conv_stats_kernel[(p.G, p.CB)](
-            x, weight, bias if bias is not None else weight, pre, part,
-            N, C, H, W, *_strides(x, cl), p.T, p.TPP, p.G,
-            K=k, ACT=act, ACT_FIRST=act_first, HAS_BIAS=bias is not None, CL=cl,
+            x, w_t, bias if bias is not None else weight, pre, part,
+            N, C, H, W, *_strides(x, cl), *w_strides, p.T, p.TPP, p.G,
+            K=k, act=act, act_first=act_first, has_bias=bias is not None, CL=cl,
             BA=p.BA, BB=p.BB, num_warps=p.num_warps)
         BG = min(_np2(p.G), 32)
         BM = 128 if not _is_interpreted() else min(_np2(C), 4096)
@@ -712,11 +726,12 @@ def dw_fwd(x, weight, bias, scale, shift, act: int, act_first: bool, residual: b
     if x.numel() == 0:
         return y
     p = _Plan(x, cl, target=2048, max_bb=64, grouped=False)
+    w_t, w_strides = _tap_major_weight(weight, cl)
     with _device_guard(x.device):
         _dw_fwd_kernel[(p.T, p.CB)](
-            x, weight, bias if bias is not None else weight, scale, shift, y,
-            N, C, H, W, *_strides(x, cl),
-            K=k, ACT=act, ACT_FIRST=act_first, RESIDUAL=residual, HAS_BIAS=bias is not None,
+            x, w_t, bias if bias is not None else weight, scale, shift, y,
+            N, C, H, W, *_strides(x, cl), *w_strides,
+            K=k, act=act, act_first=act_first, residual=residual, has_bias=bias is not None,
             CL=cl, BA=p.BA, BB=p.BB, num_warps=p.num_warps)
     return y
 
@@ -743,7 +758,7 @@ def dw_bwd_reduce(dy, pre, scale, shift, mean, invstd, act: int, act_first: bool
         _dw_bwd_reduce_kernel[(p.G, p.CB)](
             dy, pre, scale, shift, mean, part,
             N, C, H, W, *_strides(dy, cl), p.T, p.TPP, p.G,
-            ACT=act, ACT_FIRST=act_first, CL=cl, BA=p.BA, BB=p.BB, num_warps=p.num_warps)
+            act=act, act_first=act_first, CL=cl, BA=p.BA, BB=p.BB, num_warps=p.num_warps)
         _reduce_partials(part[0], p.G, C, C, sum_g)
         _reduce_partials(part[1], p.G, C, C, sum_gx, scale=invstd)
     return sum_g, sum_gx
@@ -780,13 +795,15 @@ def dw_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act: int, act_fir
     pc = _Plan(x, cl, target=4096, max_bb=max(1, min(32, 8192 // kkp)), grouped=True)
     pdw = torch.empty((pc.G, C * k * k), dtype=torch.float32, device=x.device)
     pdb = torch.empty((pc.G, C), dtype=torch.float32, device=x.device)
+    w_t, w_strides = _tap_major_weight(weight, cl)
     with _device_guard(x.device):
         _dw_bwd_dpre_kernel[(pe.T, pe.CB)](
             dy, pre, scale, shift, mean, ca, cb, cd, dpre, N, C, H, W, *strides,
-            ACT=act, ACT_FIRST=act_first, CL=cl, BA=pe.BA, BB=pe.BB, num_warps=pe.num_warps)
+            act=act, act_first=act_first, CL=cl, BA=pe.BA, BB=pe.BB, num_warps=pe.num_warps)
         _dw_bwd_conv_kernel[(pc.G, pc.CB)](
-            dy, x, dpre, weight, dx, pdw, pdb, N, C, H, W, *strides, pc.T, pc.TPP, pc.G,
-            K=k, RESIDUAL=residual, CL=cl, BA=pc.BA, BB=pc.BB, KKP=kkp, num_warps=pc.num_warps)
+            dy, x, dpre, w_t, dx, pdw, pdb, N, C, H, W, *strides, *w_strides, pc.T, pc.TPP,
+            pc.G,
+            K=k, residual=residual, CL=cl, BA=pc.BA, BB=pc.BB, KKP=kkp, num_warps=pc.num_warps)
         _reduce_partials(pdw, pc.G, C * k * k, C, dweight.view(-1))
         _reduce_partials(pdb, pc.G, C, C, dbias)
     return dx, dweight, dbias
