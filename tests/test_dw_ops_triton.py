@@ -35,6 +35,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["fp32", "fp16", "bf16"]
 LAYOUTS = [False, True]
 LAYOUT_IDS = ["nchw", "cl"]
+BWD_ARGS = ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")
+REDUCE_ARGS = ("dy", "pre", "scale", "shift", "mean", "invstd")
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +125,7 @@ def test_fwd_recomputes_pre_bitwise(cl):
 def test_deterministic(monkeypatch, cl):
     monkeypatch.setattr(dw, "_TILE_OVERRIDE", {"BA": 8, "BB": 4, "TPP": 2})
     inp = make_inputs(2, 5, 5, 6, 3, torch.float16, DEVICE, channels_last=cl, seed=5)
-    a = {n: inp[n] for n in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")}
+    a = [inp[n] for n in BWD_ARGS]
 
     def run_all():
         return (*dw.dw_conv_stats(inp["x"], inp["weight"], inp["bias"], 2, True),
@@ -131,7 +133,7 @@ def test_deterministic(monkeypatch, cl):
                           True, True),
                 *dw.dw_bwd_reduce(inp["dy"], inp["pre"], inp["scale"], inp["shift"], inp["mean"],
                                   inp["invstd"], 2, True),
-                *dw.dw_bwd(*a.values(), 2, True, True))
+                *dw.dw_bwd(*a, 2, True, True))
 
     first, second = run_all(), run_all()
     for i, (p, q) in enumerate(zip(first, second)):
@@ -142,13 +144,10 @@ def test_empty_batch():
     inp = make_inputs(0, 3, 4, 5, 3, torch.float32, DEVICE, seed=1)
     pre, mean, var = dw.dw_conv_stats(inp["x"], inp["weight"], inp["bias"], 1, True)
     assert pre.shape == (0, 3, 4, 5) and mean.isnan().all() and var.isnan().all()
-    a = [inp[n] for n in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
-    dx, dweight, dbias = dw.dw_bwd(*a, 1, True, True)
+    dx, dweight, dbias = dw.dw_bwd(*[inp[n] for n in BWD_ARGS], 1, True, True)
     assert dx.shape == (0, 3, 4, 5)
-    assert torch.equal(dweight, torch.zeros_like(dweight)) and torch.equal(dbias, torch.zeros_like(dbias))
-    s_g, s_gx = dw.dw_bwd_reduce(*[inp[n] for n in ("dy", "pre", "scale", "shift", "mean", "invstd")],
-                                 1, True)
-    assert torch.equal(s_g, torch.zeros_like(s_g)) and torch.equal(s_gx, torch.zeros_like(s_gx))
+    for t in (dweight, dbias, *dw.dw_bwd_reduce(*[inp[n] for n in REDUCE_ARGS], 1, True)):
+        assert torch.equal(t, torch.zeros_like(t))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,15 @@ Tiling.  Every kernel works on 2-D tiles ``[BA, BB]`` of one image-sized tensor:
   block of BB channels (the contiguous dimension, so loads of a tap are vectorized along C).
 
 A k x k depthwise tap loop loads one shifted, masked input tile per tap (zero padding comes
-from the masks); the k*k re-reads of each input element hit L1/L2.  All arithmetic is float32.
-Offsets into activations are int64; pixel indices (N*H*W) are int32, checked on the host.
+from the masks); the k*k re-reads of each input element hit L1/L2.  All arithmetic is float32,
+the taps are accumulated with explicit fma in a fixed order, so dw_conv_stats and dw_fwd compute
+the same pre bit for bit.  channels_last kernels read a tap-major (k*k, C) copy of the weight so
+the weights of one tap are one vector load.  Offsets into activations are int64; pixel indices
+(N*H*W) are int32, checked on the host.
+
+Compile-time constants are k, the layout, the tile sizes and the dtypes; the activation, the
+order, residual and bias are run-time arguments (uniform branches outside the tap loop), so a
+GPU run compiles one kernel per (op, k, layout, dtype) instead of one per flag combination.
 
 Reductions (BatchNorm statistics, the backward sums, dweight, dbias) are deterministic: a
 program owns a fixed range of tiles of a channel block and reduces them in a fixed order into
@@ -31,8 +38,8 @@ element; the workspace costs one float32 activation of memory and 8 bytes/elemen
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 
 import torch
 import triton
@@ -46,6 +53,15 @@ MAX_KERNEL_SIZE = 31
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 _GRID_AXIS1_MAX = 65535
+
+# Tile sizes (elements per [BA, BB] tile) and the channel-block cap of channels_last tiles.
+# Chosen from sm_90 AOT compiles (registers, vector widths), not yet from GPU timings: tune here.
+_CONV_TILE = 2048          # conv tiles (dw_fwd, dw_conv_stats) and elementwise tiles
+_BWD_CONV_TILE = 4096      # dx + dweight tiles of dw_bwd
+_CL_MAX_BB = 64            # channels per channels_last tile (64 bf16 = 128 bytes per pixel)
+_NCHW_MAX_BB = 128         # columns per NCHW tile
+_BWD_ACC_MAX = 8192        # floats in the [next_pow2(k*k), BB] dweight accumulator of dw_bwd
+_PROGRAMS_PER_SM = 4       # reduction kernels: tile groups so that about this many programs run
 
 # Test hook: when a dict, overrides the tile sizes ("BA", "BB") and tiles per program ("TPP")
 # of every launch, so small inputs still exercise multi-tile programs and multi-program
@@ -497,15 +513,20 @@ def _check_x(x, name: str = "x") -> bool:
                          f"supports ({_INT32_MAX})")
     if C * H * W > _INT32_MAX or MAX_KERNEL_SIZE * C * W > _INT32_MAX:
         raise ValueError(f"{name}: one image of shape {(C, H, W)} is too large for the Triton "
-                         "backend (C*H*W must be below 2^31)")
+                         "backend (C*H*W and 31*C*W must be below 2^31)")
     return memory_format_of(x) == torch.channels_last
 
 
-def _check_like_x(t, name: str, x: torch.Tensor, x_cl: bool) -> None:
+def _check_tensor_on(t, name: str, x: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.device != x.device:
-        raise ValueError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
+        raise ValueError(f"{name}: expected a tensor on {x.device} (the device of x), "
+                         f"got {t.device}")
+
+
+def _check_like_x(t, name: str, x: torch.Tensor, x_cl: bool) -> None:
+    _check_tensor_on(t, name, x)
     if t.dtype != x.dtype:
         raise ValueError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
     if t.shape != x.shape:
@@ -520,25 +541,18 @@ def _check_like_x(t, name: str, x: torch.Tensor, x_cl: bool) -> None:
 
 
 def _check_vec(t, name: str, x: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device != x.device:
-        raise ValueError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
+    _check_tensor_on(t, name, x)
     if t.dtype != torch.float32:
         raise ValueError(f"{name}: expected dtype torch.float32, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != x.shape[1]:
-        raise ValueError(f"{name}: expected shape ({x.shape[1]},) (one value per channel of x), got "
-                         f"{tuple(t.shape)}")
+        raise ValueError(f"{name}: expected shape ({x.shape[1]},) (one value per channel of x), "
+                         f"got {tuple(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor")
 
 
 def _check_weight(weight, x: torch.Tensor) -> int:
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
-    if weight.device != x.device:
-        raise ValueError(f"weight: expected a tensor on {x.device} (the device of x), got "
-                         f"{weight.device}")
+    _check_tensor_on(weight, "weight", x)
     if weight.dtype != torch.float32:
         raise ValueError(f"weight: expected dtype torch.float32, got {weight.dtype}")
     C = x.shape[1]
@@ -548,7 +562,8 @@ def _check_weight(weight, x: torch.Tensor) -> int:
                          f"{tuple(weight.shape)}")
     k = int(weight.shape[2])
     if k % 2 != 1 or not 1 <= k <= MAX_KERNEL_SIZE:
-        raise ValueError(f"weight: expected an odd kernel size k in 1..{MAX_KERNEL_SIZE}, got k = {k}")
+        raise ValueError(f"weight: expected an odd kernel size k in 1..{MAX_KERNEL_SIZE}, "
+                         f"got k = {k}")
     if not weight.is_contiguous():
         raise ValueError("weight: expected a contiguous tensor")
     return k
@@ -556,8 +571,8 @@ def _check_weight(weight, x: torch.Tensor) -> int:
 
 def _check_flags(act, **flags) -> tuple:
     if isinstance(act, bool) or not isinstance(act, int) or not 0 <= act <= 4:
-        raise ValueError("act: expected an activation code in 0..4 (identity, relu, gelu, gelu_tanh, "
-                         f"silu), got {act!r}")
+        raise ValueError("act: expected an activation code in 0..4 (identity, relu, gelu, "
+                         f"gelu_tanh, silu), got {act!r}")
     for name, v in flags.items():
         if not isinstance(v, bool):
             raise ValueError(f"{name}: expected a bool, got {v!r}")
@@ -579,7 +594,8 @@ def _strides(x: torch.Tensor, cl: bool) -> tuple:
 class _Plan:
     """Tiling of one launch: tile sizes, tile count T, channel blocks CB, groups G of TPP tiles."""
 
-    def __init__(self, x: torch.Tensor, cl: bool, target: int, max_bb: int, grouped: bool):
+    def __init__(self, x: torch.Tensor, cl: bool, target: int, grouped: bool,
+                 max_bb: int = _CL_MAX_BB):
         N, C, H, W = x.shape
         interp = _is_interpreted()
         if interp:
@@ -588,7 +604,7 @@ class _Plan:
             bb = min(_np2(C), max_bb)
             ba = min(max(target // bb, 1), _np2(N * H * W))
         else:
-            bb = min(_np2(W), 128)
+            bb = min(_np2(W), _NCHW_MAX_BB)
             ba = min(max(target // bb, 1), _np2(N * H))
         tpp = None
         if _TILE_OVERRIDE:
@@ -608,7 +624,7 @@ class _Plan:
         if grouped:
             if tpp is None:
                 # enough programs to fill the GPU a few times over; fewer under the interpreter
-                progs = 4 * _sm_count(x.device) if not interp else 2
+                progs = _PROGRAMS_PER_SM * _sm_count(x.device) if not interp else 2
                 tpp = triton.cdiv(self.T, max(1, triton.cdiv(progs, self.CB)))
             self.TPP = max(1, min(tpp, self.T))
             self.G = triton.cdiv(self.T, self.TPP)
@@ -627,22 +643,13 @@ def _sm_count_cached(index: int) -> int:
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count_cached(index)
 
 
-class _device_guard:
-    """torch.cuda.device(x.device) for CUDA tensors; nothing otherwise."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+def _device_guard(device: torch.device):
+    """Launches go to x's device (and its current stream, which Triton uses)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _reduce_partials(part: torch.Tensor, G: int, M: int, C: int, out: torch.Tensor,
@@ -696,7 +703,7 @@ def dw_conv_stats(x, weight, bias, act: int, act_first: bool):
         mean.fill_(float("nan"))
         var.fill_(float("nan"))
         return pre, mean, var
-    p = _Plan(x, cl, target=2048, max_bb=64, grouped=True)
+    p = _Plan(x, cl, _CONV_TILE, grouped=True)
     part = torch.empty((3, p.G, C), dtype=torch.float32, device=x.device)
     w_t, w_strides = _tap_major_weight(weight, cl)
     with _device_guard(x.device):
@@ -725,7 +732,7 @@ def dw_fwd(x, weight, bias, scale, shift, act: int, act_first: bool, residual: b
     y = new_output(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if x.numel() == 0:
         return y
-    p = _Plan(x, cl, target=2048, max_bb=64, grouped=False)
+    p = _Plan(x, cl, _CONV_TILE, grouped=False)
     w_t, w_strides = _tap_major_weight(weight, cl)
     with _device_guard(x.device):
         _dw_fwd_kernel[(p.T, p.CB)](
@@ -752,7 +759,7 @@ def dw_bwd_reduce(dy, pre, scale, shift, mean, invstd, act: int, act_first: bool
         sum_g.zero_()
         sum_gx.zero_()
         return sum_g, sum_gx
-    p = _Plan(dy, cl, target=2048, max_bb=64, grouped=True)
+    p = _Plan(dy, cl, _CONV_TILE, grouped=True)
     part = torch.empty((2, p.G, C), dtype=torch.float32, device=dy.device)
     with _device_guard(dy.device):
         _dw_bwd_reduce_kernel[(p.G, p.CB)](
@@ -790,9 +797,9 @@ def dw_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act: int, act_fir
     # dpre in float32, x's shape and format (every element is written by the dpre kernel)
     dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
     kkp = _np2(k * k)
-    pe = _Plan(x, cl, target=2048, max_bb=64, grouped=False)
+    pe = _Plan(x, cl, _CONV_TILE, grouped=False)
     # keep the [KKP, BB] dweight accumulator of the channels_last kernel within 8K floats
-    pc = _Plan(x, cl, target=4096, max_bb=max(1, min(32, 8192 // kkp)), grouped=True)
+    pc = _Plan(x, cl, _BWD_CONV_TILE, grouped=True, max_bb=max(1, min(32, _BWD_ACC_MAX // kkp)))
     pdw = torch.empty((pc.G, C * k * k), dtype=torch.float32, device=x.device)
     pdb = torch.empty((pc.G, C), dtype=torch.float32, device=x.device)
     w_t, w_strides = _tap_major_weight(weight, cl)
