@@ -5,7 +5,12 @@ TRITON_INTERPRET=1 must be set before the kernels are decorated, i.e. before
 convmixer_kernels.triton.dw (or triton) is first imported, so it is set here at import time.
 It only affects Triton, which only this test module uses.  The interpreter is slow (each
 kernel op costs ~0.1 ms), so shapes are small and the parameters are a representative product,
-not the full cross product; the odd shapes break every tile boundary.
+not the full cross product; the odd shapes break every tile boundary.  Under the interpreter
+fp32 -> bf16 casts truncate (the GPU rounds to nearest), so bf16 results can be one ulp off;
+the OP_TOL bound of dw_op_cases covers that unchanged.
+
+On a GPU every (op, k, layout, dtype, shape-specialization) compiles once: the whole file is
+about 150 compiles.  For a short device check select e.g. -k "odd_shapes or bitwise or determ".
 """
 
 from __future__ import annotations
