@@ -1,7 +1,16 @@
-import pytest
+import os
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Without a GPU, Triton kernels can only run on CPU tensors through its interpreter.  Triton fixes
+    # interpreted-or-compiled when a kernel is defined and reads the setting when it is first used, so
+    # it is set here, before anything imports triton; it changes nothing else (no other test uses
+    # Triton without a GPU: torch.compile's CPU backend emits C++).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_configure(config):
@@ -17,10 +26,9 @@ def poison(monkeypatch):
 
 @pytest.fixture
 def triton_cpu(monkeypatch):
-    """Run Triton kernels on CPU tensors through the interpreter (only without a GPU)."""
+    """Triton kernels on CPU tensors run through the interpreter (set above, without a GPU)."""
     if not HAS_CUDA:
         pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def backend_params(include_triton=True):
