@@ -21,7 +21,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kTX = 32;             // channels_last: channel vectors per block (one warp wide)
 constexpr int kTY = kThreads / kTX;  // channels_last: rows per block iteration
-constexpr int kUnroll = 4;          // vectors in flight per thread (the passes are latency-bound otherwise)
 
 // ----------------------------------------------------------------------------------------------
 // Storage <-> float
@@ -186,30 +185,17 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
   const bool wr = writes_out<MODE>(p);
 
   if (active) {
-    // kUnroll rows in flight per thread: load them all, then compute and store.
-    for (int64_t m = m_begin + ty; m < m_end; m += kTY * kUnroll) {
-      Pack<T, VEC> xi[kUnroll], gi[kUnroll];
+    for (int64_t m = m_begin + ty; m < m_end; m += kTY) {
+      const int64_t off = m * C + c0;
+      Pack<T, VEC> xi = *reinterpret_cast<const Pack<T, VEC>*>(in + off);
+      Pack<T, VEC> gi;
+      if constexpr (MODE == Mode::kDpre) gi = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
+      Pack<T, VEC> yo;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t mu = m + u * kTY;
-        if (mu < m_end) {
-          xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + mu * C + c0);
-          if constexpr (MODE == Mode::kDpre) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + mu * C + c0);
-        }
+      for (int v = 0; v < VEC; ++v) {
+        apply<T, MODE>(p, q[v], xi.v[v], MODE == Mode::kDpre ? gi.v[v] : xi.v[v], yo.v[v], a1[v], a2[v]);
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t mu = m + u * kTY;
-        if (mu < m_end) {
-          Pack<T, VEC> yo;
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            apply<T, MODE>(p, q[v], xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], a1[v],
-                           a2[v]);
-          }
-          if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + mu * C + c0) = yo;
-        }
-      }
+      if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + off) = yo;
     }
   }
 
@@ -261,36 +247,23 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
   T* outp = static_cast<T*>(p.out);
   const bool wr = writes_out<MODE>(p);
 
-  // kUnroll vectors in flight per thread: positions qv + u*kThreads, u < kUnroll.
-  for (; qv < qv_end; qv += kThreads * kUnroll) {
-    int64_t off[kUnroll];
-    Pack<T, VEC> xi[kUnroll], gi[kUnroll];
+  for (; qv < qv_end; qv += kThreads) {
+    const int64_t off = (n * p.C + c) * HW + hv * VEC;
+    const int64_t out_off = p.out_channel_major ? c * L + qv * VEC : off;
+    Pack<T, VEC> xi = *reinterpret_cast<const Pack<T, VEC>*>(in + off);
+    Pack<T, VEC> gi;
+    if constexpr (MODE == Mode::kDpre) gi = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
+    Pack<T, VEC> yo;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      off[u] = (n * p.C + c) * HW + hv * VEC;
-      if (qv + u * kThreads < qv_end) {
-        xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off[u]);
-        if constexpr (MODE == Mode::kDpre) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off[u]);
-      }
-      hv += dh;  // (n, hv) of the next position, kThreads vectors on
-      n += dn;
-      if (hv >= HWv) {
-        hv -= HWv;
-        ++n;
-      }
+    for (int v = 0; v < VEC; ++v) {
+      apply<T, MODE>(p, q, xi.v[v], MODE == Mode::kDpre ? gi.v[v] : xi.v[v], yo.v[v], a1, a2);
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t qu = qv + u * kThreads;
-      if (qu < qv_end) {
-        Pack<T, VEC> yo;
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          apply<T, MODE>(p, q, xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], a1, a2);
-        }
-        const int64_t out_off = p.out_channel_major ? c * L + qu * VEC : off[u];
-        if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
-      }
+    if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
+    hv += dh;
+    n += dn;
+    if (hv >= HWv) {
+      hv -= HWv;
+      ++n;
     }
   }
 
