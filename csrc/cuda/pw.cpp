@@ -1,0 +1,517 @@
+// CUDA entry points of the pointwise block (1x1 conv = GEMM), the patch-embedding stem
+// (non-overlapping p x p conv = GEMM) and the elementwise BatchNorm + activation ops.
+// Semantics: convmixer_kernels/torch_ops.py (the executable spec); schemas: csrc/ops.cpp.
+//
+// Design
+// ------
+// * The GEMM goes through ATen (cuBLAS / cuBLASLt) on views, into preallocated outputs:
+//     channels_last: s viewed as the row-major (M, C_in) matrix, M = N*H*W, pre (M, C_out) =
+//       s @ W^T + bias with at::addmm (bias broadcast over rows: cuBLASLt's bias epilogue);
+//     NCHW: per image pre_n (C_out x HW) = W (C_out x C_in) @ s_n (C_in x HW), one at::bmm on the
+//       (N, C_in, HW) view with W expanded over the batch (stride 0, no copy).
+//   Why not a fused GEMM of our own: cuBLASLt's GELU epilogue is the tanh approximation and it has
+//   no BatchNorm-statistics epilogue; CUTLASS epilogue visitors would blow the build-time budget.
+//   So one light per-channel pass follows the GEMM and reads its output once:
+//     pw_fwd/stem_fwd: y = bn_act(pre) in place over the GEMM output;
+//     *_gemm_stats: shifted per-channel sums of u in per-block partials, reduced in a fixed order.
+// * Rounding.  The GEMM computes in the storage dtype with fp32 accumulation and rounds its output
+//   once to storage.  channels_last: the bias rides in the GEMM epilogue, pre = round(acc + bias),
+//   with the bias itself rounded to storage first (at::addmm wants one dtype; exact in fp32).
+//   NCHW: cuBLASLt has no per-row bias for that orientation (and baddbmm would first copy the
+//   broadcast bias through memory), so pre = round(round(acc) + bias) in the pass after the GEMM.
+//   Both are within one storage ulp of the spec's round(acc + bias); everything downstream
+//   (stats, act, backward) uses that pre exactly as stored.  An fp32 GEMM output (mm with
+//   out_dtype) would match the spec bit for bit but doubles the traffic of the pass after it.
+// * pw with t: s = round(x + t) is materialized by one elementwise ATen add (the fused depthwise
+//   kernel's residual epilogue is the place to avoid that pass in ConvMixer); pw_bwd recomputes it.
+// * Backward: dpre (the bn_act_bwd formula, rounded to storage: the GEMM operand) and the
+//   per-channel dbias partials come from one pass; ds = dpre @ W and dW = dpre^T @ s are ATen GEMMs.
+//   NCHW: dpre is written channel-major (C_out, N*HW) and s is copied once into (C_in, N*HW), so
+//   dW is a single GEMM over K = N*H*W (a per-image sum would need fp32 partials of size N*C_out*C_in).
+// * Stem: im2col of the non-overlapping patches is a strided ATen copy into (M, C_img*p*p) (a pure
+//   permutation, remainder rows/cols dropped); stem_bwd's dx is the inverse copy of dpre @ W plus
+//   zeros beyond the last full patch.
+// * Every launch on the current stream (ATen's ops too), no host sync, no cudaMalloc (workspaces
+//   are ATen tensors), no float atomics (bitwise deterministic on a given GPU; the partition of
+//   the reductions depends on shapes only), 64-bit indexing in the kernels.
+// * cuBLAS fp32 GEMMs use TF32 only if torch.backends.cuda.matmul.allow_tf32 is set (off by
+//   default); fp16/bf16 GEMMs follow torch's reduced-precision-reduction settings.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "pw.cuh"
+
+namespace convmixer_kernels {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
+
+// ------------------------------------------------------------------------------------------------
+// Checks.
+
+at::MemoryFormat fmt_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
+
+pw::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return pw::DType::kFloat;
+    case at::kHalf:
+      return pw::DType::kHalf;
+    case at::kBFloat16:
+      return pw::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "convmixer_kernels CUDA: unsupported dtype ", t.scalar_type());
+  }
+  return pw::DType::kFloat;  // unreachable
+}
+
+// The tensor that fixes device, dtype and memory format of an op (x, or pre for the elementwise
+// ops): 4-D, on CUDA, fp32/fp16/bf16 (no fp64 on CUDA), NCHW- or channels_last-contiguous.
+bool check_anchor(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got a tensor on ", t.device());
+  check_storage_dtype(t, name, /*allow_double=*/false);
+  return is_channels_last(t, name);
+}
+
+// An activation-shaped tensor: `sizes`, the anchor's device and dtype, the anchor's memory format.
+void check_act_tensor(const Tensor& t, const char* name, const Tensor& anchor, at::IntArrayRef sizes, bool cl) {
+  check_device(t, name, anchor.device());
+  TORCH_CHECK(t.scalar_type() == anchor.scalar_type(), name, ": expected dtype ", anchor.scalar_type(),
+              " (the dtype of x), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(fmt_of(cl)), name, ": expected the memory format of x (",
+              cl ? "channels_last" : "NCHW-contiguous", "), got strides ", t.strides());
+}
+
+// A per-channel vector of C float32 values on the anchor's device.
+void check_cvec(const Tensor& t, const char* name, const Tensor& anchor, int64_t C) {
+  check_device(t, name, anchor.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, name, ": expected shape (", C, ",) (one value per output channel), got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+void check_opt_cvec(const OptTensor& t, const char* name, const Tensor& anchor, int64_t C) {
+  if (t.has_value()) check_cvec(*t, name, anchor, C);
+}
+
+// GEMM weight in the storage dtype of x: (C_out, C_in, 1, 1) for pw (p == 1), (C_out, C_img, p, p)
+// for the stem (p == 0: any square p).  Any strides (it is small; reshaped to (C_out, K) below).
+void check_gemm_weight(const Tensor& w, const Tensor& x, bool stem) {
+  check_device(w, "weight", x.device());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight: expected dtype ", x.scalar_type(),
+              " (the dtype of x), got ", w.scalar_type());
+  if (stem) {
+    TORCH_CHECK(w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == w.size(3) && w.size(2) >= 1,
+                "weight: expected shape (C_out, C_img, p, p) with C_img = ", x.size(1),
+                " (channels of x), got ", w.sizes());
+  } else {
+    TORCH_CHECK(w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == 1 && w.size(3) == 1,
+                "weight: expected shape (C_out, C_in, 1, 1) with C_in = ", x.size(1), " (channels of x), got ",
+                w.sizes());
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Passes.
+
+pw::ChannelParams channel_params(const Tensor& like, bool cl, int64_t act, bool act_first) {
+  pw::ChannelParams p;
+  p.N = like.size(0);
+  p.C = like.size(1);
+  p.HW = like.size(2) * like.size(3);
+  p.cl = cl;
+  p.act = static_cast<int>(act);
+  p.act_first = act_first;
+  const auto plan = pw::plan_channels(p.N, p.C, p.HW, cl);
+  p.chunk = plan.chunk;
+  p.R = plan.R;
+  return p;
+}
+
+const float* fptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// out = bn_act(in [+ bias]) (out may be in).
+void run_bn_act(const Tensor& in, Tensor& out, const OptTensor& bias, const Tensor& scale, const Tensor& shift,
+                int64_t act, bool act_first, bool cl) {
+  if (in.numel() == 0) return;
+  auto p = channel_params(in, cl, act, act_first);
+  p.in = in.data_ptr();
+  p.out = out.data_ptr();
+  p.bias = fptr(bias);
+  p.scale = scale.data_ptr<float>();
+  p.shift = shift.data_ptr<float>();
+  pw::launch_bn_act(p, dtype_of(in), c10::cuda::getCurrentCUDAStream().stream());
+}
+
+// mean/var of u over (N, H, W); pre = pre [+ bias, rounded] in place.
+void run_stats(Tensor& pre, const OptTensor& bias, int64_t act, bool act_first, bool cl, Tensor& mean, Tensor& var) {
+  if (pre.size(1) == 0) return;
+  if (pre.numel() == 0) {  // no positions: the mean of nothing, as torch
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
+  auto p = channel_params(pre, cl, act, act_first);
+  const auto fopts = pre.options().dtype(at::kFloat);
+  Tensor shift_k = at::empty({p.C}, fopts);
+  Tensor partial = at::empty({p.R * 2 * p.C}, fopts);
+  p.in = pre.data_ptr();
+  p.out = bias.has_value() ? pre.data_ptr() : nullptr;
+  p.bias = fptr(bias);
+  p.shift_k = shift_k.data_ptr<float>();
+  p.partial = partial.data_ptr<float>();
+  pw::launch_stats(p, dtype_of(pre), mean.data_ptr<float>(), var.data_ptr<float>(),
+                   c10::cuda::getCurrentCUDAStream().stream());
+}
+
+// out = dpre (pre's layout, or channel-major (C, N*HW) when channel_major); dsum = sum of dpre.
+void run_dpre(const Tensor& dy, const Tensor& pre, Tensor& out, bool channel_major, const Tensor& scale,
+              const Tensor& shift, const Tensor& mean, const Tensor& ca, const Tensor& cb, const Tensor& cd,
+              int64_t act, bool act_first, bool cl, Tensor* dsum) {
+  if (pre.numel() == 0) {
+    if (dsum != nullptr) dsum->zero_();
+    return;
+  }
+  auto p = channel_params(pre, cl, act, act_first);
+  Tensor partial;
+  if (dsum != nullptr) partial = at::empty({p.R * p.C}, pre.options().dtype(at::kFloat));
+  p.in = pre.data_ptr();
+  p.dy = dy.data_ptr();
+  p.out = out.data_ptr();
+  p.out_channel_major = channel_major;
+  p.scale = scale.data_ptr<float>();
+  p.shift = shift.data_ptr<float>();
+  p.mean = mean.data_ptr<float>();
+  p.ca = ca.data_ptr<float>();
+  p.cb = cb.data_ptr<float>();
+  p.cd = cd.data_ptr<float>();
+  p.partial = dsum != nullptr ? partial.data_ptr<float>() : nullptr;
+  pw::launch_dpre(p, dtype_of(pre), dsum != nullptr ? dsum->data_ptr<float>() : nullptr,
+                  c10::cuda::getCurrentCUDAStream().stream());
+}
+
+// ------------------------------------------------------------------------------------------------
+// GEMMs.
+
+// (N, C, h, w) in layout cl as the row-major (N*h*w, C) matrix (channels_last only).
+Tensor rows_view(const Tensor& t) {
+  return t.permute({0, 2, 3, 1}).view({t.size(0) * t.size(2) * t.size(3), t.size(1)});
+}
+
+// out (N, C_out, h, w) = conv of the GEMM operand with w2d (C_out, K) [+ bias].  The operand is
+// a_rows (M, K), M = N*h*w, for channels_last, and a_batched (N, K, h*w) for NCHW.
+// Returns whether the bias is still to be added (NCHW).
+bool gemm_fwd(Tensor& out, const Tensor& a_rows, const Tensor& a_batched, const Tensor& w2d, const OptTensor& bias,
+              bool cl) {
+  if (cl) {
+    Tensor o2d = rows_view(out);
+    if (bias.has_value()) {
+      at::addmm_out(o2d, bias->to(out.scalar_type()), a_rows, w2d.t());
+    } else {
+      at::mm_out(o2d, a_rows, w2d.t());
+    }
+    return false;
+  }
+  const int64_t N = out.size(0), C_out = out.size(1);
+  Tensor o3 = out.view({N, C_out, out.size(2) * out.size(3)});
+  at::bmm_out(o3, w2d.expand({N, C_out, w2d.size(1)}), a_batched);
+  return bias.has_value();
+}
+
+// s = x, or round(x + t) in x's layout.
+Tensor pw_input(const Tensor& x, const OptTensor& t, bool cl) {
+  if (!t.has_value()) return x;
+  Tensor s = at::empty(x.sizes(), x.options().memory_format(fmt_of(cl)));
+  at::add_out(s, x, *t);
+  return s;
+}
+
+// Non-overlapping p x p patches of x as the row-major (N*Ho*Wo, C*p*p) matrix, columns in the
+// order of weight.view(C_out, C*p*p): (c, ky, kx).
+Tensor im2col(const Tensor& x, int64_t p, int64_t Ho, int64_t Wo) {
+  const int64_t N = x.size(0), C = x.size(1);
+  Tensor P = at::empty({N * Ho * Wo, C * p * p}, x.options());
+  const auto s = x.strides();
+  Tensor src = x.as_strided({N, Ho, Wo, C, p, p}, {s[0], s[2] * p, s[3] * p, s[1], s[2], s[3]}, x.storage_offset());
+  P.view({N, Ho, Wo, C, p, p}).copy_(src);
+  return P;
+}
+
+// dpre of an output (N, C_out, h, w) for the weight GEMM: returns (dpre_rows (M, C_out) view or
+// undefined, dpre_cm (C_out, M) or undefined): channels_last keeps dy's layout, NCHW goes
+// channel-major.  dbias gets the per-channel sum.
+std::pair<Tensor, Tensor> dpre_for_gemm(const Tensor& dy, const Tensor& pre, const Tensor& scale, const Tensor& shift,
+                                        const Tensor& mean, const Tensor& ca, const Tensor& cb, const Tensor& cd,
+                                        int64_t act, bool act_first, bool cl, Tensor& dbias) {
+  if (cl) {
+    Tensor dpre = at::empty(pre.sizes(), pre.options().memory_format(at::MemoryFormat::ChannelsLast));
+    run_dpre(dy, pre, dpre, false, scale, shift, mean, ca, cb, cd, act, act_first, cl, &dbias);
+    return {rows_view(dpre), Tensor()};
+  }
+  const int64_t M = pre.size(0) * pre.size(2) * pre.size(3);
+  Tensor dpre_cm = at::empty({pre.size(1), M}, pre.options());
+  run_dpre(dy, pre, dpre_cm, true, scale, shift, mean, ca, cb, cd, act, act_first, cl, &dbias);
+  return {Tensor(), dpre_cm};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ops.
+
+Tensor3 pw_gemm_stats_cuda(const Tensor& x, const OptTensor& t, const Tensor& weight, const OptTensor& bias,
+                           int64_t act, bool act_first) {
+  const bool cl = check_anchor(x, "x");
+  if (t.has_value()) check_act_tensor(*t, "t", x, x.sizes(), cl);
+  check_gemm_weight(weight, x, false);
+  const int64_t C_out = weight.size(0);
+  check_opt_cvec(bias, "bias", x, C_out);
+  check_act(act);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
+  const auto fopts = x.options().dtype(at::kFloat);
+  Tensor pre = new_output({N, C_out, H, W}, x.options(), fmt_of(cl));
+  Tensor mean = new_output({C_out}, fopts), var = new_output({C_out}, fopts);
+  const Tensor s = pw_input(x, t, cl);
+  const Tensor w2d = weight.reshape({C_out, C_in});
+  const bool bias_left = gemm_fwd(pre, cl ? rows_view(s) : Tensor(), cl ? Tensor() : s.view({N, C_in, H * W}), w2d,
+                                  bias, cl);
+  run_stats(pre, bias_left ? bias : OptTensor(), act, act_first, cl, mean, var);
+  return {pre, mean, var};
+}
+
+Tensor pw_fwd_cuda(const Tensor& x, const OptTensor& t, const Tensor& weight, const OptTensor& bias,
+                   const Tensor& scale, const Tensor& shift, int64_t act, bool act_first) {
+  const bool cl = check_anchor(x, "x");
+  if (t.has_value()) check_act_tensor(*t, "t", x, x.sizes(), cl);
+  check_gemm_weight(weight, x, false);
+  const int64_t C_out = weight.size(0);
+  check_opt_cvec(bias, "bias", x, C_out);
+  check_cvec(scale, "scale", x, C_out);
+  check_cvec(shift, "shift", x, C_out);
+  check_act(act);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
+  Tensor y = new_output({N, C_out, H, W}, x.options(), fmt_of(cl));
+  const Tensor s = pw_input(x, t, cl);
+  const Tensor w2d = weight.reshape({C_out, C_in});
+  const bool bias_left = gemm_fwd(y, cl ? rows_view(s) : Tensor(), cl ? Tensor() : s.view({N, C_in, H * W}), w2d,
+                                  bias, cl);
+  run_bn_act(y, y, bias_left ? bias : OptTensor(), scale, shift, act, act_first, cl);
+  return y;
+}
+
+Tensor3 pw_bwd_cuda(const Tensor& dy, const Tensor& x, const OptTensor& t, const Tensor& pre, const Tensor& weight,
+                    const Tensor& scale, const Tensor& shift, const Tensor& mean, const Tensor& ca, const Tensor& cb,
+                    const Tensor& cd, int64_t act, bool act_first) {
+  const bool cl = check_anchor(x, "x");
+  if (t.has_value()) check_act_tensor(*t, "t", x, x.sizes(), cl);
+  check_gemm_weight(weight, x, false);
+  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3), C_out = weight.size(0);
+  const std::vector<int64_t> out_sizes{N, C_out, H, W};
+  check_act_tensor(dy, "dy", x, out_sizes, cl);
+  check_act_tensor(pre, "pre", x, out_sizes, cl);
+  check_cvec(scale, "scale", x, C_out);
+  check_cvec(shift, "shift", x, C_out);
+  check_cvec(mean, "mean", x, C_out);
+  check_cvec(ca, "ca", x, C_out);
+  check_cvec(cb, "cb", x, C_out);
+  check_cvec(cd, "cd", x, C_out);
+  check_act(act);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t HW = H * W, M = N * HW;
+  Tensor ds = new_output(x.sizes(), x.options(), fmt_of(cl));
+  Tensor dweight = new_output(weight.sizes(), x.options());
+  Tensor dbias = new_output({C_out}, x.options().dtype(at::kFloat));
+  const Tensor w2d = weight.reshape({C_out, C_in});
+  Tensor dw2d = dweight.view({C_out, C_in});
+  auto [dpre_rows, dpre_cm] = dpre_for_gemm(dy, pre, scale, shift, mean, ca, cb, cd, act, act_first, cl, dbias);
+  if (cl) {
+    Tensor ds2d = rows_view(ds);
+    at::mm_out(ds2d, dpre_rows, w2d);
+    const Tensor s = pw_input(x, t, cl);
+    at::mm_out(dw2d, dpre_rows.t(), rows_view(s));
+  } else {
+    // ds_n = W^T (C_in x C_out) @ dpre_n (C_out x HW); dpre_n is a strided slice of the
+    // channel-major dpre: (N, C_out, HW) with strides (HW, M, 1).
+    Tensor ds3 = ds.view({N, C_in, HW});
+    at::bmm_out(ds3, w2d.t().expand({N, C_in, C_out}), dpre_cm.view({C_out, N, HW}).permute({1, 0, 2}));
+    // s channel-major (C_in, M): dW = dpre_cm (C_out x M) @ s_cm^T (M x C_in), one GEMM over M.
+    Tensor s_cm = at::empty({C_in, N, HW}, x.options());
+    Tensor s_view = s_cm.permute({1, 0, 2});
+    if (t.has_value()) {
+      at::add_out(s_view, x.view({N, C_in, HW}), t->view({N, C_in, HW}));
+    } else {
+      s_view.copy_(x.view({N, C_in, HW}));
+    }
+    at::mm_out(dw2d, dpre_cm, s_cm.view({C_in, M}).t());
+  }
+  return {ds, dweight, dbias};
+}
+
+struct StemGeo {
+  int64_t N, C_img, H, W, C_out, p, Ho, Wo, M, K;
+};
+
+StemGeo stem_geo(const Tensor& x, const Tensor& weight) {
+  StemGeo g;
+  g.N = x.size(0);
+  g.C_img = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.C_out = weight.size(0);
+  g.p = weight.size(2);
+  g.Ho = g.H / g.p;
+  g.Wo = g.W / g.p;
+  g.M = g.N * g.Ho * g.Wo;
+  g.K = g.C_img * g.p * g.p;
+  return g;
+}
+
+// pre-shaped stem GEMM into out (N, C_out, Ho, Wo); returns whether the bias is still to be added.
+bool stem_gemm(Tensor& out, const Tensor& x, const Tensor& weight, const OptTensor& bias, const StemGeo& g, bool cl) {
+  if (g.M == 0) return false;
+  const Tensor P = im2col(x, g.p, g.Ho, g.Wo);
+  const Tensor w2d = weight.reshape({g.C_out, g.K});
+  return gemm_fwd(out, P, cl ? Tensor() : P.view({g.N, g.Ho * g.Wo, g.K}).transpose(1, 2), w2d, bias, cl);
+}
+
+Tensor3 stem_gemm_stats_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t act,
+                             bool act_first) {
+  const bool cl = check_anchor(x, "x");
+  check_gemm_weight(weight, x, true);
+  const StemGeo g = stem_geo(x, weight);
+  check_opt_cvec(bias, "bias", x, g.C_out);
+  check_act(act);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fopts = x.options().dtype(at::kFloat);
+  Tensor pre = new_output({g.N, g.C_out, g.Ho, g.Wo}, x.options(), fmt_of(cl));
+  Tensor mean = new_output({g.C_out}, fopts), var = new_output({g.C_out}, fopts);
+  const bool bias_left = stem_gemm(pre, x, weight, bias, g, cl);
+  run_stats(pre, bias_left ? bias : OptTensor(), act, act_first, cl, mean, var);
+  return {pre, mean, var};
+}
+
+Tensor stem_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& scale,
+                     const Tensor& shift, int64_t act, bool act_first) {
+  const bool cl = check_anchor(x, "x");
+  check_gemm_weight(weight, x, true);
+  const StemGeo g = stem_geo(x, weight);
+  check_opt_cvec(bias, "bias", x, g.C_out);
+  check_cvec(scale, "scale", x, g.C_out);
+  check_cvec(shift, "shift", x, g.C_out);
+  check_act(act);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = new_output({g.N, g.C_out, g.Ho, g.Wo}, x.options(), fmt_of(cl));
+  const bool bias_left = stem_gemm(y, x, weight, bias, g, cl);
+  run_bn_act(y, y, bias_left ? bias : OptTensor(), scale, shift, act, act_first, cl);
+  return y;
+}
+
+Tensor3 stem_bwd_cuda(const Tensor& dy, const Tensor& x, const Tensor& pre, const Tensor& weight, const Tensor& scale,
+                      const Tensor& shift, const Tensor& mean, const Tensor& ca, const Tensor& cb, const Tensor& cd,
+                      int64_t act, bool act_first, bool need_dx) {
+  const bool cl = check_anchor(x, "x");
+  check_gemm_weight(weight, x, true);
+  const StemGeo g = stem_geo(x, weight);
+  const std::vector<int64_t> out_sizes{g.N, g.C_out, g.Ho, g.Wo};
+  check_act_tensor(dy, "dy", x, out_sizes, cl);
+  check_act_tensor(pre, "pre", x, out_sizes, cl);
+  check_cvec(scale, "scale", x, g.C_out);
+  check_cvec(shift, "shift", x, g.C_out);
+  check_cvec(mean, "mean", x, g.C_out);
+  check_cvec(ca, "ca", x, g.C_out);
+  check_cvec(cb, "cb", x, g.C_out);
+  check_cvec(cd, "cd", x, g.C_out);
+  check_act(act);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor dweight = new_output(weight.sizes(), x.options());
+  Tensor dbias = new_output({g.C_out}, x.options().dtype(at::kFloat));
+  Tensor dx = need_dx ? new_output(x.sizes(), x.options(), fmt_of(cl)) : new_output({0}, x.options());
+  if (g.M == 0) {
+    dweight.zero_();
+    dbias.zero_();
+    if (need_dx) dx.zero_();
+    return {dx, dweight, dbias};
+  }
+  auto [dpre_rows, dpre_cm] = dpre_for_gemm(dy, pre, scale, shift, mean, ca, cb, cd, act, act_first, cl, dbias);
+  // dpre as the (M, C_out) matrix and its transpose, whichever layout it was written in.
+  const Tensor dpre_m = cl ? dpre_rows : dpre_cm.t();
+  const Tensor dpre_t = cl ? dpre_rows.t() : dpre_cm;
+  const Tensor P = im2col(x, g.p, g.Ho, g.Wo);
+  Tensor dw2d = dweight.view({g.C_out, g.K});
+  at::mm_out(dw2d, dpre_t, P);
+  if (need_dx) {
+    Tensor dP = at::empty({g.M, g.K}, x.options());
+    at::mm_out(dP, dpre_m, weight.reshape({g.C_out, g.K}));
+    const auto s = dx.strides();
+    dx.as_strided({g.N, g.Ho, g.Wo, g.C_img, g.p, g.p}, {s[0], s[2] * g.p, s[3] * g.p, s[1], s[2], s[3]},
+                  dx.storage_offset())
+        .copy_(dP.view({g.N, g.Ho, g.Wo, g.C_img, g.p, g.p}));
+    // The conv never saw the pixels beyond the last full patch: zero gradient.
+    if (g.H > g.Ho * g.p) dx.narrow(2, g.Ho * g.p, g.H - g.Ho * g.p).zero_();
+    if (g.W > g.Wo * g.p) dx.narrow(2, 0, g.Ho * g.p).narrow(3, g.Wo * g.p, g.W - g.Wo * g.p).zero_();
+  }
+  return {dx, dweight, dbias};
+}
+
+Tensor bn_act_fwd_cuda(const Tensor& pre, const Tensor& scale, const Tensor& shift, int64_t act, bool act_first) {
+  const bool cl = check_anchor(pre, "pre");
+  const int64_t C = pre.size(1);
+  check_cvec(scale, "scale", pre, C);
+  check_cvec(shift, "shift", pre, C);
+  check_act(act);
+  const c10::cuda::CUDAGuard guard(pre.device());
+  Tensor y = new_output(pre.sizes(), pre.options(), fmt_of(cl));
+  run_bn_act(pre, y, OptTensor(), scale, shift, act, act_first, cl);
+  return y;
+}
+
+Tensor bn_act_bwd_cuda(const Tensor& dy, const Tensor& pre, const Tensor& scale, const Tensor& shift,
+                       const Tensor& mean, const Tensor& ca, const Tensor& cb, const Tensor& cd, int64_t act,
+                       bool act_first) {
+  const bool cl = check_anchor(pre, "pre");
+  check_act_tensor(dy, "dy", pre, pre.sizes(), cl);
+  const int64_t C = pre.size(1);
+  check_cvec(scale, "scale", pre, C);
+  check_cvec(shift, "shift", pre, C);
+  check_cvec(mean, "mean", pre, C);
+  check_cvec(ca, "ca", pre, C);
+  check_cvec(cb, "cb", pre, C);
+  check_cvec(cd, "cd", pre, C);
+  check_act(act);
+  const c10::cuda::CUDAGuard guard(pre.device());
+  Tensor dpre = new_output(pre.sizes(), pre.options(), fmt_of(cl));
+  run_dpre(dy, pre, dpre, false, scale, shift, mean, ca, cb, cd, act, act_first, cl, nullptr);
+  return dpre;
+}
+
+}  // namespace
+}  // namespace convmixer_kernels
+
+TORCH_LIBRARY_IMPL(convmixer_kernels, CUDA, m) {
+  using namespace convmixer_kernels;
+  m.impl("pw_gemm_stats", &pw_gemm_stats_cuda);
+  m.impl("pw_fwd", &pw_fwd_cuda);
+  m.impl("pw_bwd", &pw_bwd_cuda);
+  m.impl("stem_gemm_stats", &stem_gemm_stats_cuda);
+  m.impl("stem_fwd", &stem_fwd_cuda);
+  m.impl("stem_bwd", &stem_bwd_cuda);
+  m.impl("bn_act_fwd", &bn_act_fwd_cuda);
+  m.impl("bn_act_bwd", &bn_act_bwd_cuda);
+}

@@ -1,0 +1,157 @@
+"""CUDA kernels of the pointwise / stem / elementwise-BN ops, op by op against torch_ops (the spec).
+
+Shapes break every tiling: C_in=37 -> C_out=53 with H*W = 35 (the scalar paths), 64 -> 64 with
+H*W = 64 (the 16-byte vector paths of both layouts), and a larger case that splits each channel
+over several blocks.  Outputs start as NaN (poison), so an element a kernel forgets fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convmixer_kernels import _ext, torch_ops
+from pw_op_cases import check_bn_act_ops, check_pw_ops, check_stem_ops, make_pw_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.skipif(not _ext.built_with_cuda(), reason="extension built without CUDA kernels"),
+]
+
+OPS = torch.ops.convmixer_kernels
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="cl")]
+ACTS = [pytest.param(a, id=n) for n, a in torch_ops.ACTIVATIONS.items()]
+ORDERS = [pytest.param(True, id="act_first"), pytest.param(False, id="bn_first")]
+# (N, C_in, C_out, H, W)
+PW_SHAPES = [pytest.param((2, 37, 53, 5, 7), id="odd"), pytest.param((2, 64, 64, 8, 8), id="vec")]
+
+
+@pytest.fixture(autouse=True)
+def _fp32_gemm_without_tf32():
+    assert not torch.backends.cuda.matmul.allow_tf32, "the fp32 tolerances assume IEEE fp32 GEMMs"
+
+
+@pytest.mark.parametrize("shape", PW_SHAPES)
+@pytest.mark.parametrize("act_first", ORDERS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("cl", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pw_ops(poison, dtype, cl, act, act_first, shape):
+    inp = make_pw_inputs(*shape, dtype, "cuda", channels_last=cl, residual=True, seed=act)
+    check_pw_ops(OPS, inp, act, act_first, dtype, cl)
+
+
+@pytest.mark.parametrize("residual,bias", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("shape", PW_SHAPES + [pytest.param((3, 24, 40, 17, 23), id="multi_block"),
+                                               pytest.param((4, 32, 48, 32, 32), id="multi_chunk")])
+@pytest.mark.parametrize("cl", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pw_ops_options(poison, dtype, cl, shape, residual, bias):
+    inp = make_pw_inputs(*shape, dtype, "cuda", channels_last=cl, residual=residual, bias=bias, seed=1)
+    check_pw_ops(OPS, inp, 2, True, dtype, cl)
+    check_pw_ops(OPS, inp, 1, False, dtype, cl)
+
+
+@pytest.mark.parametrize("p,hw", [(2, (9, 7)), (7, (17, 16)), (14, (30, 29)), (4, (32, 32))])
+@pytest.mark.parametrize("act,act_first", [(2, True), (4, False), (0, True)])
+@pytest.mark.parametrize("cl", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stem_ops(poison, dtype, cl, act, act_first, p, hw):
+    c_out = 53 if p == 7 else 64
+    inp = make_pw_inputs(2, 3, c_out, *hw, dtype, "cuda", channels_last=cl, stem_p=p, seed=p)
+    check_stem_ops(OPS, inp, act, act_first, dtype, cl, need_dx=True)
+
+
+@pytest.mark.parametrize("cl", LAYOUTS)
+def test_stem_without_dx_and_without_bias(poison, cl):
+    inp = make_pw_inputs(2, 3, 48, 17, 16, torch.bfloat16, "cuda", channels_last=cl, bias=False, stem_p=7)
+    check_stem_ops(OPS, inp, 3, False, torch.bfloat16, cl, need_dx=False)
+    dx = OPS.stem_bwd(*[inp[k] for k in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")],
+                      3, False, False)[0]
+    assert dx.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_act_unaligned_storage(poison, dtype):
+    """pre/dy starting one element into their storage: the launchers must fall back to scalar access."""
+    inp = make_pw_inputs(2, 64, 64, 8, 8, dtype, "cuda")
+    for k in ("pre", "dy"):
+        buf = torch.empty(inp[k].numel() + 1, dtype=dtype, device="cuda")
+        view = buf[1:].view(inp[k].shape)
+        view.copy_(inp[k])
+        assert view.data_ptr() % 16 != 0
+        inp[k] = view
+    for act in range(5):
+        check_bn_act_ops(OPS, inp, act, act % 2 == 0, dtype, False)
+
+
+@pytest.mark.parametrize("cl", LAYOUTS)
+def test_deterministic(cl):
+    inp = make_pw_inputs(4, 96, 128, 24, 20, torch.bfloat16, "cuda", channels_last=cl, residual=True, seed=3)
+    n_stats = ("x", "t", "weight", "bias")
+    n_bwd = ("dy", "x", "t", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")
+    runs = []
+    for _ in range(2):
+        out = OPS.pw_gemm_stats(*[inp[k] for k in n_stats], 2, True)
+        out += OPS.pw_bwd(*[inp[k] for k in n_bwd], 2, True)
+        runs.append(out)
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"output {i} differs between two runs"
+
+
+def _pw_args(cl=False, **over):
+    inp = make_pw_inputs(2, 8, 6, 5, 5, torch.float32, "cuda", channels_last=cl, residual=True)
+    inp.update(over)
+    return inp
+
+
+def test_bad_inputs():
+    inp = _pw_args()
+    stats = lambda d, act=2: OPS.pw_gemm_stats(d["x"], d["t"], d["weight"], d["bias"], act, True)  # noqa: E731
+    with pytest.raises(RuntimeError, match="weight: expected a tensor on cuda"):
+        stats({**inp, "weight": inp["weight"].cpu()})
+    with pytest.raises(RuntimeError, match="bias: expected a tensor on cuda"):
+        stats({**inp, "bias": inp["bias"].cpu()})
+    with pytest.raises(RuntimeError, match="x: expected a CUDA tensor"):
+        stats({**inp, "x": inp["x"].cpu()})
+    with pytest.raises(RuntimeError, match="x: expected dtype float32, float16 or bfloat16"):
+        stats({**inp, "x": inp["x"].double(), "t": None, "weight": inp["weight"].double()})
+    with pytest.raises(RuntimeError, match="weight: expected dtype"):
+        stats({**inp, "weight": inp["weight"].half()})
+    with pytest.raises(RuntimeError, match="weight: expected shape"):
+        stats({**inp, "weight": inp["weight"][:, :4]})
+    with pytest.raises(RuntimeError, match="bias: expected shape"):
+        stats({**inp, "bias": inp["bias"][:5]})
+    with pytest.raises(RuntimeError, match="bias: expected dtype float32"):
+        stats({**inp, "bias": inp["bias"].half()})
+    with pytest.raises(RuntimeError, match="t: expected shape"):
+        stats({**inp, "t": inp["t"][:1]})
+    with pytest.raises(RuntimeError, match="t: expected the memory format of x"):
+        stats({**inp, "t": inp["t"].contiguous(memory_format=torch.channels_last)})
+    with pytest.raises(RuntimeError, match="x: expected an NCHW-contiguous or channels_last-contiguous"):
+        stats({**inp, "x": inp["x"].transpose(2, 3), "t": None})
+    with pytest.raises(RuntimeError, match="act: expected an activation code"):
+        stats(inp, act=7)
+    with pytest.raises(RuntimeError, match="scale: expected shape"):
+        OPS.pw_fwd(inp["x"], None, inp["weight"], None, inp["scale"][:3], inp["shift"], 1, True)
+    bwd = ("dy", "x", "t", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")
+    args = [inp[k] for k in bwd]
+    args[0] = inp["dy"].contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="dy: expected the memory format of x"):
+        OPS.pw_bwd(*args, 1, True)
+    with pytest.raises(RuntimeError, match="pre: expected shape"):
+        OPS.pw_bwd(*[inp[k] if k != "pre" else inp["x"] for k in bwd], 1, True)
+    with pytest.raises(RuntimeError, match="cd: expected a tensor on cuda"):
+        OPS.pw_bwd(*[inp[k] if k != "cd" else inp["cd"].cpu() for k in bwd], 1, True)
+    with pytest.raises(RuntimeError, match="dy: expected dtype"):
+        OPS.bn_act_bwd(inp["dy"].half(), inp["pre"], *[inp[k] for k in ("scale", "shift", "mean", "ca", "cb", "cd")],
+                       1, True)
+    with pytest.raises(RuntimeError, match="pre: expected a CUDA tensor"):
+        OPS.bn_act_fwd(inp["pre"].cpu(), inp["scale"], inp["shift"], 1, True)
+    sx = make_pw_inputs(1, 3, 4, 14, 14, torch.float32, "cuda", stem_p=7)
+    with pytest.raises(RuntimeError, match="weight: expected shape \\(C_out, C_img, p, p\\)"):
+        OPS.stem_fwd(sx["x"], sx["weight"][:, :, :, :3], None, sx["scale"], sx["shift"], 1, True)
+    with pytest.raises(RuntimeError, match="weight: expected shape \\(C_out, C_img, p, p\\)"):
+        OPS.stem_gemm_stats(sx["x"][:, :2], sx["weight"], None, 1, True)
