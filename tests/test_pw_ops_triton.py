@@ -40,9 +40,9 @@ PW_CASES = [
     (F32, True, 3, False, True, True, SQ),
     (BF16, False, 1, False, True, True, ODD),
     (BF16, True, 3, True, False, True, ODD),
-    (BF16, True, 2, True, True, False, (2, 64, 64, 4, 4)),   # CL rows 32: full tiles
+    (BF16, True, 2, True, True, False, SQ),
     (BF16, False, 0, True, False, True, (1, 37, 53, 5, 7)),
-    (F16, False, 4, True, False, False, (1, 64, 64, 8, 8)),  # every dimension a full tile
+    (F16, False, 4, True, False, False, SQ),
     (F16, True, 4, False, True, True, ODD),
     (F16, True, 1, True, True, True, (1, 64, 37, 3, 3)),
 ]

@@ -59,10 +59,9 @@ _GRID_AXIS_MAX = 65535
 # ----------------------------------------------------------------------------------------------
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8, maxnreg=None):
-    kw = {} if maxnreg is None else {"maxnreg": maxnreg}
+def _cfg(bm, bn, bk, warps, stages, group=8):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group}, num_warps=warps,
-                         num_stages=stages, **kw)
+                         num_stages=stages)
 
 
 if _INTERPRET:
@@ -71,21 +70,18 @@ if _INTERPRET:
     _WGRAD_GRANULE = 16          # pixels per split are a multiple of this
     _WGRAD_TARGET_PROGRAMS = 8   # small, but > 1 split on test shapes: exercises the reduction
 else:
-    # Measured on an H200 (bf16, K = 768): the epilogue (act, BN, stats) is CUDA-core work that is
-    # hidden only when two programs share an SM, so the 16-bit configs keep shared memory <= ~100 KB
-    # and registers <= 128 per thread (maxnreg) where the tile would allow one program per SM.
     _GEMM_CONFIGS = [
-        _cfg(64, 128, 64, 4, 4),
-        _cfg(128, 128, 64, 8, 3, maxnreg=128),
-        _cfg(128, 128, 64, 4, 3),
         _cfg(128, 256, 64, 8, 3),
-        _cfg(128, 128, 32, 8, 3),   # fp32 operands
+        _cfg(128, 128, 64, 8, 4),
+        _cfg(128, 128, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 128, 32, 8, 3),   # fits fp32 operands
         _cfg(64, 64, 32, 4, 3),     # small problems, fp32
     ]
     _WGRAD_CONFIGS = [
-        _cfg(128, 128, 64, 4, 4),
         _cfg(128, 128, 64, 8, 4),
-        _cfg(128, 64, 64, 4, 4),    # the stem's N = 3*p*p (147) wastes less of a 64-wide tile
+        _cfg(128, 128, 64, 4, 4),
+        _cfg(128, 256, 64, 8, 3),
         _cfg(128, 128, 32, 8, 3),
         _cfg(64, 64, 32, 4, 3),
     ]
@@ -96,19 +92,18 @@ _SMALL_GEMM = 1 << 24  # M*N*K below this: no autotuning, the last (smallest) co
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs that cannot help: fp32 operands take BK = 32 tiles (shared memory), 16-bit ones
-    BK = 64; small problems take the smallest config without benchmarking."""
+    """Drop configs that cannot help: fp32 operands need BK <= 32 tiles (shared memory); small
+    problems take the smallest config without benchmarking."""
     if len(configs) <= 1:
         return configs
     M, N, K = named_args["M"], named_args["N"], named_args["K"]
     if M * N * K < _SMALL_GEMM:
         return [configs[-1]]
     a = named_args.get("a_ptr")
-    if getattr(a, "dtype", None) == torch.float32:
-        keep = [c for c in configs if c.kwargs["BK"] <= 32]
-    else:
-        keep = [c for c in configs if c.kwargs["BK"] >= 64]
-    return keep or configs[-1:]
+    if a is not None and getattr(a, "dtype", None) == torch.float32:
+        fp32 = [c for c in configs if c.kwargs["BK"] <= 32]
+        return fp32 or configs[-1:]
+    return configs
 
 
 _MIN_BM = min(c.kwargs["BM"] for c in _GEMM_CONFIGS)
@@ -162,35 +157,9 @@ def _act_grad(v, act):
 
 
 @triton.jit
-def _act_fwd_grad(v, act):
-    """(act(v), act'(v)) sharing the transcendental (one erf / tanh / exp instead of two)."""
-    if act == 1:
-        r = tl.where(v > 0.0, v, 0.0)
-        g = tl.where(v > 0.0, 1.0, 0.0)
-    elif act == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
-        r = v * cdf
-        g = cdf + v * (tl.exp(-0.5 * v * v) * 0.3989422804014327)
-    elif act == 3:
-        k0 = 0.7978845608028654
-        k1 = 0.044715
-        th = _tanh(k0 * (v + k1 * v * v * v))
-        r = 0.5 * v * (1.0 + th)
-        g = 0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * k0 * (1.0 + 3.0 * k1 * v * v)
-    elif act == 4:
-        s = 1.0 / (1.0 + tl.exp(-v))
-        r = v * s
-        g = s * (1.0 + v * (1.0 - s))
-    else:
-        r = v
-        g = v * 0.0 + 1.0
-    return r, g
-
-
-@triton.jit
 def _bn_act(pre, scale, shift, act, act_first):
     """y = scale*act(pre)+shift (act_first) or act(scale*pre+shift)."""
-    if act_first != 0:
+    if act_first:
         y = scale * _act_fwd(pre, act) + shift
     else:
         y = _act_fwd(scale * pre + shift, act)
@@ -200,9 +169,9 @@ def _bn_act(pre, scale, shift, act, act_first):
 @triton.jit
 def _dpre(dy, pre, scale, shift, mean, ca, cb, cd, act, act_first):
     """The gradient at pre (see torch_ops.bn_act_bwd), float32."""
-    if act_first != 0:
-        a, da = _act_fwd_grad(pre, act)
-        d = (ca * dy + cb * (a - mean) + cd) * da
+    if act_first:
+        d = ca * dy + cb * (_act_fwd(pre, act) - mean) + cd
+        d = d * _act_grad(pre, act)
     else:
         g = dy * _act_grad(scale * pre + shift, act)
         d = ca * g + cb * (pre - mean) + cd
@@ -235,23 +204,6 @@ def _patch_col(k, Cimg, sC, sH, sW, P: tl.constexpr, C_FAST: tl.constexpr):
 
 
 @triton.jit
-def _load2(ptrs, row_ok, col_ok, ROWS_FULL: tl.constexpr, COLS_FULL: tl.constexpr):
-    """Load a 2-D tile, masking only the dimensions whose last tile is partial (a full tile needs
-    no predicate, and the offsets keep their contiguity for vectorized, pipelined copies)."""
-    if ROWS_FULL:
-        if COLS_FULL:
-            r = tl.load(ptrs)
-        else:
-            r = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
-    else:
-        if COLS_FULL:
-            r = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            r = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    return r
-
-
-@triton.jit
 def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Tile (m, n) of program pid, GROUP_M row-tiles at a time (L2 reuse of the B operand)."""
     width = GROUP_M * num_n
@@ -271,8 +223,6 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 @triton.autotune(configs=_GEMM_CONFIGS,
                  key=["M", "N", "K", "EPI", "HAS_T", "A_PATCH", "B_KPATCH", "B_JPATCH", "O_PATCH", "P"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BM"] == 0, "EVEN_N": lambda a: a["N"] % a["BN"] == 0,
-                    "EVEN_K": lambda a: a["K"] % a["BK"] == 0})
 @triton.jit(do_not_specialize=["act", "act_first"])
 def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm_ptr, wsv_ptr,
                  M, N, K, HWo, Wo, Cimg,
@@ -283,14 +233,12 @@ def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm
                  EPI: tl.constexpr, HAS_T: tl.constexpr, HAS_BIAS: tl.constexpr,
                  A_PATCH: tl.constexpr, B_KPATCH: tl.constexpr, B_JPATCH: tl.constexpr,
                  O_PATCH: tl.constexpr, P: tl.constexpr, C_FAST: tl.constexpr, IEEE: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """out[b, i, j] = sum_k A[b, i, k] * B[k, j], i < M pixel rows of batch b, j < N, k < K.
 
     A: plain (a_sb*b + a_sm*i + a_sk*k) or, A_PATCH, the stem's patches of x (a_sn.. strides).
     B: plain (b_sk*k + b_sj*j), B_KPATCH: k is a patch column of the weight (stem forward),
-    B_JPATCH: j is (stem dx).  Output: plain (o_sb, o_sm, o_sj) or O_PATCH (scatter to patches).
-    Loads are masked only along dimensions that the tile size does not divide (EVEN_*)."""
+    B_JPATCH: j is (stem dx).  Output: plain (o_sb, o_sm, o_sj) or O_PATCH (scatter to patches)."""
     pid = tl.program_id(0)
     bidx = tl.program_id(1).to(tl.int64)
     num_m = tl.cdiv(M, BM)
@@ -322,15 +270,16 @@ def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm
         else:
             a_col = kk.to(tl.int64) * a_sk
         a_off = a_row[:, None] + a_col[None, :]
-        a = _load2(a_ptr + a_off, m_ok, k_ok, EVEN_M, EVEN_K)
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         if HAS_T:
-            t = _load2(t_ptr + a_off, m_ok, k_ok, EVEN_M, EVEN_K)
+            t = tl.load(t_ptr + a_off, mask=a_mask, other=0.0)
             a = (a.to(tl.float32) + t.to(tl.float32)).to(a_ptr.dtype.element_ty)
         if B_KPATCH:
             b_row = _patch_col(kk, Cimg, b_sc, b_sh, b_sw, P, C_FAST)
         else:
             b_row = kk.to(tl.int64) * b_sk
-        b = _load2(b_ptr + b_row[:, None] + b_col[None, :], k_ok, n_ok, EVEN_K, EVEN_N)
+        b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -356,7 +305,7 @@ def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm
         tl.store(o_ptr + o_off, v, mask=o_mask)
     if EPI == 2:
         u = v.to(tl.float32)
-        if act_first != 0:
+        if act_first:
             u = _act_fwd(u, act)
         cnt = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
         mean_t = tl.sum(tl.where(m_ok[:, None], u, 0.0), axis=0) / cnt
@@ -374,16 +323,13 @@ def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm
 
 @triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "N", "K", "HAS_T", "B_PATCH", "P"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BM"] == 0, "EVEN_N": lambda a: a["N"] % a["BN"] == 0,
-                    "EVEN_PIX": lambda a: a["K"] % a["BK"] == 0 and a["pix_per_split"] % a["BK"] == 0})
 @triton.jit
 def _wgrad_kernel(a_ptr, x_ptr, t_ptr, ws_ptr,
                   M, N, K, n_batch, imgs_per_split, pix_per_split, n_pix_splits, HWo, Wo, Cimg,
                   a_sb, a_sm, a_sk,
                   x_sb, x_sk, x_sj, x_sn, x_sc, x_sh, x_sw,
                   HAS_T: tl.constexpr, B_PATCH: tl.constexpr, P: tl.constexpr, IEEE: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_PIX: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """ws[s, i, j] = sum over the pixels p of split s of dpre[p, i] * S[p, j].
 
     i < M output channels, j < N input columns (C_in, or a stem patch column (c, kh, kw)), K pixels
@@ -419,16 +365,17 @@ def _wgrad_kernel(a_ptr, x_ptr, t_ptr, ws_ptr,
         for k0 in range(p_lo, p_hi, BK):
             kk = k0 + rk
             k_ok = kk < p_hi
-            a_off = a_base + a_row[:, None] + (kk.to(tl.int64) * a_sk)[None, :]
+            a = tl.load(a_ptr + (a_base + a_row[:, None] + (kk.to(tl.int64) * a_sk)[None, :]),
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if B_PATCH:
                 x_row = _patch_row(kk, HWo, Wo, x_sn, x_sh, x_sw, P)
             else:
                 x_row = kk.to(tl.int64) * x_sk
             x_off = x_base + x_row[:, None] + x_col[None, :]
-            a = _load2(a_ptr + a_off, m_ok, k_ok, EVEN_M, EVEN_PIX)
-            b = _load2(x_ptr + x_off, k_ok, n_ok, EVEN_PIX, EVEN_N)
+            x_mask = k_ok[:, None] & n_ok[None, :]
+            b = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
             if HAS_T:
-                t = _load2(t_ptr + x_off, k_ok, n_ok, EVEN_PIX, EVEN_N)
+                t = tl.load(t_ptr + x_off, mask=x_mask, other=0.0)
                 b = (b.to(tl.float32) + t.to(tl.float32)).to(x_ptr.dtype.element_ty)
             if IEEE:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
