@@ -15,6 +15,9 @@ status=0
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
+# The image's default g++ (/opt/gcc) once produced a _C.so whose integer-formatting error paths crashed
+# (benchmarks/results/NOTES.md); GPU_CHECK_CXX=/usr/bin/g++ builds with another host compiler.
+if [ -n "${GPU_CHECK_CXX:-}" ]; then export CXX=$GPU_CHECK_CXX; fi
 echo "== build (sm_90, 16 jobs)"
 t0=$(date +%s)
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
