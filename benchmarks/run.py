@@ -171,6 +171,70 @@ def dw_suite(device, quick):
     return res
 
 
+def _gemm_modules(kind, C, dtype, device):
+    torch.manual_seed(0)
+    if kind == "pw":
+        blk = ck.FusedPointwiseBlock(C, C, activation="gelu").to(device=device, dtype=dtype)
+    else:
+        blk = ck.FusedPatchEmbed(C, 7, activation="gelu").to(device=device, dtype=dtype)
+    return blk, copy.deepcopy(blk).reference()
+
+
+def gemm_suite(device, quick):
+    """Pointwise block (1x1 conv GEMM) and stem, against eager, compile and the bare GEMMs."""
+    res = []
+    if device == "cuda":
+        dtype, bench, providers = torch.bfloat16, bench_gpu, ["eager", "compile", "cuda", "triton"]
+        cases = [("pw", 64, 768, 32), ("pw", 64, 1536, 32), ("stem", 64, 768, 224)]
+        if quick:
+            cases = [("pw", 64, 768, 32), ("stem", 64, 768, 224)]
+    else:
+        dtype, bench, providers = torch.float32, bench_cpu, ["eager", "cpu", "torch"]
+        cases = [("pw", 8, 256, 32), ("stem", 8, 256, 64)]
+    for kind, N, C, H in cases:
+        fmt = torch.channels_last
+        cin = C if kind == "pw" else 3
+        xs = [torch.randn(N, cin, H, H, device=device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
+        ho = H if kind == "pw" else H // 7
+        dys = [torch.randn(N, C, ho, ho, device=device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
+        xg = [x.clone().requires_grad_(kind == "pw") for x in xs]
+        # the bare GEMMs of the same shape: forward, and the two of the backward
+        M, K = N * ho * ho, cin * (1 if kind == "pw" else 49)
+        a = torch.randn(M, K, device=device, dtype=dtype)
+        b = torch.randn(K, C, device=device, dtype=dtype)
+        g = torch.randn(M, C, device=device, dtype=dtype)
+        t_mm = bench(lambda i: torch.mm(a, b))
+        t_3mm = bench(lambda i: (torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g)))
+        res.append(dict(op=kind, C=C, k=1 if kind == "pw" else 7, layout="channels_last", mode="eval",
+                        provider="bare_gemm", ms=t_mm[0], p20=t_mm[1], p80=t_mm[2]))
+        res.append(dict(op=kind, C=C, k=1 if kind == "pw" else 7, layout="channels_last", mode="train",
+                        provider="bare_gemm", ms=t_3mm[0], p20=t_3mm[1], p80=t_3mm[2]))
+        for mode in ("eval", "train"):
+            training = mode == "train"
+            for prov in providers:
+                if prov == "compile" and quick and kind != "pw":
+                    continue
+                blk, ref = _gemm_modules(kind, C, dtype, device)
+                blk, ref = blk.to(memory_format=fmt), ref.to(memory_format=fmt)
+                m, ctx = (ref, ck.backend("auto")) if prov == "eager" else \
+                    (torch.compile(ref), ck.backend("auto")) if prov == "compile" else (blk, ck.backend(prov))
+                m.train(training)
+                inputs = xg if training else xs
+                try:
+                    with ctx:
+                        t = bench(lambda i: _run_step(m, inputs[i], dys[i], training), 2)
+                except Exception as e:  # a provider that fails is reported, not hidden
+                    res.append(dict(op=kind, C=C, k=0, layout="channels_last", mode=mode, provider=prov,
+                                    error=f"{type(e).__name__}: {str(e)[:200]}"))
+                    print(f"  {kind} C={C} {mode} {prov}: FAILED {e}", flush=True)
+                    continue
+                res.append(dict(op=kind, N=N, C=C, H=H, W=H, k=1 if kind == "pw" else 7, dtype=str(dtype),
+                                layout="channels_last", mode=mode, provider=prov, ms=t[0], p20=t[1], p80=t[2],
+                                bytes=0, flops=2 * M * K * C * (1 if mode == "eval" else 3)))
+                print(f"  {kind} C={C} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
+    return res
+
+
 def summarize(res, ceilings):
     """Speedups vs eager (best layout) and compile, and % of roofline for the fused providers."""
     rows = []
@@ -182,13 +246,15 @@ def summarize(res, ceilings):
     for key, rs in groups.items():
         eager = min((r["ms"] for r in rs if r["provider"] == "eager"), default=None)
         comp = min((r["ms"] for r in rs if r["provider"] == "compile"), default=None)
+        gemm = min((r["ms"] for r in rs if r["provider"] == "bare_gemm"), default=None)
         for r in rs:
-            if r["provider"] in ("eager", "compile"):
+            if r["provider"] in ("eager", "compile", "bare_gemm"):
                 continue
             row = dict(r)
             row["speedup_vs_eager_best"] = eager / r["ms"] if eager else None
             row["speedup_vs_compile_best"] = comp / r["ms"] if comp else None
-            if ceilings.get("bandwidth") and r["mode"] == "eval":
+            row["x_bare_gemm"] = r["ms"] / gemm if gemm else None
+            if ceilings.get("bandwidth") and r["mode"] == "eval" and r["op"] == "dw_block":
                 floor = max(r["bytes"] / ceilings["bandwidth"], r["flops"] / ceilings["fp32_flops"]) * 1e3
                 row["roofline_floor_ms"] = floor
                 row["pct_of_roofline"] = 100 * floor / r["ms"]
@@ -205,12 +271,13 @@ def write_markdown(path, meta, rows):
             f.write(f"Measured ceilings: copy bandwidth {c['bandwidth'] / 1e12:.2f} TB/s, "
                     f"fp32 FMA rate {c['fp32_flops'] / 1e12:.1f} TFLOP/s\n\n")
         f.write("| op | C | k | layout | mode | provider | ms (p20-p80) | vs eager best | vs compile best | "
-                "% roofline |\n|---|---|---|---|---|---|---|---|---|---|\n")
+                "x bare GEMM(s) | % roofline |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             fmt = lambda v, s="{:.2f}x": s.format(v) if v is not None else "-"  # noqa: E731
             f.write(f"| {r['op']} | {r['C']} | {r['k']} | {r['layout']} | {r['mode']} | {r['provider']} | "
                     f"{r['ms']:.3f} ({r['p20']:.3f}-{r['p80']:.3f}) | {fmt(r['speedup_vs_eager_best'])} | "
-                    f"{fmt(r['speedup_vs_compile_best'])} | {fmt(r.get('pct_of_roofline'), '{:.0f}%')} |\n")
+                    f"{fmt(r['speedup_vs_compile_best'])} | {fmt(r.get('x_bare_gemm'))} | "
+                    f"{fmt(r.get('pct_of_roofline'), '{:.0f}%')} |\n")
 
 
 def main(argv=None):
@@ -238,7 +305,7 @@ def main(argv=None):
     if device == "cuda":
         ceilings = {"bandwidth": measure_bandwidth_gpu(), "fp32_flops": measure_fp32_rate_gpu()}
         print(f"ceilings: {ceilings['bandwidth'] / 1e12:.2f} TB/s, {ceilings['fp32_flops'] / 1e12:.1f} TFLOP/s fp32")
-    res = dw_suite(device, args.quick)
+    res = dw_suite(device, args.quick) + gemm_suite(device, args.quick)
     rows = summarize(res, ceilings)
     meta = dict(device=dev_name, commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 torch=torch.__version__, triton=tv, python=platform.python_version(), ceilings=ceilings,
