@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import _act_fwd, _act_grad  # noqa: F401  (device helpers used by the kernels)
+
 from convmixer_kernels.utils import memory_format_of, new_output
 
 __all__ = ["dw_conv_stats", "dw_fwd", "dw_bwd_reduce", "dw_bwd"]
@@ -72,50 +74,6 @@ _TILE_OVERRIDE: dict | None = None
 # ----------------------------------------------------------------------------------------------
 # Device helpers (inlined into the kernels)
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(z):
-    # tanh through exp (no tanh in the common tl API); exact limits +-1 for large |z|.
-    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
-
-
-@triton.jit
-def _act_fwd(v, act):
-    # 0 identity, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu
-    if act == 1:
-        r = tl.where(v > 0.0, v, 0.0)
-    elif act == 2:
-        r = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-    elif act == 3:
-        r = 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
-    elif act == 4:
-        r = v / (1.0 + tl.exp(-v))
-    else:
-        r = v
-    return r
-
-
-@triton.jit
-def _act_grad(v, act):
-    # d act(v) / dv; relu'(0) = 0
-    if act == 1:
-        r = tl.where(v > 0.0, 1.0, 0.0)
-    elif act == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * v * v) * 0.3989422804014327
-        r = cdf + v * pdf
-    elif act == 3:
-        k0 = 0.7978845608028654
-        k1 = 0.044715
-        t = _tanh(k0 * (v + k1 * v * v * v))
-        r = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * v * v)
-    elif act == 4:
-        s = 1.0 / (1.0 + tl.exp(-v))
-        r = s * (1.0 + v * (1.0 - s))
-    else:
-        r = v * 0.0 + 1.0
-    return r
 
 
 @triton.jit
