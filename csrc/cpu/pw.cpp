@@ -23,7 +23,7 @@
 // With t given, s = round(x + t) is built in one vectorized pass (this backend does not fuse
 // the residual into the GEMM's operand load; the CUDA/Triton ones do).
 //
-// Statistics and dbias are deterministic: fixed-size chunks (channels_last: 128 rows; NCHW: one
+// Statistics and dbias are deterministic: fixed-size chunks (channels_last: >= 128 rows; NCHW: one
 // (image, channel) plane) each produce a partial (Welford mean and M2, or a sum) independent of
 // the thread count; the partials are merged in a fixed pairwise tree (Chan's formula).
 //
@@ -100,10 +100,16 @@ struct BwdVecs {  // per-channel vectors of the BN backward, accumulation dtype
   const void *scale, *shift, *mean, *ca, *cb, *cd;
 };
 
+// Parallel-for grain: items per task so that a task has at least ATen's grain of elements
+// (small ops stay on one thread: a parallel region costs more than they do).
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(elems_per_item, 1));
+}
+
 // out[i] = sum over b of buf[b][i], b in order (a deterministic batch reduction), acc dtype.
 template <typename A>
 void sum_batches(const A* buf, int64_t B, int64_t R, A* out) {
-  at::parallel_for(0, R, 4096, [&](int64_t rb, int64_t re) {
+  at::parallel_for(0, R, grain_for(B), [&](int64_t rb, int64_t re) {
     for (int64_t i = rb; i < re; ++i) out[i] = buf[i];
     for (int64_t b = 1; b < B; ++b)
       for (int64_t i = rb; i < re; ++i) out[i] += buf[b * R + i];
@@ -294,12 +300,11 @@ struct ChanVec {
   }
 };
 
-// Runs f(kCL tag, first segment, end segment) over the segments in parallel, >= ~16K elements a task.
+// Runs f(kCL tag, first segment, end segment) over the segments in parallel.
 template <typename F>
 void for_segments(const Geo& g, const F& f) {
   const int64_t len = std::max<int64_t>(g.seg_len(), 1);
-  const int64_t grain = std::max<int64_t>(1, 16384 / len);
-  at::parallel_for(0, g.segments(), grain, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, g.segments(), grain_for(g.seg_len()), [&](int64_t b, int64_t e) {
     if (g.cl)
       f(std::true_type{}, b, e);
     else
@@ -351,7 +356,9 @@ void merge_sum(int64_t P, int64_t C, std::vector<A>& sum, A* out) {
   for (int64_t c = 0; c < C; ++c) out[c] = P > 0 ? sum[c] : A(0);
 }
 
-constexpr int64_t kRowsPerChunk = 128;  // channels_last statistics chunk (fixed: determinism)
+// Rows of a channels_last statistics chunk: a function of the shape only (determinism), at least
+// 128, and at most 256 chunks (bounds the [P][C] partials).
+int64_t rows_per_chunk(int64_t rows) { return std::max<int64_t>(128, (rows + 255) / 256); }
 
 // Welford state of one vector of lanes.
 template <typename V>
@@ -382,7 +389,7 @@ void operand_kernel(const T* x, const T* t, Out* out, int64_t numel) {
   using B = Block<T>;
   using V = typename B::V;
   constexpr int64_t kW = B::kW;
-  at::parallel_for(0, (numel + kW - 1) / kW, 2048, [&](int64_t bb, int64_t be) {
+  at::parallel_for(0, (numel + kW - 1) / kW, grain_for(kW), [&](int64_t bb, int64_t be) {
     for (int64_t blk = bb; blk < be; ++blk) {
       const int64_t i = blk * kW, n = std::min(kW, numel - i);
       V a, b, ta, tb;
@@ -483,16 +490,16 @@ void stats_kernel(const Geo& g, const at::opmath_type<T>* G, const at::opmath_ty
   };
   if (g.cl) {
     const int64_t rows = g.N * g.L;
-    const int64_t P = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+    const int64_t R = rows_per_chunk(rows), P = (rows + R - 1) / R;
     std::vector<A> pm(P * C), pq(P * C);
     std::vector<int64_t> cnt(P);
-    at::parallel_for(0, P, 1, [&](int64_t kb, int64_t ke) {
+    at::parallel_for(0, P, grain_for(R * C), [&](int64_t kb, int64_t ke) {
       std::vector<A> m(C + kW), q(C + kW);  // padded: full-block loads/stores stay in bounds
       const ChanVec<A, true> vb(bias, 0);
       for (int64_t k = kb; k < ke; ++k) {
         std::fill(m.begin(), m.end(), A(0));
         std::fill(q.begin(), q.end(), A(0));
-        const int64_t r0 = k * kRowsPerChunk, r1 = std::min(rows, r0 + kRowsPerChunk);
+        const int64_t r0 = k * R, r1 = std::min(rows, r0 + R);
         for (int64_t r = r0; r < r1; ++r) {
           const V inv(A(1) / A(r - r0 + 1));
           for (int64_t i = 0; i < C; i += kW) {
@@ -517,8 +524,7 @@ void stats_kernel(const Geo& g, const at::opmath_type<T>* G, const at::opmath_ty
     const int64_t L = g.L, P = g.N;
     std::vector<A> pm(P * C), pq(P * C);
     std::vector<int64_t> cnt(P, L);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
-    at::parallel_for(0, g.N * C, grain, [&](int64_t sb, int64_t se) {
+    at::parallel_for(0, g.N * C, grain_for(L), [&](int64_t sb, int64_t se) {
       for (int64_t s = sb; s < se; ++s) {
         const ChanVec<A, false> vb(bias, s % C);
         const int64_t off = s * L, full = L / kW;
@@ -628,22 +634,21 @@ void dpre_kernel(const Geo& g, const T* dy, const T* pre, const BwdVecs& P, int 
   }
   if (g.cl) {
     const int64_t rows = g.N * g.L;
-    const int64_t Pn = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+    const int64_t R = rows_per_chunk(rows), Pn = (rows + R - 1) / R;
     std::vector<A> part(Pn * C);
-    at::parallel_for(0, Pn, 1, [&](int64_t kb, int64_t ke) {
+    at::parallel_for(0, Pn, grain_for(R * C), [&](int64_t kb, int64_t ke) {
       std::vector<A> acc(C + kW);
       for (int64_t k = kb; k < ke; ++k) {
         std::fill(acc.begin(), acc.end(), A(0));
-        const int64_t r1 = std::min(rows, (k + 1) * kRowsPerChunk);
-        for (int64_t r = k * kRowsPerChunk; r < r1; ++r) segment(std::true_type{}, r, acc.data());
+        const int64_t r1 = std::min(rows, (k + 1) * R);
+        for (int64_t r = k * R; r < r1; ++r) segment(std::true_type{}, r, acc.data());
         std::copy(acc.begin(), acc.begin() + C, part.begin() + k * C);
       }
     });
     merge_sum<A>(Pn, C, part, dbias);
   } else {
     std::vector<A> part(g.N * C);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.L, 1));
-    at::parallel_for(0, g.N * C, grain, [&](int64_t sb, int64_t se) {
+    at::parallel_for(0, g.N * C, grain_for(g.L), [&](int64_t sb, int64_t se) {
       A lanes[kW];
       for (int64_t s = sb; s < se; ++s) {
         std::fill(lanes, lanes + kW, A(0));
