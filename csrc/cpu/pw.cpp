@@ -303,7 +303,6 @@ struct ChanVec {
 // Runs f(kCL tag, first segment, end segment) over the segments in parallel.
 template <typename F>
 void for_segments(const Geo& g, const F& f) {
-  const int64_t len = std::max<int64_t>(g.seg_len(), 1);
   at::parallel_for(0, g.segments(), grain_for(g.seg_len()), [&](int64_t b, int64_t e) {
     if (g.cl)
       f(std::true_type{}, b, e);
@@ -552,8 +551,8 @@ void stats_kernel(const Geo& g, const at::opmath_type<T>* G, const at::opmath_ty
           BA::store(tu, ua, ub);
           for (int64_t l = 0; l < tail; ++l) chan_merge(n_acc, m_acc, q_acc, int64_t(1), tu[l], A(0));
         }
-        pm[(s / C) * C + s % C] = m_acc;
-        pq[(s / C) * C + s % C] = q_acc;
+        pm[s] = m_acc;  // partial n = s / C, channel s % C
+        pq[s] = q_acc;
       }
     });
     merge_welford<A>(P, C, pm, pq, cnt, out_mean, out_var);
@@ -777,7 +776,8 @@ Tensor act_fwd(const Tensor& v, int64_t act) {
 Tensor act_grad(const Tensor& v, int64_t act) {
   switch (act) {
     case kRelu: return (v > 0).to(v.scalar_type());
-    case kGelu: return 0.5 * (1.0 + at::erf(v * M_SQRT1_2)) + v * at::exp(-0.5 * v * v) * (M_2_SQRTPI * M_SQRT1_2 * 0.5);
+    case kGelu:
+      return 0.5 * (1.0 + at::erf(v * M_SQRT1_2)) + v * at::exp(-0.5 * v * v) * (M_2_SQRTPI * M_SQRT1_2 * 0.5);
     case kGeluTanh: {
       const double k0 = M_2_SQRTPI * M_SQRT1_2, k1 = 0.044715;
       const Tensor t = at::tanh(k0 * (v + k1 * v * v * v));
@@ -863,11 +863,6 @@ void check_bwd_vecs(const Tensor& x, int64_t C, const Tensor& scale, const Tenso
 }
 
 const Tensor* opt(const std::optional<Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
-
-template <typename A>
-const A* ptr_or_null(const Tensor* t) {
-  return t ? t->const_data_ptr<A>() : nullptr;
-}
 
 // ---------------------------------------------------------------------------------------------
 // GEMM helpers (ATen).  Views: channels_last (N, C, H, W) -> (N*H*W, C); NCHW -> (N, C, H*W).
