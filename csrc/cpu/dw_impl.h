@@ -49,21 +49,24 @@ inline int64_t round_up(int64_t a, int64_t b) { return div_up(a, b) * b; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Zero-initialised scratch memory (internal linkage: no std::vector instantiation shared
+// Zero-initialised, 64-byte aligned scratch memory (internal linkage: no std::vector instantiation shared
 // with translation units compiled for another CPU).
 template <typename E>
 class Buf {
  public:
   explicit Buf(int64_t n) {
-    p_ = static_cast<E*>(std::calloc(static_cast<size_t>(n > 0 ? n : 1) + 64 / sizeof(E), sizeof(E)));
-    TORCH_CHECK(p_ != nullptr, "convmixer_kernels: out of memory allocating CPU scratch");
+    raw_ = std::calloc(static_cast<size_t>(n > 0 ? n : 1) * sizeof(E) + 128, 1);
+    TORCH_CHECK(raw_ != nullptr, "convmixer_kernels: out of memory allocating CPU scratch");
+    const uintptr_t a = (reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t(63);  // cache-line aligned
+    p_ = reinterpret_cast<E*>(a);
   }
-  ~Buf() { std::free(p_); }
+  ~Buf() { std::free(raw_); }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
   E* get() const { return p_; }
 
  private:
+  void* raw_;
   E* p_;
 };
 
@@ -73,12 +76,17 @@ inline void zero(A* p, int64_t n) {
 }
 
 // ---------------------------------------------------------------- conversions
+// Inline vector loops rather than memcpy: most copies here are one pixel (one vector) long.
 
 // dst[0, n) = A(src[0, n))
 template <typename T, typename A>
 inline void to_acc(const T* src, A* dst, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
-    if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(A));
+    using Vec = Vectorized<A>;
+    constexpr int64_t V = Vec::size();
+    int64_t i = 0;
+    for (; i + V <= n; i += V) Vec::loadu(src + i).store(dst + i);
+    if (i < n) Vec::loadu(src + i, n - i).store(dst + i, n - i);
   } else {
     using VT = Vectorized<T>;
     constexpr int64_t L = VT::size();
@@ -89,7 +97,12 @@ inline void to_acc(const T* src, A* dst, int64_t n) {
       a.store(dst + i);
       b.store(dst + i + HL);
     }
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    if (i < n) {  // the tail with masked loads and stores (also a whole short row)
+      const int64_t m = n - i;
+      auto [a, b] = at::vec::convert_to_float<T>(VT::loadu(src + i, m));
+      a.store(dst + i, imin(m, HL));
+      if (m > HL) b.store(dst + i + HL, m - HL);
+    }
   }
 }
 
@@ -97,7 +110,7 @@ inline void to_acc(const T* src, A* dst, int64_t n) {
 template <typename T, typename A>
 inline void to_storage(const A* src, T* dst, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
-    if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(A));
+    to_acc(src, dst, n);
   } else {
     using VF = Vectorized<float>;
     constexpr int64_t L = Vectorized<T>::size();
@@ -106,7 +119,44 @@ inline void to_storage(const A* src, T* dst, int64_t n) {
     for (; i + L <= n; i += L) {
       at::vec::convert_from_float<T>(VF::loadu(src + i), VF::loadu(src + i + HL)).store(dst + i);
     }
-    for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+    if (i < n) {
+      const int64_t m = n - i;
+      const VF a = VF::loadu(src + i, imin(m, HL));
+      const VF b = m > HL ? VF::loadu(src + i + HL, m - HL) : VF(0.f);
+      at::vec::convert_from_float<T>(a, b).store(dst + i, m);
+    }
+  }
+}
+
+// One vector: dst[0, V) = A(src[0, cnt)), zero past cnt (cnt may be <= 0).
+template <typename T, typename A>
+inline void load_px(const T* src, A* dst, int64_t cnt) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  if (cnt <= 0) {
+    Vec(A(0)).store(dst);
+  } else if constexpr (std::is_same_v<T, A>) {
+    (cnt >= V ? Vec::loadu(src) : Vec::loadu(src, cnt)).store(dst);
+  } else {
+    auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(src, imin(cnt, V)));
+    (void)b;
+    a.store(dst);
+  }
+}
+
+// One vector: dst[0, cnt) = T(src[0, cnt)) (nothing if cnt <= 0).
+template <typename T, typename A>
+inline void store_px(const A* src, T* dst, int64_t cnt) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  if (cnt <= 0) return;
+  if constexpr (std::is_same_v<T, A>) {
+    if (cnt >= V)
+      Vec::loadu(src).store(dst);
+    else
+      Vec::loadu(src).store(dst, cnt);
+  } else {
+    at::vec::convert_from_float<T>(Vec::loadu(src), Vec(A(0))).store(dst, imin(cnt, V));
   }
 }
 
@@ -193,32 +243,40 @@ struct Geom {
   int64_t N, C, H, W, k, p;
   bool cl;
   int64_t CB;      // channels per item: CL a multiple of V; NCHW 1
-  int64_t ncg;     // channel groups: CL ceil(C / CB); NCHW C
+  int64_t nv;      // vectors of channels per item (CL planes): CB / V; NCHW 1
+  int64_t ncg;     // channel groups (items along C): CL ceil(C / CB); NCHW C
   int64_t Cpad;    // ncg * CB
   int64_t Wr;      // NCHW: outputs per row rounded up to V; CL: W
   int64_t Wp;      // buffer row length: NCHW Wr + k - 1 values; CL W + k - 1 pixels
-  int64_t lane;    // elements per "pixel" of a buffer row: CL CB, NCHW 1
-  int64_t row_el;  // elements per buffer row (Wp * lane)
+  int64_t lane;    // buffer elements per pixel: CL V, NCHW 1
+  int64_t row_el;  // buffer elements per row (of one plane): Wp * lane
   int64_t out_el;  // elements per output row buffer (NCHW Wr, CL W * CB)
   int64_t npix;    // "pixels" per output row for the row helpers (NCHW Wr / V, CL W)
-  int64_t plen;    // lanes of a pixel for the row helpers (NCHW V, CL CB)
+  int64_t plen;    // lanes of such a pixel (NCHW V, CL CB)
   int64_t TH;      // output rows per tile
   int64_t ntiles;  // tiles per image
   int64_t G;       // batch groups of the reduction items
 
-  Geom(const DwParams& P) : N(P.N), C(P.C), H(P.H), W(P.W), k(P.k), p(P.k / 2), cl(P.channels_last) {
+  explicit Geom(const DwParams& P)
+      : N(P.N), C(P.C), H(P.H), W(P.W), k(P.k), p(P.k / 2), cl(P.channels_last) {
     if (cl) {
-      CB = imin(round_up(C, V), 64);
+      // An item owns CB = 256 bytes of channels (one vector at least).  The staging buffer
+      // keeps each vector of channels in its own plane (rows x pixels x V lanes), so the k
+      // rows a conv row reads are contiguous: one cache line per pixel at most.  (Pixels of
+      // 256 B interleaved map every row onto a quarter of L1's sets and thrash it.)
+      CB = imin(round_up(C, V), imax(V, int64_t(256 / sizeof(A))));
+      nv = CB / V;
       ncg = div_up(C, CB);
       Cpad = ncg * CB;
       Wr = W;
       Wp = W + k - 1;
-      lane = CB;
+      lane = V;
       out_el = W * CB;
       npix = W;
       plen = CB;
     } else {
       CB = 1;
+      nv = 1;
       ncg = C;
       Cpad = C;
       Wr = round_up(W, V);
@@ -229,23 +287,25 @@ struct Geom {
       plen = V;
     }
     row_el = Wp * lane;
-    // A tile's staged input (TH + k - 1 rows) stays within about 256 KB (in L2); at most
-    // 256 rows keep the per-lane float sums of a tile short.
-    const int64_t budget = (int64_t(1) << 16) / int64_t(sizeof(A) / sizeof(float));
-    TH = imax(1, imin(imin(H, 256), budget / row_el - (k - 1)));
+    // A tile's staged input (TH + k - 1 rows of every plane) stays within 256 KB (L2); at
+    // most 256 rows keep the per-lane float sums of a tile short.
+    const int64_t budget = (int64_t(1) << 18) / int64_t(sizeof(A));
+    TH = imax(1, imin(imin(H, 256), budget / (nv * row_el) - (k - 1)));
     ntiles = div_up(H, TH);
     // Reduction items: enough to keep the threads busy, few enough that their partial
     // results stay small.  Depends on shapes only.
     G = imax(1, imin(N, div_up(64, ncg)));
   }
   int64_t rows() const { return TH + k - 1; }
+  int64_t plane_el() const { return rows() * row_el; }
+  int64_t buf_el() const { return nv * plane_el(); }
   int64_t n_begin(int64_t g) const { return g * N / G; }
 };
 
 // ---------------------------------------------------------------- staging
 
-// Buffer rows r in [0, nrows) <- image rows h_start + r of one NCHW plane (H x W),
-// zero outside the image: p zeros, W values, zeros to Wp.
+// NCHW: buffer rows r in [0, nrows) <- image rows h_start + r of one plane (H x W), zero
+// outside the image: p zeros, W values, zeros to Wp.
 template <typename T, typename A>
 void fill_nchw(A* buf, const T* plane, int64_t h_start, int64_t nrows, const Geom<A>& g) {
   for (int64_t r = 0; r < nrows; ++r) {
@@ -261,67 +321,98 @@ void fill_nchw(A* buf, const T* plane, int64_t h_start, int64_t nrows, const Geo
   }
 }
 
-// Channels_last: buffer rows r <- image rows h_start + r, pixels of CB lanes; `img` points
-// at (n, 0, 0, c0) and cb_len <= CB channels are real (the rest of the lanes are zero).
+// Channels_last: `img` points at (n, 0, 0, c0), cb_len <= CB channels are real (the other
+// lanes are zero).  Plane vb, row r, pixel q holds channels c0 + vb*V .. + V of image row
+// h_start + r, column q - p.
 template <typename T, typename A>
 void fill_cl(A* buf, const T* img, int64_t h_start, int64_t nrows, int64_t cb_len, const Geom<A>& g) {
-  const int64_t CB = g.CB;
+  constexpr int64_t V = Geom<A>::V;
+  const int64_t pe = g.plane_el();
   for (int64_t r = 0; r < nrows; ++r) {
-    A* row = buf + r * g.row_el;
     const int64_t hi = h_start + r;
     if (hi < 0 || hi >= g.H) {
-      zero(row, g.row_el);
+      for (int64_t vb = 0; vb < g.nv; ++vb) zero(buf + vb * pe + r * g.row_el, g.row_el);
       continue;
     }
-    zero(row, g.p * CB);
-    const T* src = img + hi * g.W * g.C;
-    for (int64_t w = 0; w < g.W; ++w) {
-      A* px = row + (g.p + w) * CB;
-      to_acc(src + w * g.C, px, cb_len);
-      zero(px + cb_len, CB - cb_len);
+    for (int64_t vb = 0; vb < g.nv; ++vb) {
+      A* row = buf + vb * pe + r * g.row_el;
+      zero(row, g.p * V);
+      zero(row + (g.p + g.W) * V, (g.Wp - g.p - g.W) * V);
     }
-    zero(row + (g.p + g.W) * CB, (g.Wp - g.p - g.W) * CB);
+    const T* src = img + hi * g.W * g.C;
+    A* dst = buf + r * g.row_el + g.p * V;
+    for (int64_t w = 0; w < g.W; ++w)
+      for (int64_t vb = 0; vb < g.nv; ++vb) load_px(src + w * g.C + vb * V, dst + vb * pe + w * V, cb_len - vb * V);
   }
+}
+
+template <typename T, typename A>
+inline void fill(A* buf, const T* img, int64_t h_start, int64_t nrows, int64_t cb_len, const Geom<A>& g) {
+  if (g.cl)
+    fill_cl(buf, img, h_start, nrows, cb_len, g);
+  else
+    fill_nchw(buf, img, h_start, nrows, g);
 }
 
 // ---------------------------------------------------------------- convolution
 
-// NCHW: out[b*V + v] = sum_ij wt[i*k + j] * in[i*ld + b*V + v + j], B vectors.
-template <int B, typename A>
-inline void conv_vecs_nchw(const A* in, int64_t ld, const A* wt, int64_t k, A* out) {
+// NCHW: R output rows x B vectors.  Input rows in[0 .. R + k - 1) (stride ld): input row ii
+// feeds output row rr through weight row ii - rr, so each loaded vector serves up to R
+// rows (fewer loads per FMA than one row at a time; unaligned loads split cache lines).
+template <int R, int B, typename A>
+inline void conv_block_nchw(const A* in, int64_t ld, const A* wt, int64_t k, A* out, int64_t ldo) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  Vec acc[B];
-  for (int b = 0; b < B; ++b) acc[b] = Vec(A(0));
-  for (int64_t i = 0; i < k; ++i) {
-    const A* row = in + i * ld;
-    const A* wr = wt + i * k;
-    for (int64_t j = 0; j < k; ++j) {
-      const Vec w(wr[j]);
-      for (int b = 0; b < B; ++b) acc[b] = at::vec::fmadd(w, Vec::loadu(row + j + b * V), acc[b]);
+  Vec acc[R][B];
+  for (int rr = 0; rr < R; ++rr)
+    for (int b = 0; b < B; ++b) acc[rr][b] = Vec(A(0));
+  for (int64_t ii = 0; ii < R + k - 1; ++ii) {
+    const A* row = in + ii * ld;
+    if (ii >= R - 1 && ii <= k - 1) {  // every output row takes this input row
+      for (int64_t j = 0; j < k; ++j) {
+        Vec xv[B];
+        for (int b = 0; b < B; ++b) xv[b] = Vec::loadu(row + j + b * V);
+        for (int rr = 0; rr < R; ++rr) {
+          const Vec w(wt[(ii - rr) * k + j]);
+          for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(w, xv[b], acc[rr][b]);
+        }
+      }
+    } else {  // the first and last R - 1 input rows feed only some output rows
+      for (int64_t j = 0; j < k; ++j) {
+        Vec xv[B];
+        for (int b = 0; b < B; ++b) xv[b] = Vec::loadu(row + j + b * V);
+        for (int rr = 0; rr < R; ++rr) {
+          if (ii - rr < 0 || ii - rr >= k) continue;
+          const Vec w(wt[(ii - rr) * k + j]);
+          for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(w, xv[b], acc[rr][b]);
+        }
+      }
     }
   }
-  for (int b = 0; b < B; ++b) acc[b].store(out + b * V);
+  for (int rr = 0; rr < R; ++rr)
+    for (int b = 0; b < B; ++b) acc[rr][b].store(out + rr * ldo + b * V);
 }
 
-// NCHW: one output row of n (a multiple of V) values from buffer rows in[0 .. k).
-template <typename A>
-inline void conv_row_nchw(const A* in, int64_t ld, const A* wt, int64_t k, int64_t n, A* out) {
+// NCHW: R output rows of n (a multiple of V) values each.
+template <int R, typename A>
+inline void conv_rows_nchw(const A* in, int64_t ld, const A* wt, int64_t k, int64_t n, A* out, int64_t ldo) {
   constexpr int64_t V = Vectorized<A>::size();
+  constexpr int BM = R <= 2 ? 4 : 2;  // R * BM accumulators
   int64_t w = 0;
-  for (; w + 4 * V <= n; w += 4 * V) conv_vecs_nchw<4>(in + w, ld, wt, k, out + w);
-  if (w + 2 * V <= n) {
-    conv_vecs_nchw<2>(in + w, ld, wt, k, out + w);
+  for (; w + BM * V <= n; w += BM * V) conv_block_nchw<R, BM>(in + w, ld, wt, k, out + w, ldo);
+  if (BM > 2 && w + 2 * V <= n) {
+    conv_block_nchw<R, 2>(in + w, ld, wt, k, out + w, ldo);
     w += 2 * V;
   }
-  if (w < n) conv_vecs_nchw<1>(in + w, ld, wt, k, out + w);
+  if (w < n) conv_block_nchw<R, 1>(in + w, ld, wt, k, out + w, ldo);
 }
 
-// Channels_last: P output pixels (stride CB) of one lane vector.  in: buffer at (row r,
-// pixel w, lane); wt: transposed weights at (tap 0, channel c0 + lane), tap stride Cpad.
+// Channels_last: P output pixels of one plane (pixel stride V in, ops out).  in: plane at
+// (row r, pixel w); wt: transposed weights at (tap 0, channel c0 + vb*V), tap stride Cpad.
 template <int P, typename A>
-inline void conv_px_cl(const A* in, int64_t ld, int64_t CB, const A* wt, int64_t Cpad, int64_t k, A* out) {
+inline void conv_px_cl(const A* in, int64_t ld, const A* wt, int64_t Cpad, int64_t k, A* out, int64_t ops) {
   using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
   Vec acc[P];
   for (int q = 0; q < P; ++q) acc[q] = Vec(A(0));
   for (int64_t i = 0; i < k; ++i) {
@@ -329,40 +420,57 @@ inline void conv_px_cl(const A* in, int64_t ld, int64_t CB, const A* wt, int64_t
     const A* wr = wt + i * k * Cpad;
     for (int64_t j = 0; j < k; ++j) {
       const Vec w = Vec::loadu(wr + j * Cpad);
-      const A* xj = row + j * CB;
-      for (int q = 0; q < P; ++q) acc[q] = at::vec::fmadd(w, Vec::loadu(xj + q * CB), acc[q]);
+      const A* xj = row + j * V;
+      for (int q = 0; q < P; ++q) acc[q] = at::vec::fmadd(w, Vec::loadu(xj + q * V), acc[q]);
     }
   }
-  for (int q = 0; q < P; ++q) acc[q].store(out + q * CB);
+  for (int q = 0; q < P; ++q) acc[q].store(out + q * ops);
 }
 
-// Channels_last: one output row, W pixels x CB lanes, into out (pixel stride CB).
+// Channels_last: output row r of the tile, W pixels x CB lanes, into out (pixel stride CB).
 template <typename A>
-inline void conv_row_cl(const A* in, int64_t ld, int64_t CB, const A* wt, int64_t Cpad, int64_t k,
-                        int64_t W, A* out) {
-  constexpr int64_t V = Vectorized<A>::size();
-  for (int64_t v = 0; v < CB; v += V) {
+inline void conv_row_cl(const A* buf, int64_t r, const A* wt, const Geom<A>& g, A* out) {
+  constexpr int64_t V = Geom<A>::V;
+  const int64_t W = g.W, CB = g.CB;
+  for (int64_t vb = 0; vb < g.nv; ++vb) {
+    const A* in = buf + vb * g.plane_el() + r * g.row_el;
+    const A* wv = wt + vb * V;
+    A* o = out + vb * V;
     int64_t w = 0;
-    for (; w + 8 <= W; w += 8) conv_px_cl<8>(in + w * CB + v, ld, CB, wt + v, Cpad, k, out + w * CB + v);
+    for (; w + 8 <= W; w += 8) conv_px_cl<8>(in + w * V, g.row_el, wv, g.Cpad, g.k, o + w * CB, CB);
     if (W - w >= 4) {
-      conv_px_cl<4>(in + w * CB + v, ld, CB, wt + v, Cpad, k, out + w * CB + v);
+      conv_px_cl<4>(in + w * V, g.row_el, wv, g.Cpad, g.k, o + w * CB, CB);
       w += 4;
     }
     if (W - w >= 2) {
-      conv_px_cl<2>(in + w * CB + v, ld, CB, wt + v, Cpad, k, out + w * CB + v);
+      conv_px_cl<2>(in + w * V, g.row_el, wv, g.Cpad, g.k, o + w * CB, CB);
       w += 2;
     }
-    if (W - w >= 1) conv_px_cl<1>(in + w * CB + v, ld, CB, wt + v, Cpad, k, out + w * CB + v);
+    if (W - w >= 1) conv_px_cl<1>(in + w * V, g.row_el, wv, g.Cpad, g.k, o + w * CB, CB);
   }
 }
 
-// One output row of the tile whose staged buffer is `buf`: row r reads buffer rows r..r+k-1.
+constexpr int64_t kMaxRows = 4;  // output rows per conv_rows call
+
+// Output rows r, r + 1, ... (at most kMaxRows, at most `left`) of the tile staged in buf,
+// into out (row stride out_el).  Returns the number of rows computed.
 template <typename A>
-inline void conv_row(const A* buf, int64_t r, const A* wt, const Geom<A>& g, A* out) {
-  if (g.cl)
-    conv_row_cl(buf + r * g.row_el, g.row_el, g.CB, wt, g.Cpad, g.k, g.W, out);
-  else
-    conv_row_nchw(buf + r * g.row_el, g.Wp, wt, g.k, g.Wr, out);
+inline int64_t conv_rows(const A* buf, int64_t r, int64_t left, const A* wt, const Geom<A>& g, A* out) {
+  if (g.cl) {
+    conv_row_cl(buf, r, wt, g, out);
+    return 1;
+  }
+  const A* in = buf + r * g.row_el;
+  if (left >= 4) {
+    conv_rows_nchw<4>(in, g.Wp, wt, g.k, g.Wr, out, g.out_el);
+    return 4;
+  }
+  if (left >= 2) {
+    conv_rows_nchw<2>(in, g.Wp, wt, g.k, g.Wr, out, g.out_el);
+    return 2;
+  }
+  conv_rows_nchw<1>(in, g.Wp, wt, g.k, g.Wr, out, g.out_el);
+  return 1;
 }
 
 // ---------------------------------------------------------------- row epilogues
@@ -373,11 +481,13 @@ template <typename A>
 inline void add_bias_row(A* row, const A* bias, int64_t npix, int64_t plen) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  for (int64_t q = 0; q < npix; ++q)
-    for (int64_t v = 0; v < plen; v += V) {
+  for (int64_t v = 0; v < plen; v += V) {
+    const Vec b = Vec::loadu(bias + v);
+    for (int64_t q = 0; q < npix; ++q) {
       A* e = row + q * plen + v;
-      (Vec::loadu(e) + Vec::loadu(bias + v)).store(e);
+      (Vec::loadu(e) + b).store(e);
     }
+  }
 }
 
 template <int ACT, typename A>
@@ -475,9 +585,9 @@ inline void chan_merge(double& na, double& ma, double& m2a, double nb, double mb
   na = n;
 }
 
-// Per-channel parameter arrays of Cpad values (zero for padding channels), so the row
-// helpers can read plen lanes at any channel group.  In NCHW the helpers get the value of
-// channel c broadcast into V lanes (`bcast`).
+// ---------------------------------------------------------------- parameters, rows
+
+// Per-channel parameter arrays of Cpad values (zero for padding channels).
 template <typename A>
 struct ChanParams {
   const Geom<A>& g;
@@ -495,7 +605,8 @@ struct ChanParams {
   const A* at(int i) const { return store.get() + i * g.Cpad; }
 };
 
-// Lane arrays for one item: CL points into the padded arrays at c0; NCHW fills V copies.
+// The parameters of one item as arrays of plen lanes: CL points into the padded arrays at
+// c0; NCHW repeats channel c0's value V times.
 template <typename A>
 struct LaneParams {
   static constexpr int64_t V = Vectorized<A>::size();
@@ -536,22 +647,29 @@ struct Weights {
   const A* group(int64_t cg) const { return g.cl ? store.get() + cg * g.CB : store.get() + cg * g.k * g.k; }
 };
 
-// Writes one output row (out_el values, pixel stride CB in CL) to the tensor row `dst`:
-// NCHW W contiguous values; CL W pixels of cb_len channels at stride C.
+// Writes one output row buffer (out_el values; CL pixel-major, CB lanes a pixel) to the
+// tensor row `dst`: NCHW W values; CL W pixels of cb_len channels at stride C.
 template <typename T, typename A>
 inline void store_row(const A* row, T* dst, int64_t cb_len, const Geom<A>& g) {
+  constexpr int64_t V = Geom<A>::V;
   if (g.cl) {
-    for (int64_t w = 0; w < g.W; ++w) to_storage(row + w * g.CB, dst + w * g.C, cb_len);
+    for (int64_t w = 0; w < g.W; ++w)
+      for (int64_t vb = 0; vb < g.nv; ++vb)
+        store_px(row + w * g.CB + vb * V, dst + w * g.C + vb * V, cb_len - vb * V);
   } else {
     to_storage(row, dst, g.W);
   }
 }
 
-// Reads one tensor row into a row buffer (the inverse of store_row; padding lanes untouched).
+// Reads one tensor row into a row buffer (the inverse of store_row).  CL padding lanes are
+// zero; NCHW lanes past W are left as they were.
 template <typename T, typename A>
 inline void load_row(const T* src, A* row, int64_t cb_len, const Geom<A>& g) {
+  constexpr int64_t V = Geom<A>::V;
   if (g.cl) {
-    for (int64_t w = 0; w < g.W; ++w) to_acc(src + w * g.C, row + w * g.CB, cb_len);
+    for (int64_t w = 0; w < g.W; ++w)
+      for (int64_t vb = 0; vb < g.nv; ++vb)
+        load_px(src + w * g.C + vb * V, row + w * g.CB + vb * V, cb_len - vb * V);
   } else {
     to_acc(src, row, g.W);
   }
@@ -561,20 +679,6 @@ inline void load_row(const T* src, A* row, int64_t cb_len, const Geom<A>& g) {
 template <typename A>
 inline int64_t act_offset(const Geom<A>& g, int64_t n, int64_t c0, int64_t h) {
   return g.cl ? ((n * g.H + h) * g.W) * g.C + c0 : ((n * g.C + c0) * g.H + h) * g.W;
-}
-
-// Offset of image n's (h = 0) origin for staging: NCHW the plane of channel c0, CL (n,0,0,c0).
-template <typename A>
-inline int64_t img_offset(const Geom<A>& g, int64_t n, int64_t c0) {
-  return act_offset(g, n, c0, 0);
-}
-
-template <typename T, typename A>
-inline void fill(A* buf, const T* img, int64_t h_start, int64_t nrows, int64_t cb_len, const Geom<A>& g) {
-  if (g.cl)
-    fill_cl(buf, img, h_start, nrows, cb_len, g);
-  else
-    fill_nchw(buf, img, h_start, nrows, g);
 }
 
 // ---------------------------------------------------------------- dw_fwd
@@ -590,8 +694,8 @@ void fwd_t(const DwParams& P) {
   const ChanParams<A> cp(g, {P.bias, P.scale, P.shift});
   const int64_t nitems = g.N * g.ncg * g.ntiles;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> xbuf(g.rows() * g.row_el), crow(g.out_el), orow(g.out_el);
-    Buf<T> tmp(g.out_el);
+    Buf<A> xbuf(g.buf_el()), crow(kMaxRows * g.out_el), orow(g.out_el), xrow(g.out_el);
+    Buf<T> tmp(kMaxRows * g.out_el);
     LaneParams<A> lp;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it % g.ntiles;
@@ -601,17 +705,29 @@ void fwd_t(const DwParams& P) {
       const int64_t cb_len = imin(g.CB, g.C - c0);
       const int64_t h0 = t * g.TH, th = imin(g.TH, g.H - h0);
       lp.set(cp, c0);
-      fill(xbuf.get(), x + img_offset(g, n, c0), h0 - g.p, th + g.k - 1, cb_len, g);
+      fill(xbuf.get(), x + act_offset(g, n, c0, 0), h0 - g.p, th + g.k - 1, cb_len, g);
       const A* wt = wts.group(cg);
-      for (int64_t r = 0; r < th; ++r) {
-        conv_row(xbuf.get(), r, wt, g, crow.get());
-        add_bias_row(crow.get(), lp[0], g.npix, g.plen);
-        round_to_storage(crow.get(), tmp.get(), g.out_el);
-        const A* xres = P.residual ? xbuf.get() + (r + g.p) * g.row_el + g.p * g.lane : nullptr;
-        with_act(P.act, [&](auto a) {
-          fwd_row<decltype(a)::value>(crow.get(), xres, lp[1], lp[2], P.act_first, orow.get(), g.npix, g.plen);
-        });
-        store_row(orow.get(), y + act_offset(g, n, c0, h0 + r), cb_len, g);
+      for (int64_t r = 0; r < th;) {
+        const int64_t nr = conv_rows(xbuf.get(), r, th - r, wt, g, crow.get());
+        add_bias_row(crow.get(), lp[0], nr * g.npix, g.plen);
+        round_to_storage(crow.get(), tmp.get(), nr * g.out_el);
+        for (int64_t rr = 0; rr < nr; ++rr, ++r) {
+          const int64_t off = act_offset(g, n, c0, h0 + r);
+          const A* xres = nullptr;
+          if (P.residual) {
+            if (g.cl) {
+              load_row(x + off, xrow.get(), cb_len, g);
+              xres = xrow.get();
+            } else {
+              xres = xbuf.get() + (r + g.p) * g.row_el + g.p;
+            }
+          }
+          with_act(P.act, [&](auto a) {
+            fwd_row<decltype(a)::value>(crow.get() + rr * g.out_el, xres, lp[1], lp[2], P.act_first, orow.get(),
+                                        g.npix, g.plen);
+          });
+          store_row(orow.get(), y + off, cb_len, g);
+        }
       }
     }
   });
@@ -640,9 +756,9 @@ void conv_stats_t(const DwParams& P) {
   Buf<double> part_mean(g.G * g.Cpad), part_m2(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> xbuf(g.rows() * g.row_el), crow(g.out_el), lane_a(g.CB), lane_b(g.CB);
-    Buf<T> tmp(g.out_el);
-    Buf<double> cnt(1), mean(g.CB), m2(g.CB);
+    Buf<A> xbuf(g.buf_el()), crow(kMaxRows * g.out_el), lane_a(g.CB), lane_b(g.CB);
+    Buf<T> tmp(kMaxRows * g.out_el);
+    Buf<double> mean(g.CB), m2(g.CB);
     LaneParams<A> lp;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t cg = it / g.G, gb = it % g.G;
@@ -656,53 +772,51 @@ void conv_stats_t(const DwParams& P) {
       for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
         for (int64_t t = 0; t < g.ntiles; ++t) {
           const int64_t h0 = t * g.TH, th = imin(g.TH, g.H - h0);
-          fill(xbuf.get(), x + img_offset(g, n, c0), h0 - g.p, th + g.k - 1, cb_len, g);
-          for (int64_t r = 0; r < th; ++r) {
-            A* row = crow.get();
-            conv_row(xbuf.get(), r, wt, g, row);
-            add_bias_row(row, lp[0], g.npix, g.plen);
-            T* dst = pre + act_offset(g, n, c0, h0 + r);
-            if constexpr (std::is_same_v<T, A>) {
-              store_row(row, dst, cb_len, g);
-            } else {
-              round_to_storage(row, tmp.get(), g.out_el);
-              store_row(row, dst, cb_len, g);  // exact: row holds storage values
-            }
-            if (P.act_first) with_act(P.act, [&](auto a) { act_row<decltype(a)::value>(row, g.out_el); });
-            // Row moments (two passes over the row), merged into the item's.
-            if (g.cl) {
-              const Vec inv_w(A(1) / A(g.W));
-              for (int64_t v = 0; v < g.CB; v += V) {
-                Vec s(A(0));
-                for (int64_t q = 0; q < g.W; ++q) s = s + Vec::loadu(row + q * g.CB + v);
-                const Vec mr = s * inv_w;
-                Vec s2(A(0));
-                for (int64_t q = 0; q < g.W; ++q) {
-                  const Vec dlt = Vec::loadu(row + q * g.CB + v) - mr;
+          fill(xbuf.get(), x + act_offset(g, n, c0, 0), h0 - g.p, th + g.k - 1, cb_len, g);
+          for (int64_t r = 0; r < th;) {
+            const int64_t nr = conv_rows(xbuf.get(), r, th - r, wt, g, crow.get());
+            add_bias_row(crow.get(), lp[0], nr * g.npix, g.plen);
+            round_to_storage(crow.get(), tmp.get(), nr * g.out_el);
+            for (int64_t rr = 0; rr < nr; ++rr)
+              store_row(crow.get() + rr * g.out_el, pre + act_offset(g, n, c0, h0 + r + rr), cb_len, g);
+            if (P.act_first)
+              with_act(P.act, [&](auto a) { act_row<decltype(a)::value>(crow.get(), nr * g.out_el); });
+            for (int64_t rr = 0; rr < nr; ++rr, ++r) {
+              const A* row = crow.get() + rr * g.out_el;  // u = act(pre) or pre
+              // Row moments (two passes over the row), merged into the item's.
+              if (g.cl) {
+                const Vec inv_w(A(1) / A(g.W));
+                for (int64_t v = 0; v < g.CB; v += V) {
+                  Vec s(A(0));
+                  for (int64_t q = 0; q < g.W; ++q) s = s + Vec::loadu(row + q * g.CB + v);
+                  const Vec mr = s * inv_w;
+                  Vec s2(A(0));
+                  for (int64_t q = 0; q < g.W; ++q) {
+                    const Vec dlt = Vec::loadu(row + q * g.CB + v) - mr;
+                    s2 = at::vec::fmadd(dlt, dlt, s2);
+                  }
+                  mr.store(lane_a.get() + v);
+                  s2.store(lane_b.get() + v);
+                }
+                for (int64_t l = 0; l < cb_len; ++l) {
+                  double na = n_acc;
+                  chan_merge(na, mean.get()[l], m2.get()[l], double(g.W), lane_a.get()[l], lane_b.get()[l]);
+                }
+              } else {
+                const Vec zero_v(A(0));
+                Vec s = zero_v;
+                for (int64_t e = 0; e < g.Wr; e += V) s = s + Vec::set(zero_v, Vec::loadu(row + e), imin(V, g.W - e));
+                const A mr = A(hsum(s)) / A(g.W);
+                Vec s2 = zero_v;
+                for (int64_t e = 0; e < g.Wr; e += V) {
+                  const Vec dlt = Vec::set(zero_v, Vec::loadu(row + e) - Vec(mr), imin(V, g.W - e));
                   s2 = at::vec::fmadd(dlt, dlt, s2);
                 }
-                mr.store(lane_a.get() + v);
-                s2.store(lane_b.get() + v);
-              }
-              for (int64_t l = 0; l < cb_len; ++l) {
                 double na = n_acc;
-                chan_merge(na, mean.get()[l], m2.get()[l], double(g.W), lane_a.get()[l], lane_b.get()[l]);
+                chan_merge(na, mean.get()[0], m2.get()[0], double(g.W), double(mr), hsum(s2));
               }
-            } else {
-              const Vec zero_v(A(0));
-              Vec s = zero_v;
-              for (int64_t e = 0; e < g.Wr; e += V)
-                s = s + Vec::set(zero_v, Vec::loadu(row + e), imin(V, g.W - e));
-              const A mr = A(hsum(s)) / A(g.W);
-              Vec s2 = zero_v;
-              for (int64_t e = 0; e < g.Wr; e += V) {
-                const Vec dlt = Vec::set(zero_v, Vec::loadu(row + e) - Vec(mr), imin(V, g.W - e));
-                s2 = at::vec::fmadd(dlt, dlt, s2);
-              }
-              double na = n_acc;
-              chan_merge(na, mean.get()[0], m2.get()[0], double(g.W), double(mr), hsum(s2));
+              n_acc += double(g.W);
             }
-            n_acc += double(g.W);
           }
         }
       }
@@ -728,7 +842,6 @@ void conv_stats_t(const DwParams& P) {
 template <typename T>
 void bwd_reduce_t(const DwParams& P) {
   using A = typename AccOf<T>::type;
-  constexpr int64_t V = Vectorized<A>::size();
   const Geom<A> g(P);
   A* sum_g = static_cast<A*>(P.sum_g);
   A* sum_gx = static_cast<A*>(P.sum_gxhat);
@@ -737,7 +850,7 @@ void bwd_reduce_t(const DwParams& P) {
   const T* dy = static_cast<const T*>(P.dy);
   const T* pre = static_cast<const T*>(P.pre);
   const ChanParams<A> cp(g, {P.scale, P.shift, P.mean});
-  // Same items as conv_stats; rows of an image are visited in order, no halo needed.
+  // Same items as conv_stats; the rows of an image in order, no halo.
   Buf<double> part_g(g.G * g.Cpad), part_gx(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
@@ -780,7 +893,6 @@ void bwd_reduce_t(const DwParams& P) {
       }
     }
   });
-  (void)V;
   for (int64_t c = 0; c < g.C; ++c) {
     double a = 0, b = 0;
     for (int64_t gb = 0; gb < g.G; ++gb) {
@@ -794,46 +906,53 @@ void bwd_reduce_t(const DwParams& P) {
 
 // ---------------------------------------------------------------- dw_bwd
 
-// dweight partials of one tile: out[t] += sum over the tile's outputs of d * x at tap t.
-// NCHW: d0 = dpre buffer at (row p, col p), x0 = x buffer at (row 0, col 0); lanes of a
-// vector are W positions of one channel (sum them).  CL: per lane (channel).
+// dweight partials of a tile, J taps at once: acc[q] += sum over the tile's outputs of
+// d * x at tap offset q.  d0: dpre buffer at (row p, col p); x0: x buffer at (row i, col j);
+// `ps` is the pixel stride (NCHW 1 with vectors along W, CL V), n the vectors per row.
 template <int J, typename A>
-inline void dweight_taps_nchw(const A* d0, const A* x0, int64_t ld, int64_t th, int64_t Wr, double* out) {
+inline void dweight_taps(const A* d0, const A* x0, int64_t ld, int64_t ps, int64_t th, int64_t n,
+                         Vectorized<A>* acc) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  Vec acc[J];
-  for (int q = 0; q < J; ++q) acc[q] = Vec(A(0));
+  const int64_t step = ps == 1 ? V : ps;  // NCHW: V values per vector; CL: one pixel
   for (int64_t r = 0; r < th; ++r) {
     const A* dr = d0 + r * ld;
     const A* xr = x0 + r * ld;
-    for (int64_t w = 0; w < Wr; w += V) {
-      const Vec dv = Vec::loadu(dr + w);
-      for (int q = 0; q < J; ++q) acc[q] = at::vec::fmadd(dv, Vec::loadu(xr + w + q), acc[q]);
+    for (int64_t e = 0; e < n * step; e += step) {
+      const Vec dv = Vec::loadu(dr + e);
+      for (int q = 0; q < J; ++q) acc[q] = at::vec::fmadd(dv, Vec::loadu(xr + e + q * ps), acc[q]);
     }
   }
-  for (int q = 0; q < J; ++q) out[q] += hsum(acc[q]);
 }
 
-template <int J, typename A>
-inline void dweight_taps_cl(const A* d0, const A* x0, int64_t ld, int64_t CB, int64_t th, int64_t W,
-                            int64_t cb_len, double* out /* J rows of CB lanes */) {
+// All k*k taps of one plane of a tile; out[t * ostride + lane] += lanes (CL) or
+// out[t * ostride] += sum of lanes (NCHW).  Lanes past `lanes` are dropped.
+template <typename A>
+inline void dweight_tile(const A* d0, const A* x0, int64_t ld, int64_t ps, int64_t th, int64_t n, int64_t k,
+                         bool sum_lanes, int64_t lanes, double* out, int64_t ostride) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  alignas(64) A lanes[V];
-  for (int64_t v = 0; v < CB; v += V) {
-    Vec acc[J];
-    for (int q = 0; q < J; ++q) acc[q] = Vec(A(0));
-    for (int64_t r = 0; r < th; ++r) {
-      const A* dr = d0 + r * ld + v;
-      const A* xr = x0 + r * ld + v;
-      for (int64_t w = 0; w < W; ++w) {
-        const Vec dv = Vec::loadu(dr + w * CB);
-        for (int q = 0; q < J; ++q) acc[q] = at::vec::fmadd(dv, Vec::loadu(xr + (w + q) * CB), acc[q]);
-      }
+  alignas(64) A tmp[V];
+  auto flush = [&](const Vec& a, int64_t t) {
+    if (sum_lanes) {
+      out[t * ostride] += hsum(a);
+    } else {
+      a.store(tmp);
+      for (int64_t l = 0; l < lanes && l < V; ++l) out[t * ostride + l] += double(tmp[l]);
     }
-    for (int q = 0; q < J; ++q) {
-      acc[q].store(lanes);
-      for (int64_t l = 0; l < V && v + l < cb_len; ++l) out[q * CB + v + l] += double(lanes[l]);
+  };
+  for (int64_t i = 0; i < k; ++i) {
+    const A* xi = x0 + i * ld;
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {
+      Vec acc[4] = {Vec(A(0)), Vec(A(0)), Vec(A(0)), Vec(A(0))};
+      dweight_taps<4>(d0, xi + j * ps, ld, ps, th, n, acc);
+      for (int q = 0; q < 4; ++q) flush(acc[q], i * k + j + q);
+    }
+    for (; j < k; ++j) {
+      Vec acc[1] = {Vec(A(0))};
+      dweight_taps<1>(d0, xi + j * ps, ld, ps, th, n, acc);
+      flush(acc[0], i * k + j);
     }
   }
 }
@@ -861,9 +980,10 @@ void bwd_t(const DwParams& P) {
   const ChanParams<A> cp(g, {P.scale, P.shift, P.mean, P.ca, P.cb, P.cd});
   Buf<double> part_w(g.G * g.Cpad * kk), part_b(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
+  const int64_t pe = g.plane_el();
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> xbuf(g.rows() * g.row_el), dbuf(g.rows() * g.row_el), dyrow(g.out_el), prow(g.out_el),
-        crow(g.out_el);
+    Buf<A> xbuf(g.buf_el()), dbuf(g.buf_el()), dyrow(g.out_el), prow(g.out_el), drow(g.out_el),
+        crow(kMaxRows * g.out_el);
     Buf<double> acc_w(kk * g.CB), acc_b(g.CB);
     LaneParams<A> lp;
     for (int64_t it = begin; it < end; ++it) {
@@ -878,71 +998,69 @@ void bwd_t(const DwParams& P) {
         for (int64_t t = 0; t < g.ntiles; ++t) {
           const int64_t h0 = t * g.TH, th = imin(g.TH, g.H - h0);
           const int64_t nrows = th + k - 1;
-          fill(xbuf.get(), x + img_offset(g, n, c0), h0 - g.p, nrows, cb_len, g);
-          // dpre of the tile and its halo, zero padded like x.
+          fill(xbuf.get(), x + act_offset(g, n, c0, 0), h0 - g.p, nrows, cb_len, g);
+          // dpre of the tile and its halo rows, zero padded like x (recomputed, elementwise).
           for (int64_t r = 0; r < nrows; ++r) {
-            A* drow = dbuf.get() + r * g.row_el;
             const int64_t hi = h0 - g.p + r;
             if (hi < 0 || hi >= g.H) {
-              zero(drow, g.row_el);
+              for (int64_t vb = 0; vb < g.nv; ++vb) zero(dbuf.get() + vb * pe + r * g.row_el, g.row_el);
               continue;
             }
             const int64_t off = act_offset(g, n, c0, hi);
             load_row(dy + off, dyrow.get(), cb_len, g);
             load_row(pre + off, prow.get(), cb_len, g);
-            zero(drow, g.p * g.lane);
+            A* dst = g.cl ? drow.get() : dbuf.get() + r * g.row_el + g.p;
             with_act(P.act, [&](auto a) {
               dpre_row<decltype(a)::value>(dyrow.get(), prow.get(), lp[0], lp[1], lp[2], lp[3], lp[4], lp[5],
-                                           P.act_first, drow + g.p * g.lane, g.npix, g.plen);
+                                           P.act_first, dst, g.npix, g.plen);
             });
-            // NCHW: lanes past W (and CL: padding channels) must not feed dx or dweight.
-            zero(drow + (g.p + g.W) * g.lane, (g.Wp - g.p - g.W) * g.lane);
-            if (g.cl && cb_len < g.CB)
-              for (int64_t w = 0; w < g.W; ++w) zero(drow + (g.p + w) * g.CB + cb_len, g.CB - cb_len);
-          }
-          // dx rows of the tile.
-          for (int64_t r = 0; r < th; ++r) {
-            conv_row(dbuf.get(), r, wt, g, crow.get());
-            const int64_t off = act_offset(g, n, c0, h0 + r);
-            if (P.residual) {
-              load_row(dy + off, dyrow.get(), cb_len, g);
-              for (int64_t e = 0; e < g.out_el; e += V)
-                (Vec::loadu(crow.get() + e) + Vec::loadu(dyrow.get() + e)).store(crow.get() + e);
+            if (g.cl) {  // into the planes; padding channels are lane-local, never mixed in
+              for (int64_t vb = 0; vb < g.nv; ++vb) {
+                A* prow_d = dbuf.get() + vb * pe + r * g.row_el;
+                zero(prow_d, g.p * V);
+                for (int64_t w = 0; w < g.W; ++w) Vec::loadu(drow.get() + w * g.CB + vb * V).store(prow_d + (g.p + w) * V);
+                zero(prow_d + (g.p + g.W) * V, (g.Wp - g.p - g.W) * V);
+              }
+            } else {  // lanes past W must not feed dx or dweight
+              A* row = dbuf.get() + r * g.row_el;
+              zero(row, g.p);
+              zero(row + g.p + g.W, g.Wp - g.p - g.W);
             }
-            store_row(crow.get(), dx + off, cb_len, g);
+          }
+          // dx = conv(dpre, flipped weight) [+ dy] for the tile's rows.
+          for (int64_t r = 0; r < th;) {
+            const int64_t nr = conv_rows(dbuf.get(), r, th - r, wt, g, crow.get());
+            for (int64_t rr = 0; rr < nr; ++rr, ++r) {
+              A* row = crow.get() + rr * g.out_el;
+              const int64_t off = act_offset(g, n, c0, h0 + r);
+              if (P.residual) {
+                load_row(dy + off, dyrow.get(), cb_len, g);
+                for (int64_t e = 0; e < g.out_el; e += V) (Vec::loadu(row + e) + Vec::loadu(dyrow.get() + e)).store(row + e);
+              }
+              store_row(row, dx + off, cb_len, g);
+            }
           }
           // dweight and dbias partials of the tile.
-          const A* d0 = dbuf.get() + g.p * g.row_el + g.p * g.lane;
-          if (g.cl) {
-            for (int64_t i = 0; i < k; ++i) {
-              int64_t j = 0;
-              const A* xi = xbuf.get() + i * g.row_el;
-              double* out = acc_w.get() + (i * k) * g.CB;
-              for (; j + 4 <= k; j += 4)
-                dweight_taps_cl<4>(d0, xi + j * g.CB, g.row_el, g.CB, th, g.W, cb_len, out + j * g.CB);
-              for (; j < k; ++j)
-                dweight_taps_cl<1>(d0, xi + j * g.CB, g.row_el, g.CB, th, g.W, cb_len, out + j * g.CB);
-            }
-            alignas(64) A lanes[V];
-            for (int64_t v = 0; v < g.CB; v += V) {
-              Vec s(A(0));
-              for (int64_t r = 0; r < th; ++r)
-                for (int64_t w = 0; w < g.W; ++w) s = s + Vec::loadu(d0 + r * g.row_el + w * g.CB + v);
-              s.store(lanes);
-              for (int64_t l = 0; l < V && v + l < cb_len; ++l) acc_b.get()[v + l] += double(lanes[l]);
-            }
-          } else {
-            for (int64_t i = 0; i < k; ++i) {
-              int64_t j = 0;
-              const A* xi = xbuf.get() + i * g.row_el;
-              double* out = acc_w.get() + i * k;
-              for (; j + 4 <= k; j += 4) dweight_taps_nchw<4>(d0, xi + j, g.row_el, th, g.Wr, out + j);
-              for (; j < k; ++j) dweight_taps_nchw<1>(d0, xi + j, g.row_el, th, g.Wr, out + j);
+          for (int64_t vb = 0; vb < g.nv; ++vb) {
+            const A* d0 = dbuf.get() + vb * pe + g.p * g.row_el + g.p * g.lane;
+            const A* x0 = xbuf.get() + vb * pe;
+            const int64_t lanes = imin(V, cb_len - vb * V);
+            if (g.cl) {
+              dweight_tile(d0, x0, g.row_el, V, th, g.W, k, false, lanes, acc_w.get() + vb * V, g.CB);
+            } else {
+              dweight_tile(d0, x0, g.row_el, int64_t(1), th, g.Wr / V, k, true, lanes, acc_w.get(), 1);
             }
             Vec s(A(0));
+            const int64_t n_el = g.cl ? g.W * V : g.Wr;
             for (int64_t r = 0; r < th; ++r)
-              for (int64_t e = 0; e < g.Wr; e += V) s = s + Vec::loadu(d0 + r * g.row_el + e);
-            acc_b.get()[0] += hsum(s);
+              for (int64_t e = 0; e < n_el; e += V) s = s + Vec::loadu(d0 + r * g.row_el + e);
+            if (g.cl) {
+              alignas(64) A tmp[V];
+              s.store(tmp);
+              for (int64_t l = 0; l < lanes; ++l) acc_b.get()[vb * V + l] += double(tmp[l]);
+            } else {
+              acc_b.get()[0] += hsum(s);
+            }
           }
         }
       }
@@ -967,6 +1085,7 @@ void bwd_t(const DwParams& P) {
 }
 
 // ---------------------------------------------------------------- dtype dispatch
+
 
 template <template <typename> class Op>
 void by_dtype(const DwParams& P) {
