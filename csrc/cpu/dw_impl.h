@@ -237,6 +237,8 @@ inline void with_act(int act, F&& body) {
 
 // ---------------------------------------------------------------- geometry
 
+constexpr int64_t kMaxRows = 4;  // NCHW output rows computed together (reuse of loaded vectors)
+
 template <typename A>
 struct Geom {
   static constexpr int64_t V = Vectorized<A>::size();
@@ -247,24 +249,25 @@ struct Geom {
   int64_t ncg;     // channel groups (items along C): CL ceil(C / CB); NCHW C
   int64_t Cpad;    // ncg * CB
   int64_t Wr;      // NCHW: outputs per row rounded up to V; CL: W
-  int64_t Wp;      // buffer row length: NCHW Wr + k - 1 values; CL W + k - 1 pixels
-  int64_t lane;    // buffer elements per pixel: CL V, NCHW 1
-  int64_t row_el;  // buffer elements per row (of one plane): Wp * lane
+  int64_t Wp;      // staged row length: NCHW Wr + k - 1 values; CL W + k - 1 pixels
+  int64_t lane;    // staged elements per pixel: CL V, NCHW 1
+  int64_t row_el;  // staged elements per row of one plane: Wp * lane
+  int64_t S;       // rows of the staging ring
   int64_t out_el;  // elements per output row buffer (NCHW Wr, CL W * CB)
   int64_t npix;    // "pixels" per output row for the row helpers (NCHW Wr / V, CL W)
   int64_t plen;    // lanes of such a pixel (NCHW V, CL CB)
-  int64_t TH;      // output rows per tile
-  int64_t ntiles;  // tiles per image
   int64_t G;       // batch groups of the reduction items
+  int64_t nch;     // row chunks per image of the dw_fwd items
 
   explicit Geom(const DwParams& P)
       : N(P.N), C(P.C), H(P.H), W(P.W), k(P.k), p(P.k / 2), cl(P.channels_last) {
     if (cl) {
-      // An item owns CB = 256 bytes of channels (one vector at least).  The staging buffer
-      // keeps each vector of channels in its own plane (rows x pixels x V lanes), so the k
-      // rows a conv row reads are contiguous: one cache line per pixel at most.  (Pixels of
-      // 256 B interleaved map every row onto a quarter of L1's sets and thrash it.)
-      CB = imin(round_up(C, V), imax(V, int64_t(256 / sizeof(A))));
+      // An item owns CB = 512 bytes of channels (one vector at least), so it reads x in
+      // runs of 512 B.  Staged rows keep each vector of channels in its own plane
+      // (pixels x V lanes), so the k rows a conv row reads are contiguous: at most one
+      // cache line per pixel (pixels of 256 B interleaved map every row onto a quarter of
+      // L1's sets and thrash it).
+      CB = imin(round_up(C, V), imax(V, int64_t(512 / sizeof(A))));
       nv = CB / V;
       ncg = div_up(C, CB);
       Cpad = ncg * CB;
@@ -274,6 +277,7 @@ struct Geom {
       out_el = W * CB;
       npix = W;
       plen = CB;
+      S = k;
     } else {
       CB = 1;
       nv = 1;
@@ -285,96 +289,108 @@ struct Geom {
       out_el = Wr;
       npix = Wr / V;
       plen = V;
+      S = k + kMaxRows - 1;
     }
     row_el = Wp * lane;
-    // A tile's staged input (TH + k - 1 rows of every plane) stays within 256 KB (L2); at
-    // most 256 rows keep the per-lane float sums of a tile short.
-    const int64_t budget = (int64_t(1) << 18) / int64_t(sizeof(A));
-    TH = imax(1, imin(imin(H, 256), budget / (nv * row_el) - (k - 1)));
-    ntiles = div_up(H, TH);
-    // Reduction items: enough to keep the threads busy, few enough that their partial
-    // results stay small.  Depends on shapes only.
+    // Reduction items (channel group, batch group): enough to keep the threads busy, few
+    // enough that their partial results stay small.  dw_fwd items also split the rows of
+    // an image when there are few images and channel groups.  Shapes only, never threads.
     G = imax(1, imin(N, div_up(64, ncg)));
+    nch = imax(1, imin(div_up(32, imax(1, N * ncg)), H / imax(2 * k, 8)));
   }
-  int64_t rows() const { return TH + k - 1; }
-  int64_t plane_el() const { return rows() * row_el; }
-  int64_t buf_el() const { return nv * plane_el(); }
+  int64_t ring_el() const { return nv * S * row_el; }
   int64_t n_begin(int64_t g) const { return g * N / G; }
+  // Rows computed together: NCHW up to kMaxRows, CL one.
+  int64_t step_rows(int64_t left) const { return cl ? 1 : (left >= 4 ? 4 : left >= 2 ? 2 : 1); }
 };
 
-// ---------------------------------------------------------------- staging
-
-// NCHW: buffer rows r in [0, nrows) <- image rows h_start + r of one plane (H x W), zero
-// outside the image: p zeros, W values, zeros to Wp.
-template <typename T, typename A>
-void fill_nchw(A* buf, const T* plane, int64_t h_start, int64_t nrows, const Geom<A>& g) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    A* row = buf + r * g.Wp;
-    const int64_t hi = h_start + r;
-    if (hi < 0 || hi >= g.H) {
-      zero(row, g.Wp);
-      continue;
-    }
-    zero(row, g.p);
-    to_acc(plane + hi * g.W, row + g.p, g.W);
-    zero(row + g.p + g.W, g.Wp - g.p - g.W);
-  }
+// Offset of (n, c0, h, 0) in an activation tensor.
+template <typename A>
+inline int64_t act_offset(const Geom<A>& g, int64_t n, int64_t c0, int64_t h) {
+  return g.cl ? ((n * g.H + h) * g.W) * g.C + c0 : ((n * g.C + c0) * g.H + h) * g.W;
 }
 
-// Channels_last: `img` points at (n, 0, 0, c0), cb_len <= CB channels are real (the other
-// lanes are zero).  Plane vb, row r, pixel q holds channels c0 + vb*V .. + V of image row
-// h_start + r, column q - p.
+// Asks for the cache lines of n elements at p (a hint; no-op where unsupported).
+template <typename T>
+inline void prefetch_run(const T* p, int64_t n) {
+#if defined(__GNUC__)
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b, 0, 3);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+// ---------------------------------------------------------------- staging ring
+// Image rows pass through a ring of S staged rows, each converted to A once and zero padded
+// (p zeros left, zeros right, zero rows above and below the image): the convolution then
+// needs no boundary tests or conversions.  Image row y lives in slot (y - origin) mod S;
+// CL rows are planes of V channels: plane vb of a slot is at vb * S * row_el.
+
+template <typename A>
+struct Ring {
+  A* base;
+  int64_t S, row_el, origin;
+  A* slot(int64_t y) const { return base + ((y - origin) % S) * row_el; }
+};
+
+// Stages image row y (any y; rows outside the image are zero) of the image at `img`
+// (NCHW: the plane of channel c0; CL: (n, 0, 0, c0), cb_len channels) into slot `dst`.
 template <typename T, typename A>
-void fill_cl(A* buf, const T* img, int64_t h_start, int64_t nrows, int64_t cb_len, const Geom<A>& g) {
+void stage_row(A* dst, const T* img, int64_t y, int64_t cb_len, const Geom<A>& g) {
   constexpr int64_t V = Geom<A>::V;
-  const int64_t pe = g.plane_el();
-  for (int64_t r = 0; r < nrows; ++r) {
-    const int64_t hi = h_start + r;
-    if (hi < 0 || hi >= g.H) {
-      for (int64_t vb = 0; vb < g.nv; ++vb) zero(buf + vb * pe + r * g.row_el, g.row_el);
-      continue;
+  if (!g.cl) {
+    if (y < 0 || y >= g.H) {
+      zero(dst, g.Wp);
+      return;
     }
-    for (int64_t vb = 0; vb < g.nv; ++vb) {
-      A* row = buf + vb * pe + r * g.row_el;
-      zero(row, g.p * V);
-      zero(row + (g.p + g.W) * V, (g.Wp - g.p - g.W) * V);
-    }
-    const T* src = img + hi * g.W * g.C;
-    A* dst = buf + r * g.row_el + g.p * V;
-    for (int64_t w = 0; w < g.W; ++w)
-      for (int64_t vb = 0; vb < g.nv; ++vb) load_px(src + w * g.C + vb * V, dst + vb * pe + w * V, cb_len - vb * V);
+    zero(dst, g.p);
+    to_acc(img + y * g.W, dst + g.p, g.W);
+    zero(dst + g.p + g.W, g.Wp - g.p - g.W);
+    return;
   }
-}
-
-template <typename T, typename A>
-inline void fill(A* buf, const T* img, int64_t h_start, int64_t nrows, int64_t cb_len, const Geom<A>& g) {
-  if (g.cl)
-    fill_cl(buf, img, h_start, nrows, cb_len, g);
-  else
-    fill_nchw(buf, img, h_start, nrows, g);
+  const int64_t ps = g.S * g.row_el;  // plane stride
+  if (y < 0 || y >= g.H) {
+    for (int64_t vb = 0; vb < g.nv; ++vb) zero(dst + vb * ps, g.row_el);
+    return;
+  }
+  for (int64_t vb = 0; vb < g.nv; ++vb) {
+    zero(dst + vb * ps, g.p * V);
+    zero(dst + vb * ps + (g.p + g.W) * V, (g.Wp - g.p - g.W) * V);
+  }
+  const T* src = img + y * g.W * g.C;
+  A* d = dst + g.p * V;
+  // The next row's runs of this channel group: pixels are C apart, too far apart (and too
+  // few per page) for the hardware prefetchers.
+  const bool ahead = y + 1 < g.H;
+  for (int64_t w = 0; w < g.W; ++w) {
+    if (ahead) prefetch_run(src + (g.W + w) * g.C, cb_len);
+    for (int64_t vb = 0; vb < g.nv; ++vb) load_px(src + w * g.C + vb * V, d + vb * ps + w * V, cb_len - vb * V);
+  }
 }
 
 // ---------------------------------------------------------------- convolution
 
-// NCHW: R output rows x B vectors.  Input rows in[0 .. R + k - 1) (stride ld): input row ii
+// NCHW: R output rows x B vectors at column w.  Input row ii (rows[ii], ii < R + k - 1)
 // feeds output row rr through weight row ii - rr, so each loaded vector serves up to R
-// rows (fewer loads per FMA than one row at a time; unaligned loads split cache lines).
+// rows (fewer loads per FMA; the loads are unaligned and often split cache lines).
 template <int R, int B, typename A>
-inline void conv_block_nchw(const A* in, int64_t ld, const A* wt, int64_t k, A* out, int64_t ldo) {
+inline void conv_block_nchw(const A* const* rows, int64_t w, const A* wt, int64_t k, A* out, int64_t ldo) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   Vec acc[R][B];
   for (int rr = 0; rr < R; ++rr)
     for (int b = 0; b < B; ++b) acc[rr][b] = Vec(A(0));
   for (int64_t ii = 0; ii < R + k - 1; ++ii) {
-    const A* row = in + ii * ld;
+    const A* row = rows[ii] + w;
     if (ii >= R - 1 && ii <= k - 1) {  // every output row takes this input row
       for (int64_t j = 0; j < k; ++j) {
         Vec xv[B];
         for (int b = 0; b < B; ++b) xv[b] = Vec::loadu(row + j + b * V);
         for (int rr = 0; rr < R; ++rr) {
-          const Vec w(wt[(ii - rr) * k + j]);
-          for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(w, xv[b], acc[rr][b]);
+          const Vec wv(wt[(ii - rr) * k + j]);
+          for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(wv, xv[b], acc[rr][b]);
         }
       }
     } else {  // the first and last R - 1 input rows feed only some output rows
@@ -383,8 +399,8 @@ inline void conv_block_nchw(const A* in, int64_t ld, const A* wt, int64_t k, A* 
         for (int b = 0; b < B; ++b) xv[b] = Vec::loadu(row + j + b * V);
         for (int rr = 0; rr < R; ++rr) {
           if (ii - rr < 0 || ii - rr >= k) continue;
-          const Vec w(wt[(ii - rr) * k + j]);
-          for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(w, xv[b], acc[rr][b]);
+          const Vec wv(wt[(ii - rr) * k + j]);
+          for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(wv, xv[b], acc[rr][b]);
         }
       }
     }
@@ -395,184 +411,196 @@ inline void conv_block_nchw(const A* in, int64_t ld, const A* wt, int64_t k, A* 
 
 // NCHW: R output rows of n (a multiple of V) values each.
 template <int R, typename A>
-inline void conv_rows_nchw(const A* in, int64_t ld, const A* wt, int64_t k, int64_t n, A* out, int64_t ldo) {
+inline void conv_rows_nchw(const A* const* rows, const A* wt, int64_t k, int64_t n, A* out, int64_t ldo) {
   constexpr int64_t V = Vectorized<A>::size();
   constexpr int BM = R <= 2 ? 4 : 2;  // R * BM accumulators
   int64_t w = 0;
-  for (; w + BM * V <= n; w += BM * V) conv_block_nchw<R, BM>(in + w, ld, wt, k, out + w, ldo);
+  for (; w + BM * V <= n; w += BM * V) conv_block_nchw<R, BM>(rows, w, wt, k, out + w, ldo);
   if (BM > 2 && w + 2 * V <= n) {
-    conv_block_nchw<R, 2>(in + w, ld, wt, k, out + w, ldo);
+    conv_block_nchw<R, 2>(rows, w, wt, k, out + w, ldo);
     w += 2 * V;
   }
-  if (w < n) conv_block_nchw<R, 1>(in + w, ld, wt, k, out + w, ldo);
+  if (w < n) conv_block_nchw<R, 1>(rows, w, wt, k, out + w, ldo);
 }
 
-// Channels_last: P output pixels of one plane (pixel stride V in, ops out).  in: plane at
-// (row r, pixel w); wt: transposed weights at (tap 0, channel c0 + vb*V), tap stride Cpad.
+// Channels_last: P output pixels of one plane.  rows[i] + off: input row i at the first
+// pixel (pixel stride V); wt: transposed weights at (tap 0, first channel), tap stride Cpad;
+// out: pixel stride ops.
 template <int P, typename A>
-inline void conv_px_cl(const A* in, int64_t ld, const A* wt, int64_t Cpad, int64_t k, A* out, int64_t ops) {
+inline void conv_px_cl(const A* const* rows, int64_t off, const A* wt, int64_t Cpad, int64_t k, A* out,
+                       int64_t ops) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   Vec acc[P];
   for (int q = 0; q < P; ++q) acc[q] = Vec(A(0));
   for (int64_t i = 0; i < k; ++i) {
-    const A* row = in + i * ld;
+    const A* row = rows[i] + off;
     const A* wr = wt + i * k * Cpad;
     for (int64_t j = 0; j < k; ++j) {
-      const Vec w = Vec::loadu(wr + j * Cpad);
+      const Vec wv = Vec::loadu(wr + j * Cpad);
       const A* xj = row + j * V;
-      for (int q = 0; q < P; ++q) acc[q] = at::vec::fmadd(w, Vec::loadu(xj + q * V), acc[q]);
+      for (int q = 0; q < P; ++q) acc[q] = at::vec::fmadd(wv, Vec::loadu(xj + q * V), acc[q]);
     }
   }
   for (int q = 0; q < P; ++q) acc[q].store(out + q * ops);
 }
 
-// Channels_last: output row r of the tile, W pixels x CB lanes, into out (pixel stride CB).
+// Channels_last: one output row, W pixels x CB lanes, into out (pixel stride CB).
 template <typename A>
-inline void conv_row_cl(const A* buf, int64_t r, const A* wt, const Geom<A>& g, A* out) {
+inline void conv_row_cl(const A* const* rows, const A* wt, const Geom<A>& g, A* out) {
   constexpr int64_t V = Geom<A>::V;
-  const int64_t W = g.W, CB = g.CB;
+  const int64_t W = g.W, CB = g.CB, ps = g.S * g.row_el;
   for (int64_t vb = 0; vb < g.nv; ++vb) {
-    const A* in = buf + vb * g.plane_el() + r * g.row_el;
     const A* wv = wt + vb * V;
     A* o = out + vb * V;
+    const int64_t off = vb * ps;
     int64_t w = 0;
-    for (; w + 8 <= W; w += 8) conv_px_cl<8>(in + w * V, g.row_el, wv, g.Cpad, g.k, o + w * CB, CB);
+    for (; w + 8 <= W; w += 8) conv_px_cl<8>(rows, off + w * V, wv, g.Cpad, g.k, o + w * CB, CB);
     if (W - w >= 4) {
-      conv_px_cl<4>(in + w * V, g.row_el, wv, g.Cpad, g.k, o + w * CB, CB);
+      conv_px_cl<4>(rows, off + w * V, wv, g.Cpad, g.k, o + w * CB, CB);
       w += 4;
     }
     if (W - w >= 2) {
-      conv_px_cl<2>(in + w * V, g.row_el, wv, g.Cpad, g.k, o + w * CB, CB);
+      conv_px_cl<2>(rows, off + w * V, wv, g.Cpad, g.k, o + w * CB, CB);
       w += 2;
     }
-    if (W - w >= 1) conv_px_cl<1>(in + w * V, g.row_el, wv, g.Cpad, g.k, o + w * CB, CB);
+    if (W - w >= 1) conv_px_cl<1>(rows, off + w * V, wv, g.Cpad, g.k, o + w * CB, CB);
   }
 }
 
-constexpr int64_t kMaxRows = 4;  // output rows per conv_rows call
-
-// Output rows r, r + 1, ... (at most kMaxRows, at most `left`) of the tile staged in buf,
-// into out (row stride out_el).  Returns the number of rows computed.
+// nr output rows (g.step_rows) whose k + nr - 1 input rows are rows[0 ..], into out (row
+// stride out_el).
 template <typename A>
-inline int64_t conv_rows(const A* buf, int64_t r, int64_t left, const A* wt, const Geom<A>& g, A* out) {
-  if (g.cl) {
-    conv_row_cl(buf, r, wt, g, out);
-    return 1;
-  }
-  const A* in = buf + r * g.row_el;
-  if (left >= 4) {
-    conv_rows_nchw<4>(in, g.Wp, wt, g.k, g.Wr, out, g.out_el);
-    return 4;
-  }
-  if (left >= 2) {
-    conv_rows_nchw<2>(in, g.Wp, wt, g.k, g.Wr, out, g.out_el);
-    return 2;
-  }
-  conv_rows_nchw<1>(in, g.Wp, wt, g.k, g.Wr, out, g.out_el);
-  return 1;
+inline void conv_rows(const A* const* rows, int64_t nr, const A* wt, const Geom<A>& g, A* out) {
+  if (g.cl)
+    conv_row_cl(rows, wt, g, out);
+  else if (nr == 4)
+    conv_rows_nchw<4>(rows, wt, g.k, g.Wr, out, g.out_el);
+  else if (nr == 2)
+    conv_rows_nchw<2>(rows, wt, g.k, g.Wr, out, g.out_el);
+  else
+    conv_rows_nchw<1>(rows, wt, g.k, g.Wr, out, g.out_el);
 }
 
-// ---------------------------------------------------------------- row epilogues
-// A row is npix "pixels" of plen lanes (plen a multiple of V); per-channel parameters are
-// arrays of plen values (NCHW: the channel's value repeated).
+// Walks output rows [h0, h1) of one image in steps of g.step_rows, keeping the ring(s)
+// staged: before body(r, nr, rows) every input row r - p .. r + nr - 1 + p is in the ring;
+// rows[ii] is image row r - p + ii.  stage(y) stages row y (into every ring the caller has).
+template <typename A, typename Stage, typename Body>
+inline void stream_rows(const Geom<A>& g, Ring<A>& ring, int64_t h0, int64_t h1, Stage&& stage, Body&& body) {
+  constexpr int64_t kMaxK = 31;
+  const A* rows[kMaxK + kMaxRows];
+  ring.origin = h0 - g.p;
+  int64_t next = h0 - g.p;
+  for (int64_t r = h0; r < h1;) {
+    const int64_t nr = g.step_rows(h1 - r);
+    for (; next <= r + nr - 1 + g.p; ++next) stage(next);
+    for (int64_t ii = 0; ii < nr + g.k - 1; ++ii) rows[ii] = ring.slot(r - g.p + ii);
+    body(r, nr, static_cast<const A* const*>(rows));
+    r += nr;
+  }
+}
+
+// ---------------------------------------------------------------- row addressing
+// A row of one item is nq x nv vectors: NCHW nq = Wr / V vectors along W (nv = 1); CL
+// nq = W pixels x nv vectors of channels.  For vector (q, vb):
 
 template <typename A>
-inline void add_bias_row(A* row, const A* bias, int64_t npix, int64_t plen) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  for (int64_t v = 0; v < plen; v += V) {
-    const Vec b = Vec::loadu(bias + v);
-    for (int64_t q = 0; q < npix; ++q) {
-      A* e = row + q * plen + v;
-      (Vec::loadu(e) + b).store(e);
-    }
+struct RowMap {
+  static constexpr int64_t V = Geom<A>::V;
+  const Geom<A>& g;
+  int64_t cb_len;
+  int64_t nq() const { return g.cl ? g.W : g.Wr / V; }
+  // offset in an activation tensor row (from act_offset(n, c0, h)) and lanes that exist
+  int64_t t_off(int64_t q, int64_t vb) const { return g.cl ? q * g.C + vb * V : q * V; }
+  int64_t cnt(int64_t q, int64_t vb) const { return g.cl ? cb_len - vb * V : g.W - q * V; }
+  // offset in an output row buffer (pixel-major, plen lanes a pixel)
+  int64_t b_off(int64_t q, int64_t vb) const { return q * g.plen + vb * V; }
+  // offset of the output position in a staged ring row (past the left padding)
+  int64_t r_off(int64_t q, int64_t vb) const { return g.cl ? vb * g.S * g.row_el + (g.p + q) * V : g.p + q * V; }
+};
+
+// ---------------------------------------------------------------- per-vector epilogues
+
+// v rounded to the storage type T and back (the rounding of pre).
+template <typename T, typename A>
+inline Vectorized<A> round_vec(const Vectorized<A>& v) {
+  if constexpr (std::is_same_v<T, A>) {
+    return v;
+  } else {
+    auto [a, b] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v));
+    (void)b;
+    return a;
   }
 }
 
-template <int ACT, typename A>
-inline void act_row(A* row, int64_t n) {
+// V elements of T at p as A, zero past cnt (cnt may be <= 0).
+template <typename T, typename A>
+inline Vectorized<A> load_vec(const T* p, int64_t cnt) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  if constexpr (ACT != 0)
-    for (int64_t e = 0; e < n; e += V) act_fwd<ACT>(Vec::loadu(row + e)).store(row + e);
-}
-
-// y = [x +] (sc * act(pre) + sh  if act_first  else  act(sc * pre + sh))
-template <int ACT, typename A>
-inline void fwd_row(const A* pre, const A* xres, const A* sc, const A* sh, bool act_first, A* out,
-                    int64_t npix, int64_t plen) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  for (int64_t v = 0; v < plen; v += V) {
-    const Vec s = Vec::loadu(sc + v), b = Vec::loadu(sh + v);
-    for (int64_t q = 0; q < npix; ++q) {
-      const int64_t e = q * plen + v;
-      const Vec x = Vec::loadu(pre + e);
-      Vec o = act_first ? at::vec::fmadd(s, act_fwd<ACT>(x), b) : act_fwd<ACT>(at::vec::fmadd(s, x, b));
-      if (xres != nullptr) o = o + Vec::loadu(xres + e);
-      o.store(out + e);
-    }
+  if (cnt <= 0) return Vec(A(0));
+  if constexpr (std::is_same_v<T, A>) {
+    return cnt >= V ? Vec::loadu(p) : Vec::loadu(p, cnt);
+  } else {
+    auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, imin(cnt, V)));
+    (void)b;
+    return a;
   }
 }
 
-// BN-backward sums: sg += sum_q g, sgx += sum_q g * (u - mean), per lane; `valid` elements
-// of the flattened row count (NCHW tail lanes beyond W are masked out).
+// The first cnt lanes of v to p as T (nothing if cnt <= 0).
+template <typename T, typename A>
+inline void store_vec(const Vectorized<A>& v, T* p, int64_t cnt) {
+  constexpr int64_t V = Vectorized<A>::size();
+  if (cnt <= 0) return;
+  if constexpr (std::is_same_v<T, A>) {
+    if (cnt >= V)
+      v.store(p);
+    else
+      v.store(p, cnt);
+  } else {
+    at::vec::convert_from_float<T>(v, Vectorized<A>(A(0))).store(p, imin(cnt, V));
+  }
+}
+
+// Lanes past cnt set to zero.
+template <typename A>
+inline Vectorized<A> mask_vec(const Vectorized<A>& v, int64_t cnt) {
+  constexpr int64_t V = Vectorized<A>::size();
+  return cnt >= V ? v : Vectorized<A>::set(Vectorized<A>(A(0)), v, imax(cnt, 0));
+}
+
+// y (before the residual) = sc * act(pre) + sh  if act_first  else  act(sc * pre + sh)
 template <int ACT, typename A>
-inline void bwd_reduce_row(const A* dy, const A* pre, const A* sc, const A* sh, const A* mean,
-                           bool act_first, int64_t npix, int64_t plen, int64_t valid, A* sg, A* sgx) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  const Vec zero_v(A(0));
-  for (int64_t v = 0; v < plen; v += V) {
-    const Vec s = Vec::loadu(sc + v), b = Vec::loadu(sh + v), m = Vec::loadu(mean + v);
-    Vec ag = zero_v, agx = zero_v;
-    for (int64_t q = 0; q < npix; ++q) {
-      const int64_t e = q * plen + v;
-      const Vec x = Vec::loadu(pre + e);
-      Vec gv = Vec::loadu(dy + e), u = x;
-      if (act_first)
-        u = act_fwd<ACT>(x);
-      else if constexpr (ACT != 0)
-        gv = gv * act_grad<ACT>(at::vec::fmadd(s, x, b));
-      Vec gx = gv * (u - m);
-      if (valid - e < V) {
-        gv = Vec::set(zero_v, gv, imax(valid - e, 0));
-        gx = Vec::set(zero_v, gx, imax(valid - e, 0));
-      }
-      ag = ag + gv;
-      agx = agx + gx;
-    }
-    (Vec::loadu(sg + v) + ag).store(sg + v);
-    (Vec::loadu(sgx + v) + agx).store(sgx + v);
+inline Vectorized<A> fwd_vec(const Vectorized<A>& pre, const Vectorized<A>& s, const Vectorized<A>& b,
+                             bool act_first) {
+  return act_first ? at::vec::fmadd(s, act_fwd<ACT>(pre), b) : act_fwd<ACT>(at::vec::fmadd(s, pre, b));
+}
+
+// g (the gradient at the BN output) and u (the BN input).
+template <int ACT, typename A>
+inline void g_u_vec(const Vectorized<A>& dy, const Vectorized<A>& pre, const Vectorized<A>& s,
+                    const Vectorized<A>& b, bool act_first, Vectorized<A>& g, Vectorized<A>& u) {
+  if (act_first) {
+    g = dy;
+    u = act_fwd<ACT>(pre);
+  } else {
+    g = ACT == 0 ? dy : dy * act_grad<ACT>(at::vec::fmadd(s, pre, b));
+    u = pre;
   }
 }
 
 // dpre = ca*g + cb*(u - mean) + cd, times act'(pre) if act_first.
 template <int ACT, typename A>
-inline void dpre_row(const A* dy, const A* pre, const A* sc, const A* sh, const A* mean, const A* ca,
-                     const A* cb, const A* cd, bool act_first, A* d, int64_t npix, int64_t plen) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  for (int64_t v = 0; v < plen; v += V) {
-    const Vec s = Vec::loadu(sc + v), b = Vec::loadu(sh + v), m = Vec::loadu(mean + v);
-    const Vec a1 = Vec::loadu(ca + v), b1 = Vec::loadu(cb + v), c1 = Vec::loadu(cd + v);
-    for (int64_t q = 0; q < npix; ++q) {
-      const int64_t e = q * plen + v;
-      const Vec x = Vec::loadu(pre + e);
-      const Vec gy = Vec::loadu(dy + e);
-      Vec r;
-      if (act_first) {
-        r = at::vec::fmadd(a1, gy, at::vec::fmadd(b1, act_fwd<ACT>(x) - m, c1));
-        if constexpr (ACT != 0) r = r * act_grad<ACT>(x);
-      } else {
-        Vec gv = gy;
-        if constexpr (ACT != 0) gv = gv * act_grad<ACT>(at::vec::fmadd(s, x, b));
-        r = at::vec::fmadd(a1, gv, at::vec::fmadd(b1, x - m, c1));
-      }
-      r.store(d + e);
-    }
-  }
+inline Vectorized<A> dpre_vec(const Vectorized<A>& dy, const Vectorized<A>& pre, const Vectorized<A>& s,
+                              const Vectorized<A>& b, const Vectorized<A>& m, const Vectorized<A>& a1,
+                              const Vectorized<A>& b1, const Vectorized<A>& c1, bool act_first) {
+  Vectorized<A> g, u;
+  g_u_vec<ACT>(dy, pre, s, b, act_first, g, u);
+  Vectorized<A> d = at::vec::fmadd(a1, g, at::vec::fmadd(b1, u - m, c1));
+  if constexpr (ACT != 0)
+    if (act_first) d = d * act_grad<ACT>(pre);
+  return d;
 }
 
 // Merge (nb, mb, m2b) into (na, ma, m2a): Chan et al.'s parallel-variance update.
@@ -647,88 +675,58 @@ struct Weights {
   const A* group(int64_t cg) const { return g.cl ? store.get() + cg * g.CB : store.get() + cg * g.k * g.k; }
 };
 
-// Writes one output row buffer (out_el values; CL pixel-major, CB lanes a pixel) to the
-// tensor row `dst`: NCHW W values; CL W pixels of cb_len channels at stride C.
-template <typename T, typename A>
-inline void store_row(const A* row, T* dst, int64_t cb_len, const Geom<A>& g) {
-  constexpr int64_t V = Geom<A>::V;
-  if (g.cl) {
-    for (int64_t w = 0; w < g.W; ++w)
-      for (int64_t vb = 0; vb < g.nv; ++vb)
-        store_px(row + w * g.CB + vb * V, dst + w * g.C + vb * V, cb_len - vb * V);
-  } else {
-    to_storage(row, dst, g.W);
-  }
-}
-
-// Reads one tensor row into a row buffer (the inverse of store_row).  CL padding lanes are
-// zero; NCHW lanes past W are left as they were.
-template <typename T, typename A>
-inline void load_row(const T* src, A* row, int64_t cb_len, const Geom<A>& g) {
-  constexpr int64_t V = Geom<A>::V;
-  if (g.cl) {
-    for (int64_t w = 0; w < g.W; ++w)
-      for (int64_t vb = 0; vb < g.nv; ++vb)
-        load_px(src + w * g.C + vb * V, row + w * g.CB + vb * V, cb_len - vb * V);
-  } else {
-    to_acc(src, row, g.W);
-  }
-}
-
-// Offset of (n, c0, h, 0) in an activation tensor.
-template <typename A>
-inline int64_t act_offset(const Geom<A>& g, int64_t n, int64_t c0, int64_t h) {
-  return g.cl ? ((n * g.H + h) * g.W) * g.C + c0 : ((n * g.C + c0) * g.H + h) * g.W;
-}
-
 // ---------------------------------------------------------------- dw_fwd
 
 template <typename T>
 void fwd_t(const DwParams& P) {
   using A = typename AccOf<T>::type;
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
   const Geom<A> g(P);
   if (g.N * g.C * g.H * g.W == 0) return;
   const T* x = static_cast<const T*>(P.x);
   T* y = static_cast<T*>(P.y);
   const Weights<A> wts(g, static_cast<const A*>(P.weight), false);
   const ChanParams<A> cp(g, {P.bias, P.scale, P.shift});
-  const int64_t nitems = g.N * g.ncg * g.ntiles;
+  // Item (n, cg, ch): image n, channel group cg, row chunk ch.
+  const int64_t nitems = g.N * g.ncg * g.nch;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> xbuf(g.buf_el()), crow(kMaxRows * g.out_el), orow(g.out_el), xrow(g.out_el);
-    Buf<T> tmp(kMaxRows * g.out_el);
+    Buf<A> ring_buf(g.ring_el()), crow(kMaxRows * g.out_el);
+    Ring<A> ring{ring_buf.get(), g.S, g.row_el, 0};
     LaneParams<A> lp;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t t = it % g.ntiles;
-      const int64_t cg = (it / g.ntiles) % g.ncg;
-      const int64_t n = it / (g.ntiles * g.ncg);
+      const int64_t ch = it % g.nch;
+      const int64_t cg = (it / g.nch) % g.ncg;
+      const int64_t n = it / (g.nch * g.ncg);
       const int64_t c0 = cg * g.CB;
-      const int64_t cb_len = imin(g.CB, g.C - c0);
-      const int64_t h0 = t * g.TH, th = imin(g.TH, g.H - h0);
+      const RowMap<A> rm{g, imin(g.CB, g.C - c0)};
       lp.set(cp, c0);
-      fill(xbuf.get(), x + act_offset(g, n, c0, 0), h0 - g.p, th + g.k - 1, cb_len, g);
+      const T* img = x + act_offset(g, n, c0, 0);
       const A* wt = wts.group(cg);
-      for (int64_t r = 0; r < th;) {
-        const int64_t nr = conv_rows(xbuf.get(), r, th - r, wt, g, crow.get());
-        add_bias_row(crow.get(), lp[0], nr * g.npix, g.plen);
-        round_to_storage(crow.get(), tmp.get(), nr * g.out_el);
-        for (int64_t rr = 0; rr < nr; ++rr, ++r) {
-          const int64_t off = act_offset(g, n, c0, h0 + r);
-          const A* xres = nullptr;
-          if (P.residual) {
-            if (g.cl) {
-              load_row(x + off, xrow.get(), cb_len, g);
-              xres = xrow.get();
-            } else {
-              xres = xbuf.get() + (r + g.p) * g.row_el + g.p;
-            }
-          }
-          with_act(P.act, [&](auto a) {
-            fwd_row<decltype(a)::value>(crow.get() + rr * g.out_el, xres, lp[1], lp[2], P.act_first, orow.get(),
-                                        g.npix, g.plen);
-          });
-          store_row(orow.get(), y + off, cb_len, g);
-        }
-      }
+      with_act(P.act, [&](auto a) {
+        constexpr int ACT = decltype(a)::value;
+        stream_rows(
+            g, ring, ch * g.H / g.nch, (ch + 1) * g.H / g.nch,
+            [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
+            [&](int64_t r, int64_t nr, const A* const* rows) {
+              conv_rows(rows, nr, wt, g, crow.get());
+              for (int64_t rr = 0; rr < nr; ++rr) {
+                const A* cr = crow.get() + rr * g.out_el;
+                const A* xr = rows[rr + g.p];  // staged image row r + rr
+                T* yr = y + act_offset(g, n, c0, r + rr);
+                for (int64_t vb = 0; vb < g.nv; ++vb) {
+                  const Vec bias = Vec::loadu(lp[0] + vb * V), s = Vec::loadu(lp[1] + vb * V),
+                            b = Vec::loadu(lp[2] + vb * V);
+                  for (int64_t q = 0; q < rm.nq(); ++q) {
+                    const Vec pre = round_vec<T>(Vec::loadu(cr + rm.b_off(q, vb)) + bias);
+                    Vec o = fwd_vec<ACT>(pre, s, b, P.act_first);
+                    if (P.residual) o = o + Vec::loadu(xr + rm.r_off(q, vb));
+                    store_vec(o, yr + rm.t_off(q, vb), rm.cnt(q, vb));
+                  }
+                }
+              }
+            });
+      });
     }
   });
 }
@@ -756,71 +754,68 @@ void conv_stats_t(const DwParams& P) {
   Buf<double> part_mean(g.G * g.Cpad), part_m2(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> xbuf(g.buf_el()), crow(kMaxRows * g.out_el), lane_a(g.CB), lane_b(g.CB);
-    Buf<T> tmp(kMaxRows * g.out_el);
+    Buf<A> ring_buf(g.ring_el()), crow(kMaxRows * g.out_el);
     Buf<double> mean(g.CB), m2(g.CB);
+    Ring<A> ring{ring_buf.get(), g.S, g.row_el, 0};
     LaneParams<A> lp;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t cg = it / g.G, gb = it % g.G;
       const int64_t c0 = cg * g.CB;
-      const int64_t cb_len = imin(g.CB, g.C - c0);
+      const RowMap<A> rm{g, imin(g.CB, g.C - c0)};
       lp.set(cp, c0);
       const A* wt = wts.group(cg);
-      double n_acc = 0;
+      double n_acc = 0;  // elements merged so far, per channel
       zero(mean.get(), g.CB);
       zero(m2.get(), g.CB);
-      for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
-        for (int64_t t = 0; t < g.ntiles; ++t) {
-          const int64_t h0 = t * g.TH, th = imin(g.TH, g.H - h0);
-          fill(xbuf.get(), x + act_offset(g, n, c0, 0), h0 - g.p, th + g.k - 1, cb_len, g);
-          for (int64_t r = 0; r < th;) {
-            const int64_t nr = conv_rows(xbuf.get(), r, th - r, wt, g, crow.get());
-            add_bias_row(crow.get(), lp[0], nr * g.npix, g.plen);
-            round_to_storage(crow.get(), tmp.get(), nr * g.out_el);
-            for (int64_t rr = 0; rr < nr; ++rr)
-              store_row(crow.get() + rr * g.out_el, pre + act_offset(g, n, c0, h0 + r + rr), cb_len, g);
-            if (P.act_first)
-              with_act(P.act, [&](auto a) { act_row<decltype(a)::value>(crow.get(), nr * g.out_el); });
-            for (int64_t rr = 0; rr < nr; ++rr, ++r) {
-              const A* row = crow.get() + rr * g.out_el;  // u = act(pre) or pre
-              // Row moments (two passes over the row), merged into the item's.
-              if (g.cl) {
-                const Vec inv_w(A(1) / A(g.W));
-                for (int64_t v = 0; v < g.CB; v += V) {
-                  Vec s(A(0));
-                  for (int64_t q = 0; q < g.W; ++q) s = s + Vec::loadu(row + q * g.CB + v);
-                  const Vec mr = s * inv_w;
-                  Vec s2(A(0));
-                  for (int64_t q = 0; q < g.W; ++q) {
-                    const Vec dlt = Vec::loadu(row + q * g.CB + v) - mr;
-                    s2 = at::vec::fmadd(dlt, dlt, s2);
+      with_act(P.act, [&](auto a) {
+        constexpr int ACT = decltype(a)::value;
+        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
+          const T* img = x + act_offset(g, n, c0, 0);
+          stream_rows(
+              g, ring, 0, g.H, [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
+              [&](int64_t r, int64_t nr, const A* const* rows) {
+                conv_rows(rows, nr, wt, g, crow.get());
+                for (int64_t rr = 0; rr < nr; ++rr) {
+                  A* cr = crow.get() + rr * g.out_el;
+                  T* pr = pre + act_offset(g, n, c0, r + rr);
+                  for (int64_t vb = 0; vb < g.nv; ++vb) {
+                    // pass 1: pre (stored), u = act(pre) or pre (kept in cr), row sums
+                    const Vec bias = Vec::loadu(lp[0] + vb * V);
+                    Vec s(A(0));
+                    for (int64_t q = 0; q < rm.nq(); ++q) {
+                      const int64_t cnt = rm.cnt(q, vb);
+                      const Vec pv = round_vec<T>(Vec::loadu(cr + rm.b_off(q, vb)) + bias);
+                      store_vec(pv, pr + rm.t_off(q, vb), cnt);
+                      const Vec u = mask_vec(P.act_first ? act_fwd<ACT>(pv) : pv, cnt);
+                      u.store(cr + rm.b_off(q, vb));
+                      s = s + u;
+                    }
+                    // pass 2: squared deviations from the row mean
+                    const Vec mr = g.cl ? s * Vec(A(1) / A(g.W)) : Vec(A(hsum(s)) / A(g.W));
+                    Vec s2(A(0));
+                    for (int64_t q = 0; q < rm.nq(); ++q) {
+                      const Vec dlt = mask_vec(Vec::loadu(cr + rm.b_off(q, vb)) - mr, rm.cnt(q, vb));
+                      s2 = at::vec::fmadd(dlt, dlt, s2);
+                    }
+                    alignas(64) A lm[V], l2[V];
+                    mr.store(lm);
+                    s2.store(l2);
+                    if (g.cl) {
+                      for (int64_t l = 0; l < imin(V, rm.cb_len - vb * V); ++l) {
+                        double na = n_acc;
+                        chan_merge(na, mean.get()[vb * V + l], m2.get()[vb * V + l], double(g.W), lm[l], l2[l]);
+                      }
+                    } else {
+                      double na = n_acc;
+                      chan_merge(na, mean.get()[0], m2.get()[0], double(g.W), double(lm[0]), hsum(s2));
+                    }
                   }
-                  mr.store(lane_a.get() + v);
-                  s2.store(lane_b.get() + v);
+                  n_acc += double(g.W);
                 }
-                for (int64_t l = 0; l < cb_len; ++l) {
-                  double na = n_acc;
-                  chan_merge(na, mean.get()[l], m2.get()[l], double(g.W), lane_a.get()[l], lane_b.get()[l]);
-                }
-              } else {
-                const Vec zero_v(A(0));
-                Vec s = zero_v;
-                for (int64_t e = 0; e < g.Wr; e += V) s = s + Vec::set(zero_v, Vec::loadu(row + e), imin(V, g.W - e));
-                const A mr = A(hsum(s)) / A(g.W);
-                Vec s2 = zero_v;
-                for (int64_t e = 0; e < g.Wr; e += V) {
-                  const Vec dlt = Vec::set(zero_v, Vec::loadu(row + e) - Vec(mr), imin(V, g.W - e));
-                  s2 = at::vec::fmadd(dlt, dlt, s2);
-                }
-                double na = n_acc;
-                chan_merge(na, mean.get()[0], m2.get()[0], double(g.W), double(mr), hsum(s2));
-              }
-              n_acc += double(g.W);
-            }
-          }
+              });
         }
-      }
-      for (int64_t l = 0; l < cb_len; ++l) {
+      });
+      for (int64_t l = 0; l < rm.cb_len; ++l) {
         part_mean.get()[gb * g.Cpad + c0 + l] = mean.get()[l];
         part_m2.get()[gb * g.Cpad + c0 + l] = m2.get()[l];
       }
@@ -842,6 +837,8 @@ void conv_stats_t(const DwParams& P) {
 template <typename T>
 void bwd_reduce_t(const DwParams& P) {
   using A = typename AccOf<T>::type;
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
   const Geom<A> g(P);
   A* sum_g = static_cast<A*>(P.sum_g);
   A* sum_gx = static_cast<A*>(P.sum_gxhat);
@@ -850,44 +847,51 @@ void bwd_reduce_t(const DwParams& P) {
   const T* dy = static_cast<const T*>(P.dy);
   const T* pre = static_cast<const T*>(P.pre);
   const ChanParams<A> cp(g, {P.scale, P.shift, P.mean});
-  // Same items as conv_stats; the rows of an image in order, no halo.
+  // Same items as conv_stats; row sums in A, merged in double.
   Buf<double> part_g(g.G * g.Cpad), part_gx(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> dyrow(g.out_el), prow(g.out_el), sg(g.plen), sgx(g.plen);
     Buf<double> acc_g(g.CB), acc_gx(g.CB);
     LaneParams<A> lp;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t cg = it / g.G, gb = it % g.G;
       const int64_t c0 = cg * g.CB;
-      const int64_t cb_len = imin(g.CB, g.C - c0);
+      const RowMap<A> rm{g, imin(g.CB, g.C - c0)};
       lp.set(cp, c0);
       zero(acc_g.get(), g.CB);
       zero(acc_gx.get(), g.CB);
-      for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
-        for (int64_t h = 0; h < g.H; ++h) {
-          const int64_t off = act_offset(g, n, c0, h);
-          load_row(dy + off, dyrow.get(), cb_len, g);
-          load_row(pre + off, prow.get(), cb_len, g);
-          zero(sg.get(), g.plen);
-          zero(sgx.get(), g.plen);
-          const int64_t valid = g.cl ? g.out_el : g.W;
-          with_act(P.act, [&](auto a) {
-            bwd_reduce_row<decltype(a)::value>(dyrow.get(), prow.get(), lp[0], lp[1], lp[2], P.act_first,
-                                               g.npix, g.plen, valid, sg.get(), sgx.get());
-          });
-          if (g.cl) {
-            for (int64_t l = 0; l < cb_len; ++l) {
-              acc_g.get()[l] += double(sg.get()[l]);
-              acc_gx.get()[l] += double(sgx.get()[l]);
+      with_act(P.act, [&](auto a) {
+        constexpr int ACT = decltype(a)::value;
+        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n)
+          for (int64_t h = 0; h < g.H; ++h) {
+            const int64_t off = act_offset(g, n, c0, h);
+            for (int64_t vb = 0; vb < g.nv; ++vb) {
+              const Vec s = Vec::loadu(lp[0] + vb * V), b = Vec::loadu(lp[1] + vb * V),
+                        m = Vec::loadu(lp[2] + vb * V);
+              Vec ag(A(0)), agx(A(0));
+              for (int64_t q = 0; q < rm.nq(); ++q) {
+                const int64_t to = off + rm.t_off(q, vb), cnt = rm.cnt(q, vb);
+                Vec gv, u;
+                g_u_vec<ACT>(load_vec<T, A>(dy + to, cnt), load_vec<T, A>(pre + to, cnt), s, b, P.act_first, gv, u);
+                ag = ag + mask_vec(gv, cnt);
+                agx = agx + mask_vec(gv * (u - m), cnt);
+              }
+              if (g.cl) {
+                alignas(64) A l1[V], l2[V];
+                ag.store(l1);
+                agx.store(l2);
+                for (int64_t l = 0; l < imin(V, rm.cb_len - vb * V); ++l) {
+                  acc_g.get()[vb * V + l] += double(l1[l]);
+                  acc_gx.get()[vb * V + l] += double(l2[l]);
+                }
+              } else {
+                acc_g.get()[0] += hsum(ag);
+                acc_gx.get()[0] += hsum(agx);
+              }
             }
-          } else {
-            acc_g.get()[0] += hsum(Vectorized<A>::loadu(sg.get()));
-            acc_gx.get()[0] += hsum(Vectorized<A>::loadu(sgx.get()));
           }
-        }
-      }
-      for (int64_t l = 0; l < cb_len; ++l) {
+      });
+      for (int64_t l = 0; l < rm.cb_len; ++l) {
         part_g.get()[gb * g.Cpad + c0 + l] = acc_g.get()[l];
         part_gx.get()[gb * g.Cpad + c0 + l] = acc_gx.get()[l];
       }
@@ -906,54 +910,34 @@ void bwd_reduce_t(const DwParams& P) {
 
 // ---------------------------------------------------------------- dw_bwd
 
-// dweight partials of a tile, J taps at once: acc[q] += sum over the tile's outputs of
-// d * x at tap offset q.  d0: dpre buffer at (row p, col p); x0: x buffer at (row i, col j);
-// `ps` is the pixel stride (NCHW 1 with vectors along W, CL V), n the vectors per row.
+// acc[q * V ..] += sum over one output row of d * x at J consecutive taps.  d: dpre row at
+// its first output; x: input row at tap (i, j); ps: pixel stride (NCHW 1, vectors along W;
+// CL V); n: vectors in the row.
 template <int J, typename A>
-inline void dweight_taps(const A* d0, const A* x0, int64_t ld, int64_t ps, int64_t th, int64_t n,
-                         Vectorized<A>* acc) {
+inline void dweight_taps(const A* d, const A* x, int64_t ps, int64_t n, A* acc) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  const int64_t step = ps == 1 ? V : ps;  // NCHW: V values per vector; CL: one pixel
-  for (int64_t r = 0; r < th; ++r) {
-    const A* dr = d0 + r * ld;
-    const A* xr = x0 + r * ld;
-    for (int64_t e = 0; e < n * step; e += step) {
-      const Vec dv = Vec::loadu(dr + e);
-      for (int q = 0; q < J; ++q) acc[q] = at::vec::fmadd(dv, Vec::loadu(xr + e + q * ps), acc[q]);
-    }
+  const int64_t step = ps == 1 ? V : ps;
+  Vec a[J];
+  for (int q = 0; q < J; ++q) a[q] = Vec::loadu(acc + q * V);
+  for (int64_t e = 0; e < n * step; e += step) {
+    const Vec dv = Vec::loadu(d + e);
+    for (int q = 0; q < J; ++q) a[q] = at::vec::fmadd(dv, Vec::loadu(x + e + q * ps), a[q]);
   }
+  for (int q = 0; q < J; ++q) a[q].store(acc + q * V);
 }
 
-// All k*k taps of one plane of a tile; out[t * ostride + lane] += lanes (CL) or
-// out[t * ostride] += sum of lanes (NCHW).  Lanes past `lanes` are dropped.
+// All k*k taps of one output row (one plane): acc[t * V ..] for tap t; xrows[i] + off is
+// input row i of the window at column (pixel) 0.
 template <typename A>
-inline void dweight_tile(const A* d0, const A* x0, int64_t ld, int64_t ps, int64_t th, int64_t n, int64_t k,
-                         bool sum_lanes, int64_t lanes, double* out, int64_t ostride) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  alignas(64) A tmp[V];
-  auto flush = [&](const Vec& a, int64_t t) {
-    if (sum_lanes) {
-      out[t * ostride] += hsum(a);
-    } else {
-      a.store(tmp);
-      for (int64_t l = 0; l < lanes && l < V; ++l) out[t * ostride + l] += double(tmp[l]);
-    }
-  };
+inline void dweight_row(const A* d, const A* const* xrows, int64_t off, int64_t ps, int64_t n, int64_t k,
+                        A* acc) {
+  constexpr int64_t V = Vectorized<A>::size();
   for (int64_t i = 0; i < k; ++i) {
-    const A* xi = x0 + i * ld;
+    const A* xi = xrows[i] + off;
     int64_t j = 0;
-    for (; j + 4 <= k; j += 4) {
-      Vec acc[4] = {Vec(A(0)), Vec(A(0)), Vec(A(0)), Vec(A(0))};
-      dweight_taps<4>(d0, xi + j * ps, ld, ps, th, n, acc);
-      for (int q = 0; q < 4; ++q) flush(acc[q], i * k + j + q);
-    }
-    for (; j < k; ++j) {
-      Vec acc[1] = {Vec(A(0))};
-      dweight_taps<1>(d0, xi + j * ps, ld, ps, th, n, acc);
-      flush(acc[0], i * k + j);
-    }
+    for (; j + 4 <= k; j += 4) dweight_taps<4>(d, xi + j * ps, ps, n, acc + (i * k + j) * V);
+    for (; j < k; ++j) dweight_taps<1>(d, xi + j * ps, ps, n, acc + (i * k + j) * V);
   }
 }
 
@@ -980,91 +964,116 @@ void bwd_t(const DwParams& P) {
   const ChanParams<A> cp(g, {P.scale, P.shift, P.mean, P.ca, P.cb, P.cd});
   Buf<double> part_w(g.G * g.Cpad * kk), part_b(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
-  const int64_t pe = g.plane_el();
+  const int64_t ps = g.S * g.row_el;  // CL plane stride in a ring
+  // Vector partial sums of dweight/dbias are flushed into double every this many rows.
+  constexpr int64_t kFlushRows = 64;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> xbuf(g.buf_el()), dbuf(g.buf_el()), dyrow(g.out_el), prow(g.out_el), drow(g.out_el),
-        crow(kMaxRows * g.out_el);
+    Buf<A> xring_buf(g.ring_el()), dring_buf(g.ring_el()), crow(kMaxRows * g.out_el), wacc(g.nv * kk * V),
+        bacc(g.nv * V);
     Buf<double> acc_w(kk * g.CB), acc_b(g.CB);
+    Ring<A> xr{xring_buf.get(), g.S, g.row_el, 0}, dr{dring_buf.get(), g.S, g.row_el, 0};
     LaneParams<A> lp;
+    int64_t pending = 0;  // rows in wacc/bacc
+    auto flush = [&](int64_t cb_len) {
+      alignas(64) A lanes[V];
+      for (int64_t vb = 0; vb < g.nv; ++vb) {
+        const int64_t nl = imin(V, cb_len - vb * V);
+        for (int64_t t = 0; t <= kk; ++t) {  // t == kk: dbias
+          A* a = t < kk ? wacc.get() + (vb * kk + t) * V : bacc.get() + vb * V;
+          double* out = t < kk ? acc_w.get() + t * g.CB : acc_b.get();
+          if (g.cl) {
+            Vec::loadu(a).store(lanes);
+            for (int64_t l = 0; l < nl; ++l) out[vb * V + l] += double(lanes[l]);
+          } else {
+            out[0] += hsum(Vec::loadu(a));
+          }
+          Vec(A(0)).store(a);
+        }
+      }
+      pending = 0;
+    };
     for (int64_t it = begin; it < end; ++it) {
       const int64_t cg = it / g.G, gb = it % g.G;
       const int64_t c0 = cg * g.CB;
-      const int64_t cb_len = imin(g.CB, g.C - c0);
+      const RowMap<A> rm{g, imin(g.CB, g.C - c0)};
       lp.set(cp, c0);
       const A* wt = wflip.group(cg);
       zero(acc_w.get(), kk * g.CB);
       zero(acc_b.get(), g.CB);
-      for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
-        for (int64_t t = 0; t < g.ntiles; ++t) {
-          const int64_t h0 = t * g.TH, th = imin(g.TH, g.H - h0);
-          const int64_t nrows = th + k - 1;
-          fill(xbuf.get(), x + act_offset(g, n, c0, 0), h0 - g.p, nrows, cb_len, g);
-          // dpre of the tile and its halo rows, zero padded like x (recomputed, elementwise).
-          for (int64_t r = 0; r < nrows; ++r) {
-            const int64_t hi = h0 - g.p + r;
-            if (hi < 0 || hi >= g.H) {
-              for (int64_t vb = 0; vb < g.nv; ++vb) zero(dbuf.get() + vb * pe + r * g.row_el, g.row_el);
-              continue;
-            }
-            const int64_t off = act_offset(g, n, c0, hi);
-            load_row(dy + off, dyrow.get(), cb_len, g);
-            load_row(pre + off, prow.get(), cb_len, g);
-            A* dst = g.cl ? drow.get() : dbuf.get() + r * g.row_el + g.p;
-            with_act(P.act, [&](auto a) {
-              dpre_row<decltype(a)::value>(dyrow.get(), prow.get(), lp[0], lp[1], lp[2], lp[3], lp[4], lp[5],
-                                           P.act_first, dst, g.npix, g.plen);
-            });
-            if (g.cl) {  // into the planes; padding channels are lane-local, never mixed in
-              for (int64_t vb = 0; vb < g.nv; ++vb) {
-                A* prow_d = dbuf.get() + vb * pe + r * g.row_el;
-                zero(prow_d, g.p * V);
-                for (int64_t w = 0; w < g.W; ++w) Vec::loadu(drow.get() + w * g.CB + vb * V).store(prow_d + (g.p + w) * V);
-                zero(prow_d + (g.p + g.W) * V, (g.Wp - g.p - g.W) * V);
-              }
-            } else {  // lanes past W must not feed dx or dweight
-              A* row = dbuf.get() + r * g.row_el;
-              zero(row, g.p);
-              zero(row + g.p + g.W, g.Wp - g.p - g.W);
-            }
+      zero(wacc.get(), g.nv * kk * V);
+      zero(bacc.get(), g.nv * V);
+      pending = 0;
+      with_act(P.act, [&](auto a) {
+        constexpr int ACT = decltype(a)::value;
+        // dpre of image row yy of image n, zero padded like x, into a slot of the d ring.
+        auto stage_d = [&](A* dst, int64_t n, int64_t yy) {
+          if (yy < 0 || yy >= g.H) {
+            for (int64_t vb = 0; vb < g.nv; ++vb) zero(dst + vb * ps, g.row_el);
+            return;
           }
-          // dx = conv(dpre, flipped weight) [+ dy] for the tile's rows.
-          for (int64_t r = 0; r < th;) {
-            const int64_t nr = conv_rows(dbuf.get(), r, th - r, wt, g, crow.get());
-            for (int64_t rr = 0; rr < nr; ++rr, ++r) {
-              A* row = crow.get() + rr * g.out_el;
-              const int64_t off = act_offset(g, n, c0, h0 + r);
-              if (P.residual) {
-                load_row(dy + off, dyrow.get(), cb_len, g);
-                for (int64_t e = 0; e < g.out_el; e += V) (Vec::loadu(row + e) + Vec::loadu(dyrow.get() + e)).store(row + e);
-              }
-              store_row(row, dx + off, cb_len, g);
-            }
-          }
-          // dweight and dbias partials of the tile.
+          const int64_t off = act_offset(g, n, c0, yy);
           for (int64_t vb = 0; vb < g.nv; ++vb) {
-            const A* d0 = dbuf.get() + vb * pe + g.p * g.row_el + g.p * g.lane;
-            const A* x0 = xbuf.get() + vb * pe;
-            const int64_t lanes = imin(V, cb_len - vb * V);
             if (g.cl) {
-              dweight_tile(d0, x0, g.row_el, V, th, g.W, k, false, lanes, acc_w.get() + vb * V, g.CB);
+              zero(dst + vb * ps, g.p * V);
+              zero(dst + vb * ps + (g.p + g.W) * V, (g.Wp - g.p - g.W) * V);
             } else {
-              dweight_tile(d0, x0, g.row_el, int64_t(1), th, g.Wr / V, k, true, lanes, acc_w.get(), 1);
+              zero(dst, g.p);
+              zero(dst + g.p + g.Wr, g.Wp - g.p - g.Wr);
             }
-            Vec s(A(0));
-            const int64_t n_el = g.cl ? g.W * V : g.Wr;
-            for (int64_t r = 0; r < th; ++r)
-              for (int64_t e = 0; e < n_el; e += V) s = s + Vec::loadu(d0 + r * g.row_el + e);
-            if (g.cl) {
-              alignas(64) A tmp[V];
-              s.store(tmp);
-              for (int64_t l = 0; l < lanes; ++l) acc_b.get()[vb * V + l] += double(tmp[l]);
-            } else {
-              acc_b.get()[0] += hsum(s);
+            const Vec s = Vec::loadu(lp[0] + vb * V), b = Vec::loadu(lp[1] + vb * V), m = Vec::loadu(lp[2] + vb * V),
+                      a1 = Vec::loadu(lp[3] + vb * V), b1 = Vec::loadu(lp[4] + vb * V),
+                      c1 = Vec::loadu(lp[5] + vb * V);
+            for (int64_t q = 0; q < rm.nq(); ++q) {
+              const int64_t to = off + rm.t_off(q, vb), cnt = rm.cnt(q, vb);
+              const Vec d = dpre_vec<ACT>(load_vec<T, A>(dy + to, cnt), load_vec<T, A>(pre + to, cnt), s, b, m, a1,
+                                          b1, c1, P.act_first);
+              mask_vec(d, cnt).store(dst + rm.r_off(q, vb));  // NCHW: lanes past W must be zero
             }
           }
+        };
+        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
+          const T* img = x + act_offset(g, n, c0, 0);
+          dr.origin = -g.p;
+          stream_rows(
+              g, xr, 0, g.H,
+              [&](int64_t yy) {
+                stage_row(xr.slot(yy), img, yy, rm.cb_len, g);
+                stage_d(dr.slot(yy), n, yy);
+              },
+              [&](int64_t r, int64_t nr, const A* const* xrows) {
+                constexpr int64_t kMaxK = 31;
+                const A* drows[kMaxK + kMaxRows];
+                for (int64_t ii = 0; ii < nr + k - 1; ++ii) drows[ii] = dr.slot(r - g.p + ii);
+                // dx = conv(dpre, flipped weight) [+ dy]
+                conv_rows(static_cast<const A* const*>(drows), nr, wt, g, crow.get());
+                for (int64_t rr = 0; rr < nr; ++rr) {
+                  const A* cr = crow.get() + rr * g.out_el;
+                  const int64_t off = act_offset(g, n, c0, r + rr);
+                  for (int64_t vb = 0; vb < g.nv; ++vb)
+                    for (int64_t q = 0; q < rm.nq(); ++q) {
+                      const int64_t to = off + rm.t_off(q, vb), cnt = rm.cnt(q, vb);
+                      Vec v = Vec::loadu(cr + rm.b_off(q, vb));
+                      if (P.residual) v = v + load_vec<T, A>(dy + to, cnt);
+                      store_vec(v, dx + to, cnt);
+                    }
+                }
+                // dweight and dbias: output row r + rr has dpre drows[rr + p], input rows xrows[rr ..].
+                for (int64_t rr = 0; rr < nr; ++rr) {
+                  for (int64_t vb = 0; vb < g.nv; ++vb) {
+                    const A* d = drows[rr + g.p] + vb * ps + g.p * g.lane;
+                    const int64_t nvec = g.cl ? g.W : g.Wr / V;
+                    dweight_row(d, xrows + rr, vb * ps, g.cl ? V : int64_t(1), nvec, k, wacc.get() + vb * kk * V);
+                    Vec sb = Vec::loadu(bacc.get() + vb * V);
+                    for (int64_t e = 0; e < nvec * V; e += V) sb = sb + Vec::loadu(d + e);
+                    sb.store(bacc.get() + vb * V);
+                  }
+                  if (++pending == kFlushRows) flush(rm.cb_len);
+                }
+              });
+          flush(rm.cb_len);  // per image
         }
-      }
-      for (int64_t l = 0; l < cb_len; ++l) {
+      });
+      for (int64_t l = 0; l < rm.cb_len; ++l) {
         const int64_t c = c0 + l;
         for (int64_t t = 0; t < kk; ++t)
           part_w.get()[(gb * g.Cpad + c) * kk + t] = acc_w.get()[g.cl ? t * g.CB + l : t];
