@@ -237,7 +237,20 @@ inline void with_act(int act, F&& body) {
 
 // ---------------------------------------------------------------- geometry
 
-constexpr int64_t kMaxRows = 4;  // NCHW output rows computed together (reuse of loaded vectors)
+// Vector registers of the target: AVX-512 has 32, AVX2 (and what DEFAULT compiles to) 16.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+// NCHW output rows computed together: each loaded input vector serves this many rows.
+constexpr int64_t kMaxRows = kVecRegs >= 32 ? 8 : 4;
+
+#if defined(__GNUC__)
+#define CMK_NOINLINE __attribute__((noinline))
+#else
+#define CMK_NOINLINE
+#endif
 
 template <typename A>
 struct Geom {
@@ -301,7 +314,12 @@ struct Geom {
   int64_t ring_el() const { return nv * S * row_el; }
   int64_t n_begin(int64_t g) const { return g * N / G; }
   // Rows computed together: NCHW up to kMaxRows, CL one.
-  int64_t step_rows(int64_t left) const { return cl ? 1 : (left >= 4 ? 4 : left >= 2 ? 2 : 1); }
+  int64_t step_rows(int64_t left) const {
+    if (cl) return 1;
+    for (int64_t r = kMaxRows; r > 1; r /= 2)
+      if (left >= r) return r;
+    return 1;
+  }
 };
 
 // Offset of (n, c0, h, 0) in an activation tensor.
@@ -374,33 +392,52 @@ void stage_row(A* dst, const T* img, int64_t y, int64_t cb_len, const Geom<A>& g
 
 // NCHW: R output rows x B vectors at column w.  Input row ii (rows[ii], ii < R + k - 1)
 // feeds output row rr through weight row ii - rr, so each loaded vector serves up to R
-// rows (fewer loads per FMA; the loads are unaligned and often split cache lines).
-template <int R, int B, typename A>
-inline void conv_block_nchw(const A* const* rows, int64_t w, const A* wt, int64_t k, A* out, int64_t ldo) {
+// rows (fewer loads per FMA; the loads are unaligned and often split cache lines).  K > 0
+// makes k a template constant: the ii loop unrolls and the tests on ii - rr disappear.
+template <int R, int B, int K, typename A>
+inline void conv_block_nchw(const A* const* rows, int64_t w, const A* wt, int64_t k_rt, A* out, int64_t ldo) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
+  const int64_t k = K > 0 ? K : k_rt;
   Vec acc[R][B];
   for (int rr = 0; rr < R; ++rr)
     for (int b = 0; b < B; ++b) acc[rr][b] = Vec(A(0));
-  for (int64_t ii = 0; ii < R + k - 1; ++ii) {
-    const A* row = rows[ii] + w;
-    if (ii >= R - 1 && ii <= k - 1) {  // every output row takes this input row
-      for (int64_t j = 0; j < k; ++j) {
+  if constexpr (K > 0) {
+#pragma GCC unroll 64
+    for (int ii = 0; ii < R + K - 1; ++ii) {
+      const A* row = rows[ii] + w;
+      for (int64_t j = 0; j < K; ++j) {
         Vec xv[B];
         for (int b = 0; b < B; ++b) xv[b] = Vec::loadu(row + j + b * V);
+#pragma GCC unroll 16
         for (int rr = 0; rr < R; ++rr) {
-          const Vec wv(wt[(ii - rr) * k + j]);
+          if (ii - rr < 0 || ii - rr >= K) continue;  // resolved at compile time
+          const Vec wv(wt[(ii - rr) * K + j]);
           for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(wv, xv[b], acc[rr][b]);
         }
       }
-    } else {  // the first and last R - 1 input rows feed only some output rows
-      for (int64_t j = 0; j < k; ++j) {
-        Vec xv[B];
-        for (int b = 0; b < B; ++b) xv[b] = Vec::loadu(row + j + b * V);
-        for (int rr = 0; rr < R; ++rr) {
-          if (ii - rr < 0 || ii - rr >= k) continue;
-          const Vec wv(wt[(ii - rr) * k + j]);
-          for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(wv, xv[b], acc[rr][b]);
+    }
+  } else {
+    for (int64_t ii = 0; ii < R + k - 1; ++ii) {
+      const A* row = rows[ii] + w;
+      if (ii >= R - 1 && ii <= k - 1) {  // every output row takes this input row
+        for (int64_t j = 0; j < k; ++j) {
+          Vec xv[B];
+          for (int b = 0; b < B; ++b) xv[b] = Vec::loadu(row + j + b * V);
+          for (int rr = 0; rr < R; ++rr) {
+            const Vec wv(wt[(ii - rr) * k + j]);
+            for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(wv, xv[b], acc[rr][b]);
+          }
+        }
+      } else {  // the first and last R - 1 input rows feed only some output rows
+        for (int64_t j = 0; j < k; ++j) {
+          Vec xv[B];
+          for (int b = 0; b < B; ++b) xv[b] = Vec::loadu(row + j + b * V);
+          for (int rr = 0; rr < R; ++rr) {
+            if (ii - rr < 0 || ii - rr >= k) continue;
+            const Vec wv(wt[(ii - rr) * k + j]);
+            for (int b = 0; b < B; ++b) acc[rr][b] = at::vec::fmadd(wv, xv[b], acc[rr][b]);
+          }
         }
       }
     }
@@ -410,17 +447,17 @@ inline void conv_block_nchw(const A* const* rows, int64_t w, const A* wt, int64_
 }
 
 // NCHW: R output rows of n (a multiple of V) values each.
-template <int R, typename A>
+template <int R, int K, typename A>
 inline void conv_rows_nchw(const A* const* rows, const A* wt, int64_t k, int64_t n, A* out, int64_t ldo) {
   constexpr int64_t V = Vectorized<A>::size();
-  constexpr int BM = R <= 2 ? 4 : 2;  // R * BM accumulators
+  constexpr int BM = R <= 2 ? 4 : 2;  // R * BM accumulators (<= 16)
   int64_t w = 0;
-  for (; w + BM * V <= n; w += BM * V) conv_block_nchw<R, BM>(rows, w, wt, k, out + w, ldo);
+  for (; w + BM * V <= n; w += BM * V) conv_block_nchw<R, BM, K>(rows, w, wt, k, out + w, ldo);
   if (BM > 2 && w + 2 * V <= n) {
-    conv_block_nchw<R, 2>(rows, w, wt, k, out + w, ldo);
+    conv_block_nchw<R, 2, 0>(rows, w, wt, k, out + w, ldo);
     w += 2 * V;
   }
-  if (w < n) conv_block_nchw<R, 1>(rows, w, wt, k, out + w, ldo);
+  if (w < n) conv_block_nchw<R, 1, 0>(rows, w, wt, k, out + w, ldo);
 }
 
 // Channels_last: P output pixels of one plane.  rows[i] + off: input row i at the first
@@ -445,6 +482,50 @@ inline void conv_px_cl(const A* const* rows, int64_t off, const A* wt, int64_t C
   for (int q = 0; q < P; ++q) acc[q].store(out + q * ops);
 }
 
+// Channels_last, k a template constant: the k weight vectors of a row stay in registers and
+// each input pixel is loaded once for the P outputs it feeds ("input stationary"): about
+// (P + 2k - 1) loads per P*k FMAs instead of (P + 1) per P.
+template <int K, int P, typename A>
+inline void conv_px_cl_k(const A* const* rows, int64_t off, const A* wt, int64_t Cpad, A* out, int64_t ops) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[P];
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) acc[q] = Vec(A(0));
+  for (int i = 0; i < K; ++i) {
+    const A* row = rows[i] + off;
+    Vec w[K];
+#pragma GCC unroll 16
+    for (int j = 0; j < K; ++j) w[j] = Vec::loadu(wt + (i * K + j) * Cpad);
+#pragma GCC unroll 32
+    for (int m = 0; m < P + K - 1; ++m) {
+      const Vec xv = Vec::loadu(row + m * V);
+#pragma GCC unroll 16
+      for (int q = 0; q < P; ++q)
+        if (m - q >= 0 && m - q < K) acc[q] = at::vec::fmadd(w[m - q], xv, acc[q]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) acc[q].store(out + q * ops);
+}
+
+// Pixels per block of conv_px_cl_k: as many accumulators as the registers allow.
+template <int K>
+constexpr int cl_block() {
+  return kVecRegs - K - 2 >= 8 ? 8 : kVecRegs - K - 2;
+}
+
+// Returns the pixels done (a multiple of the block) with the k-specialised kernel.
+template <int K, typename A>
+inline int64_t conv_row_cl_k(const A* const* rows, int64_t off, const A* wv, int64_t Cpad, int64_t W, A* o,
+                             int64_t CB) {
+  constexpr int64_t V = Vectorized<A>::size();
+  constexpr int P = cl_block<K>();
+  int64_t w = 0;
+  for (; w + P <= W; w += P) conv_px_cl_k<K, P>(rows, off + w * V, wv, Cpad, o + w * CB, CB);
+  return w;
+}
+
 // Channels_last: one output row, W pixels x CB lanes, into out (pixel stride CB).
 template <typename A>
 inline void conv_row_cl(const A* const* rows, const A* wt, const Geom<A>& g, A* out) {
@@ -455,6 +536,13 @@ inline void conv_row_cl(const A* const* rows, const A* wt, const Geom<A>& g, A* 
     A* o = out + vb * V;
     const int64_t off = vb * ps;
     int64_t w = 0;
+    switch (g.k) {
+      case 3: w = conv_row_cl_k<3>(rows, off, wv, g.Cpad, W, o, CB); break;
+      case 5: w = conv_row_cl_k<5>(rows, off, wv, g.Cpad, W, o, CB); break;
+      case 7: w = conv_row_cl_k<7>(rows, off, wv, g.Cpad, W, o, CB); break;
+      case 9: w = conv_row_cl_k<9>(rows, off, wv, g.Cpad, W, o, CB); break;
+      default: break;
+    }
     for (; w + 8 <= W; w += 8) conv_px_cl<8>(rows, off + w * V, wv, g.Cpad, g.k, o + w * CB, CB);
     if (W - w >= 4) {
       conv_px_cl<4>(rows, off + w * V, wv, g.Cpad, g.k, o + w * CB, CB);
@@ -471,15 +559,24 @@ inline void conv_row_cl(const A* const* rows, const A* wt, const Geom<A>& g, A* 
 // nr output rows (g.step_rows) whose k + nr - 1 input rows are rows[0 ..], into out (row
 // stride out_el).
 template <typename A>
-inline void conv_rows(const A* const* rows, int64_t nr, const A* wt, const Geom<A>& g, A* out) {
+CMK_NOINLINE void conv_rows(const A* const* rows, int64_t nr, const A* wt, const Geom<A>& g, A* out) {
   if (g.cl)
     conv_row_cl(rows, wt, g, out);
-  else if (nr == 4)
-    conv_rows_nchw<4>(rows, wt, g.k, g.Wr, out, g.out_el);
-  else if (nr == 2)
-    conv_rows_nchw<2>(rows, wt, g.k, g.Wr, out, g.out_el);
+  else if (nr == kMaxRows) {  // the bulk: k specialised for the common sizes
+    constexpr int R = int(kMaxRows);
+    switch (g.k) {
+      case 3: conv_rows_nchw<R, 3>(rows, wt, g.k, g.Wr, out, g.out_el); break;
+      case 5: conv_rows_nchw<R, 5>(rows, wt, g.k, g.Wr, out, g.out_el); break;
+      case 7: conv_rows_nchw<R, 7>(rows, wt, g.k, g.Wr, out, g.out_el); break;
+      case 9: conv_rows_nchw<R, 9>(rows, wt, g.k, g.Wr, out, g.out_el); break;
+      default: conv_rows_nchw<R, 0>(rows, wt, g.k, g.Wr, out, g.out_el); break;
+    }
+  } else if (nr >= 4)
+    conv_rows_nchw<4, 0>(rows, wt, g.k, g.Wr, out, g.out_el);
+  else if (nr >= 2)
+    conv_rows_nchw<2, 0>(rows, wt, g.k, g.Wr, out, g.out_el);
   else
-    conv_rows_nchw<1>(rows, wt, g.k, g.Wr, out, g.out_el);
+    conv_rows_nchw<1, 0>(rows, wt, g.k, g.Wr, out, g.out_el);
 }
 
 // Walks output rows [h0, h1) of one image in steps of g.step_rows, keeping the ring(s)
@@ -930,7 +1027,7 @@ inline void dweight_taps(const A* d, const A* x, int64_t ps, int64_t n, A* acc) 
 // All k*k taps of one output row (one plane): acc[t * V ..] for tap t; xrows[i] + off is
 // input row i of the window at column (pixel) 0.
 template <typename A>
-inline void dweight_row(const A* d, const A* const* xrows, int64_t off, int64_t ps, int64_t n, int64_t k,
+CMK_NOINLINE void dweight_row(const A* d, const A* const* xrows, int64_t off, int64_t ps, int64_t n, int64_t k,
                         A* acc) {
   constexpr int64_t V = Vectorized<A>::size();
   for (int64_t i = 0; i < k; ++i) {
