@@ -1,0 +1,284 @@
+// Tiled backward kernel of the depthwise block: dx, and per-block partial weight/bias gradients.
+// Included by the per-k instantiation files (dw_tiled_k*.cu).
+#pragma once
+
+#include "dw_common.cuh"
+
+namespace convmixer_kernels {
+namespace dwcuda {
+
+// One block = one channel (NCHW) or 32-channel group (channels_last) and a run of a.ipb (n, tile)
+// items.  Per item: stage dpre (the gradient at the conv output, recomputed from dy and pre) over
+// the tile + halo in shared memory, zero outside the image.  Each thread then walks its strips:
+// for staged row r it loads kR + k - 1 values v once and uses them for both
+//   dx(q)            += v * w[k-1-r][k-1-j]          (full correlation with the flipped kernel)
+//   dweight[k-1-r][.] += v * x(q)                   (x at the thread's own outputs, in registers)
+// Weight-gradient partials go to a per-thread column of shared memory (own column only: no races),
+// are summed over the block's threads in a fixed order at the end and written to
+// part[(group * C + c) * (k*k + 1) + tap] (tap k*k is the bias gradient).
+template <typename T, int K, bool CL>
+__global__ void __launch_bounds__(kMaxThreads) dw_bwd_tiled_kernel(const TileArgs a) {
+  constexpr int P = K / 2;
+  constexpr int KK = K * K;
+  constexpr int CS = CL ? kCG : 1;
+  constexpr int NV = kR + K - 1;
+  CMK_DYNAMIC_SMEM(smem_f4);
+  float* smem = reinterpret_cast<float*>(smem_f4);
+
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+
+  const int64_t grp = blockIdx.x % a.groups;
+  const int64_t cg = blockIdx.x / a.groups;
+  const int64_t c = CL ? cg * kCG + lane : cg;
+  const bool c_ok = c < a.C;
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
+  const int SR = a.tile_h + K - 1;
+  const int SW = a.smem_w;
+  const int RS = CL ? SW * kCG : a.rs;
+  const int DWS = CL ? nthreads : nthreads + 1;  // NCHW: odd stride, conflict-free final sums
+  float* ds = smem;
+  float* ws = ds + static_cast<size_t>(SR) * RS;
+  float* coef = ws + (CL ? KK * kCG : KK);
+  float* dws = coef + (CL ? 6 * kCG : 0);
+
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const T* __restrict__ dy = static_cast<const T*>(a.dy);
+  const T* __restrict__ pre = static_cast<const T*>(a.pre);
+  T* __restrict__ dx = static_cast<T*>(a.out);
+  const int act = a.act;
+  const bool act_first = a.act_first, residual = a.residual;
+
+  // ---- prologue: own partial column, weights, channel coefficients ----
+  for (int t = 0; t <= KK; ++t) dws[t * DWS + tid] = 0.f;
+  ChanCoef qc{0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if constexpr (CL) {
+    const int64_t c0 = cg * kCG;
+    for (int e = tid; e < kCG * KK; e += nthreads) {
+      const int chl = e / KK, t = e - chl * KK;
+      ws[t * kCG + chl] = (c0 + chl < a.C) ? a.w[(c0 + chl) * KK + t] : 0.f;
+    }
+    for (int e = tid; e < 6 * kCG; e += nthreads) {
+      const int j = e / kCG, chl = e - j * kCG;
+      const int64_t ch = c0 + chl;
+      const float* src = j == 0 ? a.scale : j == 1 ? a.shift : j == 2 ? a.mean : j == 3 ? a.ca : j == 4 ? a.cb : a.cd;
+      coef[e] = ch < a.C ? src[ch] : 0.f;
+    }
+  } else {
+    for (int t = tid; t < KK; t += nthreads) ws[t] = a.w[cg * KK + t];
+    qc = ChanCoef{a.scale[cg], a.shift[cg], a.mean[cg], a.ca[cg], a.cb[cg], a.cd[cg]};
+  }
+
+  const int64_t it0 = grp * a.ipb;
+  const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
+  for (int64_t it = it0; it < it1; ++it) {
+    const int64_t n = it / a.ntiles;
+    const int tile = static_cast<int>(it - n * a.ntiles);
+    const int th0 = (tile / a.tiles_w) * a.tile_h;
+    const int tw0 = (tile % a.tiles_w) * a.tile_w;
+    const int64_t base = CL ? n * a.H * a.W * a.C : (n * a.C + cg) * a.H * a.W;
+    const int gh0 = th0 - P;
+    const int gw0 = tw0 - a.pl;
+
+    __syncthreads();  // the previous item's strips are done with ds; prologue writes visible
+
+    // ---- stage dpre over the tile + halo ----
+    with_act(act, [&](auto A) {
+      constexpr int AC = decltype(A)::value;
+      if constexpr (!CL) {
+        if (a.vec) {
+          constexpr int V = Vec<T>::N;
+          const int cpr = SW / V;
+          for (int e = tid; e < SR * cpr; e += nthreads) {
+            const int r = e / cpr, q = e - r * cpr;
+            const int gh = gh0 + r, gw = gw0 + q * V;
+            float v[V];
+            if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
+              const int64_t off = base + static_cast<int64_t>(gh) * W + gw;
+              float gv[V], pv[V];
+              load_vec<T>(dy + off, gv);
+              load_vec<T>(pre + off, pv);
+#pragma unroll
+              for (int j = 0; j < V; ++j) v[j] = dpre_t<AC>(gv[j], pv[j], qc, act_first);
+            } else {
+#pragma unroll
+              for (int j = 0; j < V; ++j) v[j] = 0.f;
+            }
+            float* d = ds + r * RS + q * V;
+#pragma unroll
+            for (int j = 0; j < V; ++j) d[j] = v[j];
+          }
+        } else {
+          for (int e = tid; e < SR * SW; e += nthreads) {
+            const int r = e / SW, q = e - r * SW;
+            const int gh = gh0 + r, gw = gw0 + q;
+            float v = 0.f;
+            if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
+              const int64_t off = base + static_cast<int64_t>(gh) * W + gw;
+              v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), qc, act_first);
+            }
+            ds[r * RS + q] = v;
+          }
+        }
+      } else {
+        const int64_t c0 = cg * kCG;
+        if (a.vec) {
+          constexpr int V = Vec<T>::N;
+          constexpr int CPP = kCG / V;
+          for (int e = tid; e < SR * SW * CPP; e += nthreads) {
+            const int pix = e / CPP, q = e - pix * CPP;
+            const int r = pix / SW, col = pix - r * SW;
+            const int gh = gh0 + r, gw = gw0 + col;
+            const int64_t ch = c0 + q * V;
+            float v[V];
+            if (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < a.C) {
+              const int64_t off = base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch;
+              float gv[V], pv[V];
+              load_vec<T>(dy + off, gv);
+              load_vec<T>(pre + off, pv);
+#pragma unroll
+              for (int j = 0; j < V; ++j) {
+                const int chl = q * V + j;
+                const ChanCoef cq{coef[chl], coef[kCG + chl], coef[2 * kCG + chl],
+                                  coef[3 * kCG + chl], coef[4 * kCG + chl], coef[5 * kCG + chl]};
+                v[j] = dpre_t<AC>(gv[j], pv[j], cq, act_first);
+              }
+            } else {
+#pragma unroll
+              for (int j = 0; j < V; ++j) v[j] = 0.f;
+            }
+            float4* d = reinterpret_cast<float4*>(ds + static_cast<size_t>(pix) * kCG + q * V);
+#pragma unroll
+            for (int j = 0; j < V / 4; ++j) d[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+          }
+        } else {
+          for (int e = tid; e < SR * SW * kCG; e += nthreads) {
+            const int pix = e >> 5, chl = e & 31;
+            const int r = pix / SW, col = pix - r * SW;
+            const int gh = gh0 + r, gw = gw0 + col;
+            const int64_t ch = c0 + chl;
+            float v = 0.f;
+            if (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < a.C) {
+              const int64_t off = base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch;
+              const ChanCoef cq{coef[chl], coef[kCG + chl], coef[2 * kCG + chl],
+                                coef[3 * kCG + chl], coef[4 * kCG + chl], coef[5 * kCG + chl]};
+              v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), cq, act_first);
+            }
+            ds[e] = v;
+          }
+        }
+      }
+    });
+    __syncthreads();
+
+    // ---- strips ----
+    const int s_begin = CL ? warp : tid;
+    const int s_step = CL ? nwarps : nthreads;
+    for (int s = s_begin; s < a.nstrips; s += s_step) {
+      const int ty = s / a.sw;
+      const int tx = (s - ty * a.sw) * kR;
+      const int oh = th0 + ty, ow0 = tw0 + tx;
+      int nvalid = 0;
+      if (oh < H && c_ok) nvalid = W - ow0 < kR ? (W - ow0 > 0 ? W - ow0 : 0) : kR;
+      const int64_t obase = CL ? base + (static_cast<int64_t>(oh) * W + ow0) * a.C + c
+                               : base + static_cast<int64_t>(oh) * W + ow0;
+      const int64_t ostride = CL ? a.C : 1;
+
+      float xr[kR];  // x at this strip's positions, 0 outside the image
+      if (!CL && a.vec && nvalid == kR) {
+#pragma unroll
+        for (int j = 0; j < kR; j += Vec<T>::N) load_vec<T>(x + obase + j, xr + j);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kR; ++i) xr[i] = i < nvalid ? to_f<T>(x[obase + i * ostride]) : 0.f;
+      }
+
+      const float* sbase = CL ? ds + static_cast<size_t>(ty * SW + tx) * kCG + lane : ds + ty * RS + tx + (a.pl - P);
+      float dxa[kR];
+#pragma unroll
+      for (int i = 0; i < kR; ++i) dxa[i] = 0.f;
+      float db = 0.f;
+#pragma unroll 1
+      for (int r = 0; r < K; ++r) {
+        const float* row = sbase + r * RS;
+        float v[NV];
+#pragma unroll
+        for (int j = 0; j < NV; ++j) v[j] = row[j * CS];
+        // tap (K-1-r, K-1-q) for q = 0..K-1
+        const int trow = (K - 1 - r) * K + (K - 1);
+        const float* wrow = CL ? ws + trow * kCG + lane : ws + trow;
+        float* dwp = dws + trow * DWS + tid;
+#pragma unroll
+        for (int q = 0; q < K; ++q) {
+          const float wv = wrow[-q * CS];
+          float dwq = 0.f;
+#pragma unroll
+          for (int i = 0; i < kR; ++i) {
+            dxa[i] = fmaf(v[i + q], wv, dxa[i]);
+            dwq = fmaf(v[i + q], xr[i], dwq);
+          }
+          dwp[-q * DWS] += dwq;
+        }
+        if (r == P) {
+#pragma unroll
+          for (int i = 0; i < kR; ++i) db += v[i + P];
+        }
+      }
+      dws[KK * DWS + tid] += db;
+
+      if (nvalid > 0) {
+        if (residual) {
+          if (!CL && a.vec && nvalid == kR) {
+            float gv[kR];
+#pragma unroll
+            for (int j = 0; j < kR; j += Vec<T>::N) load_vec<T>(dy + obase + j, gv + j);
+#pragma unroll
+            for (int i = 0; i < kR; ++i) dxa[i] = dxa[i] + gv[i];
+          } else {
+#pragma unroll
+            for (int i = 0; i < kR; ++i)
+              if (i < nvalid) dxa[i] = dxa[i] + to_f<T>(dy[obase + i * ostride]);
+          }
+        }
+        if (!CL && a.vec && nvalid == kR) {
+#pragma unroll
+          for (int j = 0; j < kR; j += Vec<T>::N) store_vec<T>(dx + obase + j, dxa + j);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kR; ++i)
+            if (i < nvalid) dx[obase + i * ostride] = from_f<T>(dxa[i]);
+        }
+      }
+    }
+  }
+
+  // ---- block sums of the weight/bias-gradient partials, fixed order ----
+  __syncthreads();
+  if constexpr (!CL) {
+    for (int t = tid; t <= KK; t += nthreads) {
+      const float* src = dws + t * DWS;
+      float s = 0.f;
+      for (int j = 0; j < nthreads; ++j) s += src[j];
+      a.part[(grp * a.C + c) * (KK + 1) + t] = s;
+    }
+  } else {
+    for (int t = warp; t <= KK; t += nwarps) {
+      float s = 0.f;
+      for (int w = 0; w < nwarps; ++w) s += dws[t * DWS + w * kCG + lane];
+      if (c_ok) a.part[(grp * a.C + c) * (KK + 1) + t] = s;
+    }
+  }
+}
+
+template <typename T, int K, bool CL>
+cudaError_t launch_bwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream) {
+  auto kern = dw_bwd_tiled_kernel<T, K, CL>;
+  static SmemOptIn opted;
+  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
+  if (e != cudaSuccess) return e;
+  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks()), p.threads, p.smem_bytes, stream)(a);
+  return cudaGetLastError();
+}
+
+}  // namespace dwcuda
+}  // namespace convmixer_kernels

@@ -1,0 +1,456 @@
+// Shared by the CUDA kernels of the depthwise ops: dtype conversion, activations, Welford/Chan
+// merges, the tiling plan and the parameter block of the tiled kernels.  nvcc only, no ATen.
+//
+// Tiled kernels (k in 3..15): a block owns a spatial tile of one channel (NCHW) or of 32
+// channels, one per lane (channels_last).  It stages the tile plus the k-1 halo in shared memory
+// as fp32 (zero outside the image), and each thread computes a "strip" of kR = 16 outputs along W
+// from a register row of kR + k - 1 inputs (each value loaded once per kernel row, reused k times).
+// Partial results of a block (BatchNorm statistics, weight gradients) go to a workspace and a
+// small kernel reduces them in a fixed order: no atomics, bitwise reproducible.
+// Other k (1, 17..31) take simple direct kernels (correct, not fast).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <initializer_list>
+
+#include "dw.cuh"
+
+namespace convmixer_kernels {
+namespace dwcuda {
+
+// Kernel launch and dynamic shared memory, spelled through macros so that the CPU emulator used
+// in development (tests/cuda_emu) can run these exact kernels; nvcc sees the plain CUDA forms.
+#ifndef CMK_LAUNCH
+#define CMK_LAUNCH(kern, grid, block, smem, stream) kern<<<(grid), (block), (smem), (stream)>>>
+#endif
+#ifndef CMK_DYNAMIC_SMEM
+#define CMK_DYNAMIC_SMEM(name) extern __shared__ float4 name[]
+#endif
+
+constexpr int kR = 16;           // outputs per thread along W
+constexpr int kCG = 32;          // channels per block in channels_last (one per lane)
+constexpr int kMaxThreads = 256;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline bool tiled_k(int k) { return k >= 3 && k <= 15 && (k % 2) == 1; }
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------------------------
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Round to the storage dtype and back (pre is rounded before anything uses it).
+template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f<T>(from_f<T>(v)); }
+
+// 16-byte vectors of storage elements.
+template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&r);
+#pragma unroll
+  for (int j = 0; j < Vec<T>::N; ++j) out[j] = to_f<T>(e[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float* in) {
+  uint4 r;
+  T* e = reinterpret_cast<T*>(&r);
+#pragma unroll
+  for (int j = 0; j < Vec<T>::N; ++j) e[j] = from_f<T>(in[j]);
+  *reinterpret_cast<uint4*>(p) = r;
+}
+
+// Activations (codes as in torch_ops.ACTIVATIONS); accurate libdevice erff/tanhf/expf.
+// Compile-time versions for hot loops (dispatch once with with_act), run-time ones elsewhere.
+template <int A>
+__device__ __forceinline__ float act_fwd_t(float v) {
+  if constexpr (A == 1) {
+    return v > 0.f ? v : 0.f;
+  } else if constexpr (A == 2) {
+    return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+  } else if constexpr (A == 3) {
+    const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+    return 0.5f * v * (1.f + tanhf(inner));
+  } else if constexpr (A == 4) {
+    return v / (1.f + expf(-v));
+  } else {
+    return v;
+  }
+}
+
+template <int A>
+__device__ __forceinline__ float act_grad_t(float v) {
+  if constexpr (A == 1) {
+    return v > 0.f ? 1.f : 0.f;
+  } else if constexpr (A == 2) {
+    const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
+    const float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;
+    return cdf + v * pdf;
+  } else if constexpr (A == 3) {
+    const float k0 = 0.79788456080286536f, k1 = 0.044715f;
+    const float t = tanhf(k0 * (v + k1 * v * v * v));
+    return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * k0 * (1.f + 3.f * k1 * v * v);
+  } else if constexpr (A == 4) {
+    const float s = 1.f / (1.f + expf(-v));
+    return s * (1.f + v * (1.f - s));
+  } else {
+    return 1.f;
+  }
+}
+
+template <int A> struct ActTag { static constexpr int value = A; };
+
+// Calls f(ActTag<act>{}) so that f's body sees the activation as a compile-time constant.
+template <typename F>
+__device__ __forceinline__ void with_act(int act, F&& f) {
+  switch (act) {
+    case 1: f(ActTag<1>{}); break;
+    case 2: f(ActTag<2>{}); break;
+    case 3: f(ActTag<3>{}); break;
+    case 4: f(ActTag<4>{}); break;
+    default: f(ActTag<0>{}); break;
+  }
+}
+
+__device__ __forceinline__ float act_fwd(float v, int act) {
+  float r = v;
+  with_act(act, [&](auto A) { r = act_fwd_t<decltype(A)::value>(v); });
+  return r;
+}
+
+__device__ __forceinline__ float act_grad(float v, int act) {
+  float r = 1.f;
+  with_act(act, [&](auto A) { r = act_grad_t<decltype(A)::value>(v); });
+  return r;
+}
+
+// scale * v + shift rounded like PyTorch's separate multiply and add (no fma contraction), so
+// the argument of act / act' is bitwise the reference's and relu's kink never flips.
+__device__ __forceinline__ float affine(float v, float scale, float shift) {
+  return __fadd_rn(__fmul_rn(scale, v), shift);
+}
+
+// The gradient at the conv output from dy and pre (dw_bwd of torch_ops):
+//   g = dy (act_first) | dy * act'(scale*pre + shift);  u = act(pre) (act_first) | pre
+//   d = ca*g + cb*(u - mean) + cd;  d *= act'(pre) when act_first.
+struct ChanCoef {
+  float scale, shift, mean, ca, cb, cd;
+};
+
+template <int A>
+__device__ __forceinline__ float dpre_t(float dy, float pre, const ChanCoef& q, bool act_first) {
+  float g, u;
+  if (act_first) {
+    g = dy;
+    u = act_fwd_t<A>(pre);
+  } else {
+    g = __fmul_rn(dy, act_grad_t<A>(affine(pre, q.scale, q.shift)));
+    u = pre;
+  }
+  float d = __fadd_rn(__fadd_rn(__fmul_rn(q.ca, g), __fmul_rn(q.cb, __fsub_rn(u, q.mean))), q.cd);
+  if (act_first) d = __fmul_rn(d, act_grad_t<A>(pre));
+  return d;
+}
+
+__device__ __forceinline__ float dpre_of(float dy, float pre, const ChanCoef& q, int act, bool act_first) {
+  float r = 0.f;
+  with_act(act, [&](auto A) { r = dpre_t<decltype(A)::value>(dy, pre, q, act_first); });
+  return r;
+}
+
+// Chan et al. merge of (count, mean, M2) summaries; counts may be zero.
+template <typename F>
+__device__ __forceinline__ void chan_merge(F& n, F& m, F& M2, F nb, F mb, F M2b) {
+  if (nb == F(0)) return;
+  if (n == F(0)) {
+    n = nb;
+    m = mb;
+    M2 = M2b;
+    return;
+  }
+  const F nn = n + nb;
+  const F d = mb - m;
+  const F f = nb / nn;
+  m = m + d * f;
+  M2 = M2 + M2b + d * d * n * f;
+  n = nn;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiling plan (host)
+// ---------------------------------------------------------------------------------------------
+struct DevInfo {
+  int sms;
+  int smem_optin;   // max dynamic shared memory per block (bytes)
+  int smem_per_sm;  // shared memory per multiprocessor (bytes)
+};
+DevInfo dev_info();  // of the current device (dw_launch.cu)
+
+struct TilePlan {
+  bool tiled = false;   // false: the generic direct kernels
+  int tile_h = 0, tile_w = 0, tiles_h = 0, tiles_w = 0;
+  int sw = 0;           // strips across a tile (a strip: 1 row x kR columns)
+  int nstrips = 0;      // strips per tile
+  int threads = 0;
+  int64_t cgroups = 0;  // blocks along channels: C (NCHW) or ceil(C / 32) (channels_last)
+  int smem_rows = 0;    // tile_h + k - 1
+  int smem_w = 0;       // staged columns: NCHW pl + tile_w + pl, channels_last tile_w + k - 1
+  int rs = 0;           // NCHW: row stride in floats (odd: conflict-free strip reads)
+  int pl = 0;           // staged columns left of the tile (NCHW: pad rounded up to 8 for 16B loads)
+  size_t smem_bytes = 0;
+  int64_t items = 0;    // (n, tile) pairs per channel (group)
+  int64_t ipb = 1;      // items per block
+  int64_t groups = 0;   // blocks per channel (group) = partial results per channel
+  int64_t blocks() const { return groups * cgroups; }
+};
+
+inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
+  TilePlan p;
+  if (!tiled_k(g.k)) return p;
+  const int K = g.k, P = K / 2, KK = K * K;
+  const int64_t H = g.H, W = g.W;
+  const size_t soft = 120 * 1024;
+  const size_t hard = static_cast<size_t>(dev.smem_optin);
+  if (!g.cl) {
+    const int64_t swt = ceil_div(W, kR);
+    const int64_t ntw = ceil_div(swt, 4);
+    p.sw = static_cast<int>(ceil_div(ceil_div(W, ntw), kR));
+    p.tile_w = p.sw * kR;
+    const int64_t max_sh = kMaxThreads / p.sw;
+    const int64_t nth = ceil_div(H, max_sh);
+    p.tile_h = static_cast<int>(ceil_div(H, nth));
+    p.nstrips = p.sw * p.tile_h;
+    p.pl = ((P + 7) / 8) * 8;
+    p.smem_rows = p.tile_h + K - 1;
+    p.smem_w = p.pl + p.tile_w + p.pl;
+    p.rs = p.smem_w + 1;
+    p.cgroups = g.C;
+    const int want = static_cast<int>(ceil_div(p.nstrips, 32) * 32);
+    if (!bwd) {
+      p.threads = want;
+      p.smem_bytes = sizeof(float) * (size_t(p.smem_rows) * p.rs + (K > 9 ? KK : 0) + 3 * 8);
+      if (p.smem_bytes > hard) return TilePlan{};
+    } else {
+      int cap = static_cast<int>(((16384 / (KK + 1)) - 1) / 32 * 32);
+      cap = cap < 32 ? 32 : (cap > kMaxThreads ? kMaxThreads : cap);
+      for (int t = want < cap ? want : cap; t >= 32; t -= 32) {
+        p.threads = t;
+        p.smem_bytes = sizeof(float) * (size_t(p.smem_rows) * p.rs + KK + size_t(KK + 1) * (t + 1));
+        if (p.smem_bytes <= hard) break;
+        p.threads = 0;
+      }
+      if (p.threads == 0) return TilePlan{};
+    }
+  } else {
+    p.sw = 1;
+    p.tile_w = kR;
+    p.pl = P;
+    p.smem_w = p.tile_w + K - 1;
+    p.cgroups = ceil_div(g.C, kCG);
+    bool found = false;
+    for (int pass = 0; pass < 2 && !found; ++pass) {
+      const size_t budget = pass == 0 ? (soft < hard ? soft : hard) : hard;
+      for (int th : {8, 4, 2, 1}) {
+        const int TH = static_cast<int>(th < H ? th : H);
+        const size_t tile = size_t(TH + K - 1) * p.smem_w * kCG;
+        for (int nw : {4, 2, 1}) {
+          int nwarps = bwd ? (nw < TH ? nw : TH) : TH;
+          const size_t floats = bwd ? tile + size_t(KK) * kCG + 6 * kCG + size_t(KK + 1) * kCG * nwarps
+                                    : tile + (K > 7 ? size_t(KK) * kCG : 0) + 3 * size_t(kCG) * nwarps;
+          if (floats * sizeof(float) <= budget) {
+            p.tile_h = TH;
+            p.threads = nwarps * 32;
+            p.smem_bytes = floats * sizeof(float);
+            found = true;
+            break;
+          }
+          if (!bwd) break;
+        }
+        if (found) break;
+      }
+    }
+    if (!found) return TilePlan{};
+    p.nstrips = p.tile_h;
+    p.smem_rows = p.tile_h + K - 1;
+  }
+  p.tiles_w = static_cast<int>(ceil_div(W, p.tile_w));
+  p.tiles_h = static_cast<int>(ceil_div(H, p.tile_h));
+  p.items = g.N * p.tiles_h * p.tiles_w;
+  if (bwd) {
+    // Several (n, tile) items per block keep the weight-gradient partials small, while about four
+    // waves of resident blocks remain to balance the machine.
+    int64_t per_sm = dev.smem_per_sm / static_cast<int64_t>(p.smem_bytes + 1024);
+    const int64_t by_threads = 2048 / p.threads;
+    per_sm = per_sm < by_threads ? per_sm : by_threads;
+    per_sm = per_sm < 1 ? 1 : (per_sm > 32 ? 32 : per_sm);
+    const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
+    int64_t ipb = (p.items * p.cgroups) / target;
+    ipb = ipb < 1 ? 1 : (ipb > 32 ? 32 : ipb);
+    p.ipb = ipb;
+  } else {
+    p.ipb = 1;
+  }
+  p.groups = ceil_div(p.items, p.ipb);
+  if (p.blocks() > 0x7fffffffLL) return TilePlan{};
+  p.tiled = true;
+  return p;
+}
+
+// Parameter block of the tiled kernels (passed by value).
+struct TileArgs {
+  int64_t N, C, H, W;
+  int tile_h, tile_w, tiles_w, ntiles, sw, nstrips;
+  int smem_w, rs, pl;
+  int64_t cgroups, items, ipb, groups;
+  bool vec;  // 16-byte global loads/stores are valid (alignment and divisibility checked on host)
+  const void* x;
+  const void* dy;
+  const void* pre;
+  const float* w;
+  const float* bias;
+  const float* scale;
+  const float* shift;
+  const float* mean;
+  const float* ca;
+  const float* cb;
+  const float* cd;
+  void* out;    // fwd: y, or pre when stats; bwd: dx
+  float* part;  // partial results [groups][C][m]
+  int act;
+  bool act_first, residual, stats;
+};
+
+inline TileArgs make_tile_args(const DwGeom& g, const TilePlan& p) {
+  TileArgs a{};
+  a.N = g.N;
+  a.C = g.C;
+  a.H = g.H;
+  a.W = g.W;
+  a.tile_h = p.tile_h;
+  a.tile_w = p.tile_w;
+  a.tiles_w = p.tiles_w;
+  a.ntiles = p.tiles_h * p.tiles_w;
+  a.sw = p.sw;
+  a.nstrips = p.nstrips;
+  a.smem_w = p.smem_w;
+  a.rs = p.rs;
+  a.pl = p.pl;
+  a.cgroups = p.cgroups;
+  a.items = p.items;
+  a.ipb = p.ipb;
+  a.groups = p.groups;
+  return a;
+}
+
+inline bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
+
+// 16-byte accesses are valid when every pointer is aligned and rows (NCHW: along W) or pixels
+// (channels_last: along C) are a whole number of 16-byte vectors.
+inline bool vec_ok(const DwGeom& g, std::initializer_list<const void*> ptrs) {
+  const int V = g.dtype == kF32 ? 4 : 8;
+  if ((g.cl ? g.C : g.W) % V != 0) return false;
+  for (const void* q : ptrs)
+    if (!aligned16(q)) return false;
+  return true;
+}
+
+// Opt a kernel into more than 48 KB of dynamic shared memory, once per device (not again during
+// a CUDA-graph capture that follows a warm-up).  One SmemOptIn per kernel instantiation.
+struct SmemOptIn {
+  std::atomic<int> bytes[64];
+};
+template <typename Kern>
+cudaError_t opt_in_smem(SmemOptIn& s, Kern kern, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int dev = 0;
+  const cudaError_t e0 = cudaGetDevice(&dev);
+  if (e0 != cudaSuccess) return e0;
+  const bool cached = dev >= 0 && dev < 64;
+  if (cached && s.bytes[dev].load() >= static_cast<int>(bytes)) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (e == cudaSuccess && cached) {
+    int cur = s.bytes[dev].load();
+    while (cur < static_cast<int>(bytes) && !s.bytes[dev].compare_exchange_weak(cur, static_cast<int>(bytes))) {
+    }
+  }
+  return e;
+}
+
+// Launch helpers, one explicit instantiation per (dtype, k, layout) in dw_tiled_k*.cu.
+template <typename T, int K, bool CL>
+cudaError_t launch_fwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream);
+template <typename T, int K, bool CL>
+cudaError_t launch_bwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream);
+
+// Generic kernels (dw_generic.cu) and the reductions (dw_reduce.cu).
+struct DirectArgs {
+  int64_t N, C, H, W;
+  int k;
+  bool cl;
+  const void* x;
+  const void* dy;
+  const void* pre;
+  const float* w;
+  const float* bias;
+  const float* scale;
+  const float* shift;
+  const float* mean;
+  const float* ca;
+  const float* cb;
+  const float* cd;
+  void* out;
+  float* dpre;
+  float* part;
+  int64_t nsplit;
+  int act;
+  bool act_first, residual, write_pre;
+};
+cudaError_t launch_fwd_direct(const DirectArgs& a, DType dt, const DevInfo& dev, cudaStream_t stream);
+cudaError_t launch_bwd_direct(const DirectArgs& a, DType dt, const DevInfo& dev, cudaStream_t stream);
+int64_t direct_dweight_splits(const DwGeom& g, const DevInfo& dev);
+
+// Per-channel reductions over an activation-shaped tensor (mode 0: Welford statistics of
+// u(pre) into [P][C][3]; mode 1: the dw_bwd_reduce sums into [P][C][2]).
+struct ReduceArgs {
+  int64_t N, C, HW;
+  const void* dy;
+  const void* pre;
+  const float* scale;
+  const float* shift;
+  const float* mean;
+  float* part;
+  int act;
+  bool act_first;
+  int mode;
+};
+int64_t reduce_splits(const DwGeom& g, const DevInfo& dev);
+cudaError_t launch_channel_reduce(const ReduceArgs& a, const DwGeom& g, int64_t nsplit, bool vec,
+                                  cudaStream_t stream);
+// [P][C][3] Welford partials -> mean, var (biased).
+cudaError_t launch_stats_finalize(const float* part, int64_t P, int64_t C, float* mean, float* var,
+                                  cudaStream_t stream);
+// [P][C][M] sums -> out_a[c*Ma + m] for m < Ma, out_b[c] (times b_scale[c] if given) for m = Ma.
+cudaError_t launch_sum_finalize(const float* part, int64_t P, int64_t C, int M, float* out_a, int Ma,
+                                float* out_b, const float* b_scale, cudaStream_t stream);
+
+}  // namespace dwcuda
+}  // namespace convmixer_kernels

@@ -1,0 +1,301 @@
+// Tiled forward kernel of the depthwise block: dw_fwd (y) and dw_conv_stats (pre + statistics).
+// Included by the per-k instantiation files (dw_tiled_k*.cu).
+#pragma once
+
+#include "dw_common.cuh"
+
+namespace convmixer_kernels {
+namespace dwcuda {
+
+// One block = one (n, tile, channel) for NCHW or one (n, tile, 32-channel group) for
+// channels_last.  Stage x (tile + halo, fp32, zero padded), then each thread computes strips of
+// kR outputs along W.  stats = false: y = epilogue(pre).  stats = true: write pre and the block's
+// (count, mean, M2) of u per channel to part[(n * ntiles + tile) * C + c].
+template <typename T, int K, bool CL>
+__global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const TileArgs a) {
+  constexpr int P = K / 2;
+  constexpr int KK = K * K;
+  // Weights in registers up to 9x9 when a block is one channel (uniform across the block: the
+  // compiler keeps them in uniform registers); per-lane weights (channels_last) up to 7x7 so that
+  // two 256-thread blocks fit an SM without spills; else read from shared memory.
+  constexpr bool kWReg = CL ? K <= 7 : K <= 9;
+  constexpr int CS = CL ? kCG : 1;       // floats between neighbouring staged columns
+  constexpr int NV = kR + K - 1;         // inputs per strip row
+  CMK_DYNAMIC_SMEM(smem_f4);
+  float* smem = reinterpret_cast<float*>(smem_f4);
+
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+
+  int64_t b = blockIdx.x;
+  const int tile = static_cast<int>(b % a.ntiles);
+  b /= a.ntiles;
+  const int64_t cg = b % a.cgroups;
+  const int64_t n = b / a.cgroups;
+  const int th0 = (tile / a.tiles_w) * a.tile_h;
+  const int tw0 = (tile % a.tiles_w) * a.tile_w;
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
+  const int SR = a.tile_h + K - 1;
+  const int SW = a.smem_w;
+  const int RS = CL ? SW * kCG : a.rs;
+  float* xs = smem;
+  float* ws = xs + static_cast<size_t>(SR) * RS;
+  float* red = ws + (kWReg ? 0 : (CL ? KK * kCG : KK));
+
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  T* __restrict__ out = static_cast<T*>(a.out);
+
+  const int64_t c = CL ? cg * kCG + lane : cg;
+  const bool c_ok = c < a.C;
+  const int64_t base = CL ? n * a.H * a.W * a.C : (n * a.C + cg) * a.H * a.W;
+
+  // ---- stage x over the tile + halo ----
+  const int gh0 = th0 - P;
+  const int gw0 = tw0 - a.pl;
+  if constexpr (!CL) {
+    if (a.vec) {
+      // gw0 is a multiple of 8 and W of V: a vector is wholly inside or wholly outside the image.
+      constexpr int V = Vec<T>::N;
+      const int cpr = SW / V;
+      for (int e = tid; e < SR * cpr; e += nthreads) {
+        const int r = e / cpr, q = e - r * cpr;
+        const int gh = gh0 + r, gw = gw0 + q * V;
+        float v[V];
+        if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
+          load_vec<T>(x + base + static_cast<int64_t>(gh) * W + gw, v);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) v[j] = 0.f;
+        }
+        float* d = xs + r * RS + q * V;
+#pragma unroll
+        for (int j = 0; j < V; ++j) d[j] = v[j];
+      }
+    } else {
+      for (int e = tid; e < SR * SW; e += nthreads) {
+        const int r = e / SW, q = e - r * SW;
+        const int gh = gh0 + r, gw = gw0 + q;
+        xs[r * RS + q] = (gh >= 0 && gh < H && gw >= 0 && gw < W)
+                             ? to_f<T>(x[base + static_cast<int64_t>(gh) * W + gw])
+                             : 0.f;
+      }
+    }
+  } else {
+    const int64_t c0 = cg * kCG;
+    if (a.vec) {
+      // C is a multiple of V: a vector of channels is wholly valid or wholly past C.
+      constexpr int V = Vec<T>::N;
+      constexpr int CPP = kCG / V;
+      for (int e = tid; e < SR * SW * CPP; e += nthreads) {
+        const int pix = e / CPP, q = e - pix * CPP;
+        const int r = pix / SW, col = pix - r * SW;
+        const int gh = gh0 + r, gw = gw0 + col;
+        const int64_t ch = c0 + q * V;
+        float v[V];
+        if (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < a.C) {
+          load_vec<T>(x + base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch, v);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) v[j] = 0.f;
+        }
+        float4* d = reinterpret_cast<float4*>(xs + static_cast<size_t>(pix) * kCG + q * V);
+#pragma unroll
+        for (int j = 0; j < V / 4; ++j) d[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+      }
+    } else {
+      for (int e = tid; e < SR * SW * kCG; e += nthreads) {
+        const int pix = e >> 5, chl = e & 31;
+        const int r = pix / SW, col = pix - r * SW;
+        const int gh = gh0 + r, gw = gw0 + col;
+        const int64_t ch = c0 + chl;
+        xs[e] = (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < a.C)
+                    ? to_f<T>(x[base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch])
+                    : 0.f;
+      }
+    }
+  }
+
+  // ---- weights and per-channel values ----
+  float wreg[kWReg ? KK : 1];
+  if constexpr (kWReg) {
+    const float* wc = a.w + (c_ok ? c : 0) * KK;
+#pragma unroll
+    for (int t = 0; t < KK; ++t) wreg[t] = c_ok ? __ldg(wc + t) : 0.f;
+  } else {
+    if constexpr (CL) {
+      const int64_t c0 = cg * kCG;
+      for (int e = tid; e < kCG * KK; e += nthreads) {
+        const int chl = e / KK, t = e - chl * KK;
+        ws[t * kCG + chl] = (c0 + chl < a.C) ? a.w[(c0 + chl) * KK + t] : 0.f;
+      }
+    } else {
+      for (int t = tid; t < KK; t += nthreads) ws[t] = a.w[cg * KK + t];
+    }
+  }
+  const float bias = (a.bias != nullptr && c_ok) ? a.bias[c] : 0.f;
+  const float scale = (!a.stats && c_ok) ? a.scale[c] : 0.f;
+  const float shift = (!a.stats && c_ok) ? a.shift[c] : 0.f;
+  const int act = a.act;
+  const bool act_first = a.act_first, residual = a.residual;
+  __syncthreads();
+
+  // ---- strips ----
+  float st_n = 0.f, st_m = 0.f, st_M2 = 0.f;
+  const int s_begin = CL ? warp : tid;
+  const int s_step = CL ? nwarps : nthreads;
+  for (int s = s_begin; s < a.nstrips; s += s_step) {
+    const int ty = s / a.sw;
+    const int tx = (s - ty * a.sw) * kR;
+    const int oh = th0 + ty, ow0 = tw0 + tx;
+    const float* sbase = CL ? xs + static_cast<size_t>(ty * SW + tx) * kCG + lane : xs + ty * RS + tx + (a.pl - P);
+    float acc[kR];
+#pragma unroll
+    for (int i = 0; i < kR; ++i) acc[i] = 0.f;
+    if constexpr (kWReg) {
+#pragma unroll
+      for (int r = 0; r < K; ++r) {
+        const float* row = sbase + r * RS;
+        float v[NV];
+#pragma unroll
+        for (int j = 0; j < NV; ++j) v[j] = row[j * CS];
+#pragma unroll
+        for (int q = 0; q < K; ++q) {
+          const float wv = wreg[r * K + q];
+#pragma unroll
+          for (int i = 0; i < kR; ++i) acc[i] = fmaf(v[i + q], wv, acc[i]);
+        }
+      }
+    } else {
+#pragma unroll 1
+      for (int r = 0; r < K; ++r) {
+        const float* row = sbase + r * RS;
+        const float* wrow = CL ? ws + r * K * kCG + lane : ws + r * K;
+        float v[NV];
+#pragma unroll
+        for (int j = 0; j < NV; ++j) v[j] = row[j * CS];
+#pragma unroll
+        for (int q = 0; q < K; ++q) {
+          const float wv = wrow[q * CS];
+#pragma unroll
+          for (int i = 0; i < kR; ++i) acc[i] = fmaf(v[i + q], wv, acc[i]);
+        }
+      }
+    }
+
+    // ---- epilogue ----
+    int nvalid = 0;
+    if (oh < H && c_ok) nvalid = W - ow0 < kR ? (W - ow0 > 0 ? W - ow0 : 0) : kR;
+    float o[kR];
+#pragma unroll
+    for (int i = 0; i < kR; ++i) o[i] = round_to<T>(acc[i] + bias);  // pre
+    with_act(act, [&](auto A) {
+      constexpr int AC = decltype(A)::value;
+      if (!a.stats) {
+#pragma unroll
+        for (int i = 0; i < kR; ++i) {
+          float y = act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<AC>(o[i])), shift)
+                              : act_fwd_t<AC>(affine(o[i], scale, shift));
+          if (residual) y = y + sbase[P * RS + (i + P) * CS];  // x(oh, ow0 + i), staged exactly
+          o[i] = y;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kR; ++i) acc[i] = act_first ? act_fwd_t<AC>(o[i]) : o[i];  // u
+      }
+    });
+    float sum = 0.f;
+    if (a.stats) {
+#pragma unroll
+      for (int i = 0; i < kR; ++i)
+        if (i < nvalid) sum += acc[i];
+    }
+    if (nvalid > 0) {
+      if constexpr (!CL) {
+        T* op = out + base + static_cast<int64_t>(oh) * W + ow0;
+        if (a.vec && nvalid == kR) {
+#pragma unroll
+          for (int j = 0; j < kR; j += Vec<T>::N) store_vec<T>(op + j, o + j);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kR; ++i)
+            if (i < nvalid) op[i] = from_f<T>(o[i]);
+        }
+      } else {
+        T* op = out + base + (static_cast<int64_t>(oh) * W + ow0) * a.C + c;
+#pragma unroll
+        for (int i = 0; i < kR; ++i)
+          if (i < nvalid) op[static_cast<int64_t>(i) * a.C] = from_f<T>(o[i]);
+      }
+      if (a.stats) {
+        // Two-pass summary of the strip from registers, then a Chan merge into the thread's.
+        const float cnt = static_cast<float>(nvalid);
+        const float ml = sum / cnt;
+        float m2 = 0.f;
+#pragma unroll
+        for (int i = 0; i < kR; ++i) {
+          const float d = acc[i] - ml;
+          if (i < nvalid) m2 = fmaf(d, d, m2);
+        }
+        chan_merge(st_n, st_m, st_M2, cnt, ml, m2);
+      }
+    }
+  }
+
+  // ---- block statistics (fixed merge order) ----
+  if (a.stats) {
+    const int64_t pidx = n * a.ntiles + tile;
+    if constexpr (!CL) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const float nb = __shfl_down_sync(0xffffffffu, st_n, off);
+        const float mb = __shfl_down_sync(0xffffffffu, st_m, off);
+        const float Mb = __shfl_down_sync(0xffffffffu, st_M2, off);
+        chan_merge(st_n, st_m, st_M2, nb, mb, Mb);
+      }
+      if (lane == 0) {
+        red[warp * 3 + 0] = st_n;
+        red[warp * 3 + 1] = st_m;
+        red[warp * 3 + 2] = st_M2;
+      }
+      __syncthreads();
+      if (tid == 0) {
+        float tn = red[0], tm = red[1], tM = red[2];
+        for (int w = 1; w < nwarps; ++w) chan_merge(tn, tm, tM, red[w * 3], red[w * 3 + 1], red[w * 3 + 2]);
+        float* pp = a.part + (pidx * a.C + c) * 3;
+        pp[0] = tn;
+        pp[1] = tm;
+        pp[2] = tM;
+      }
+    } else {
+      float* r = red + (warp * kCG + lane) * 3;
+      r[0] = st_n;
+      r[1] = st_m;
+      r[2] = st_M2;
+      __syncthreads();
+      if (warp == 0 && c_ok) {
+        float tn = red[lane * 3], tm = red[lane * 3 + 1], tM = red[lane * 3 + 2];
+        for (int w = 1; w < nwarps; ++w) {
+          const float* q = red + (w * kCG + lane) * 3;
+          chan_merge(tn, tm, tM, q[0], q[1], q[2]);
+        }
+        float* pp = a.part + (pidx * a.C + c) * 3;
+        pp[0] = tn;
+        pp[1] = tm;
+        pp[2] = tM;
+      }
+    }
+  }
+}
+
+template <typename T, int K, bool CL>
+cudaError_t launch_fwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream) {
+  auto kern = dw_fwd_tiled_kernel<T, K, CL>;
+  static SmemOptIn opted;
+  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
+  if (e != cudaSuccess) return e;
+  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks()), p.threads, p.smem_bytes, stream)(a);
+  return cudaGetLastError();
+}
+
+}  // namespace dwcuda
+}  // namespace convmixer_kernels

@@ -1,0 +1,273 @@
+// Host launchers of the four depthwise ops (declared in dw.cuh): plan, pick the tiled kernel for
+// (dtype, k, layout) or the generic path, launch on the caller's stream, finalise partials.
+#include "dw_common.cuh"
+
+namespace convmixer_kernels {
+namespace dwcuda {
+
+DevInfo dev_info() {
+  DevInfo d{132, 48 * 1024, 100 * 1024};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return d;
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) d.sms = v;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess && v > 0)
+    d.smem_optin = v;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) == cudaSuccess && v > 0)
+    d.smem_per_sm = v;
+  return d;
+}
+
+namespace {
+
+#define CMK_K_CASES(FN, T, CL)       \
+  case 3:                            \
+    return FN<T, 3, CL>(a, p, s);    \
+  case 5:                            \
+    return FN<T, 5, CL>(a, p, s);    \
+  case 7:                            \
+    return FN<T, 7, CL>(a, p, s);    \
+  case 9:                            \
+    return FN<T, 9, CL>(a, p, s);    \
+  case 11:                           \
+    return FN<T, 11, CL>(a, p, s);   \
+  case 13:                           \
+    return FN<T, 13, CL>(a, p, s);   \
+  case 15:                           \
+    return FN<T, 15, CL>(a, p, s);
+
+template <typename T, bool CL>
+cudaError_t fwd_tiled_k(int k, const TileArgs& a, const TilePlan& p, cudaStream_t s) {
+  switch (k) { CMK_K_CASES(launch_fwd_tiled, T, CL) }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, bool CL>
+cudaError_t bwd_tiled_k(int k, const TileArgs& a, const TilePlan& p, cudaStream_t s) {
+  switch (k) { CMK_K_CASES(launch_bwd_tiled, T, CL) }
+  return cudaErrorInvalidValue;
+}
+#undef CMK_K_CASES
+
+template <bool CL>
+cudaError_t tiled_dt(bool bwd, const DwGeom& g, const TileArgs& a, const TilePlan& p, cudaStream_t s) {
+  switch (g.dtype) {
+    case kF32:
+      return bwd ? bwd_tiled_k<float, CL>(g.k, a, p, s) : fwd_tiled_k<float, CL>(g.k, a, p, s);
+    case kF16:
+      return bwd ? bwd_tiled_k<__half, CL>(g.k, a, p, s) : fwd_tiled_k<__half, CL>(g.k, a, p, s);
+    case kBF16:
+      return bwd ? bwd_tiled_k<__nv_bfloat16, CL>(g.k, a, p, s)
+                 : fwd_tiled_k<__nv_bfloat16, CL>(g.k, a, p, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_tiled(bool bwd, const DwGeom& g, const TileArgs& a, const TilePlan& p, cudaStream_t s) {
+  return g.cl ? tiled_dt<true>(bwd, g, a, p, s) : tiled_dt<false>(bwd, g, a, p, s);
+}
+
+DirectArgs make_direct_args(const DwGeom& g) {
+  DirectArgs d{};
+  d.N = g.N;
+  d.C = g.C;
+  d.H = g.H;
+  d.W = g.W;
+  d.k = g.k;
+  d.cl = g.cl;
+  d.nsplit = 1;
+  return d;
+}
+
+#define CMK_RETURN_IF_ERROR(expr)            \
+  do {                                       \
+    const cudaError_t err_ = (expr);         \
+    if (err_ != cudaSuccess) return err_;    \
+  } while (0)
+
+}  // namespace
+
+DwWorkspace dw_conv_stats_workspace(const DwGeom& g) {
+  const DevInfo dev = dev_info();
+  const TilePlan p = plan_tiles(g, false, dev);
+  DwWorkspace w;
+  w.part = (p.tiled ? p.groups : reduce_splits(g, dev)) * g.C * 3;
+  if (w.part < 1) w.part = 1;
+  return w;
+}
+
+DwWorkspace dw_bwd_reduce_workspace(const DwGeom& g) {
+  DwWorkspace w;
+  w.part = reduce_splits(g, dev_info()) * g.C * 2;
+  if (w.part < 1) w.part = 1;
+  return w;
+}
+
+DwWorkspace dw_bwd_workspace(const DwGeom& g) {
+  const DevInfo dev = dev_info();
+  const TilePlan p = plan_tiles(g, true, dev);
+  const int64_t m = int64_t(g.k) * g.k + 1;
+  DwWorkspace w;
+  if (p.tiled) {
+    w.part = p.groups * g.C * m;
+  } else {
+    w.part = direct_dweight_splits(g, dev) * g.C * m;
+    w.dpre = g.N * g.C * g.H * g.W;
+  }
+  if (w.part < 1) w.part = 1;
+  if (w.dpre < 1) w.dpre = 1;
+  return w;
+}
+
+cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
+                                 int act, bool act_first, void* pre, float* mean, float* var,
+                                 float* part, cudaStream_t stream) {
+  const DevInfo dev = dev_info();
+  const TilePlan p = plan_tiles(g, false, dev);
+  if (p.tiled) {
+    TileArgs a = make_tile_args(g, p);
+    a.vec = vec_ok(g, {x, pre});
+    a.x = x;
+    a.w = weight;
+    a.bias = bias;
+    a.out = pre;
+    a.part = part;
+    a.act = act;
+    a.act_first = act_first;
+    a.stats = true;
+    CMK_RETURN_IF_ERROR(launch_tiled(false, g, a, p, stream));
+    return launch_stats_finalize(part, p.groups, g.C, mean, var, stream);
+  }
+  DirectArgs d = make_direct_args(g);
+  d.x = x;
+  d.w = weight;
+  d.bias = bias;
+  d.out = pre;
+  d.act = act;
+  d.act_first = act_first;
+  d.write_pre = true;
+  CMK_RETURN_IF_ERROR(launch_fwd_direct(d, g.dtype, dev, stream));
+  ReduceArgs r{};
+  r.N = g.N;
+  r.C = g.C;
+  r.HW = g.H * g.W;
+  r.pre = pre;
+  r.part = part;
+  r.act = act;
+  r.act_first = act_first;
+  r.mode = 0;
+  const int64_t nsplit = reduce_splits(g, dev);
+  CMK_RETURN_IF_ERROR(launch_channel_reduce(r, g, nsplit, vec_ok(g, {pre}), stream));
+  return launch_stats_finalize(part, nsplit, g.C, mean, var, stream);
+}
+
+cudaError_t dw_fwd_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
+                          const float* scale, const float* shift, int act, bool act_first,
+                          bool residual, void* y, cudaStream_t stream) {
+  const DevInfo dev = dev_info();
+  const TilePlan p = plan_tiles(g, false, dev);
+  if (p.tiled) {
+    TileArgs a = make_tile_args(g, p);
+    a.vec = vec_ok(g, {x, y});
+    a.x = x;
+    a.w = weight;
+    a.bias = bias;
+    a.scale = scale;
+    a.shift = shift;
+    a.out = y;
+    a.act = act;
+    a.act_first = act_first;
+    a.residual = residual;
+    a.stats = false;
+    return launch_tiled(false, g, a, p, stream);
+  }
+  DirectArgs d = make_direct_args(g);
+  d.x = x;
+  d.w = weight;
+  d.bias = bias;
+  d.scale = scale;
+  d.shift = shift;
+  d.out = y;
+  d.act = act;
+  d.act_first = act_first;
+  d.residual = residual;
+  d.write_pre = false;
+  return launch_fwd_direct(d, g.dtype, dev, stream);
+}
+
+cudaError_t dw_bwd_reduce_launch(const DwGeom& g, const void* dy, const void* pre, const float* scale,
+                                 const float* shift, const float* mean, const float* invstd, int act,
+                                 bool act_first, float* sum_g, float* sum_gxhat, float* part,
+                                 cudaStream_t stream) {
+  const DevInfo dev = dev_info();
+  ReduceArgs r{};
+  r.N = g.N;
+  r.C = g.C;
+  r.HW = g.H * g.W;
+  r.dy = dy;
+  r.pre = pre;
+  r.scale = scale;
+  r.shift = shift;
+  r.mean = mean;
+  r.part = part;
+  r.act = act;
+  r.act_first = act_first;
+  r.mode = 1;
+  const int64_t nsplit = reduce_splits(g, dev);
+  CMK_RETURN_IF_ERROR(launch_channel_reduce(r, g, nsplit, vec_ok(g, {dy, pre}), stream));
+  return launch_sum_finalize(part, nsplit, g.C, 2, sum_g, 1, sum_gxhat, invstd, stream);
+}
+
+cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const void* pre,
+                          const float* weight, const float* scale, const float* shift,
+                          const float* mean, const float* ca, const float* cb, const float* cd,
+                          int act, bool act_first, bool residual, void* dx, float* dweight,
+                          float* dbias, float* part, float* dpre, cudaStream_t stream) {
+  const DevInfo dev = dev_info();
+  const TilePlan p = plan_tiles(g, true, dev);
+  const int KK = g.k * g.k;
+  if (p.tiled) {
+    TileArgs a = make_tile_args(g, p);
+    a.vec = vec_ok(g, {dy, x, pre, dx});
+    a.x = x;
+    a.dy = dy;
+    a.pre = pre;
+    a.w = weight;
+    a.scale = scale;
+    a.shift = shift;
+    a.mean = mean;
+    a.ca = ca;
+    a.cb = cb;
+    a.cd = cd;
+    a.out = dx;
+    a.part = part;
+    a.act = act;
+    a.act_first = act_first;
+    a.residual = residual;
+    CMK_RETURN_IF_ERROR(launch_tiled(true, g, a, p, stream));
+    return launch_sum_finalize(part, p.groups, g.C, KK + 1, dweight, KK, dbias, nullptr, stream);
+  }
+  DirectArgs d = make_direct_args(g);
+  d.x = x;
+  d.dy = dy;
+  d.pre = pre;
+  d.w = weight;
+  d.scale = scale;
+  d.shift = shift;
+  d.mean = mean;
+  d.ca = ca;
+  d.cb = cb;
+  d.cd = cd;
+  d.out = dx;
+  d.dpre = dpre;
+  d.part = part;
+  d.act = act;
+  d.act_first = act_first;
+  d.residual = residual;
+  d.nsplit = direct_dweight_splits(g, dev);
+  CMK_RETURN_IF_ERROR(launch_bwd_direct(d, g.dtype, dev, stream));
+  return launch_sum_finalize(part, d.nsplit, g.C, KK + 1, dweight, KK, dbias, nullptr, stream);
+}
+
+}  // namespace dwcuda
+}  // namespace convmixer_kernels

@@ -1,0 +1,275 @@
+// Per-channel reductions of the depthwise ops: the dw_bwd_reduce sums (all k), the BatchNorm
+// statistics of the generic-k path, and the fixed-order finalisation of per-block partials.
+#include "dw_common.cuh"
+
+namespace convmixer_kernels {
+namespace dwcuda {
+namespace {
+
+constexpr int kRedThreads = 256;
+constexpr int kRedWarps = kRedThreads / 32;
+
+// Per-element accumulation.  mode 0: Welford of u = act(pre) | pre into (n, mean, M2).
+// mode 1: (sum g, sum g * (u - mean)) into (s0, s1).
+struct Acc3 {
+  float a = 0.f, b = 0.f, c = 0.f;
+};
+
+template <int A>
+__device__ __forceinline__ void acc_elem(Acc3& s, float dyv, float prev, float scale, float shift,
+                                         float mean, bool act_first, int mode) {
+  if (mode == 0) {
+    const float u = act_first ? act_fwd_t<A>(prev) : prev;
+    s.a += 1.f;
+    const float d = u - s.b;
+    s.b += d / s.a;
+    s.c = fmaf(d, u - s.b, s.c);
+  } else {
+    float g, u;
+    if (act_first) {
+      g = dyv;
+      u = act_fwd_t<A>(prev);
+    } else {
+      g = __fmul_rn(dyv, act_grad_t<A>(affine(prev, scale, shift)));
+      u = prev;
+    }
+    s.a += g;
+    s.b = fmaf(g, u - mean, s.b);
+  }
+}
+
+__device__ __forceinline__ void acc_merge(Acc3& s, const Acc3& o, int mode) {
+  if (mode == 0) {
+    chan_merge(s.a, s.b, s.c, o.a, o.b, o.c);
+  } else {
+    s.a += o.a;
+    s.b += o.b;
+  }
+}
+
+// NCHW: block = (split, channel); the channel's elements are N planes of HW, walked in units of
+// V elements (16-byte vectors when V > 1).  Block result -> part[(split * C + c) * M].
+template <typename T, int V>
+__global__ void __launch_bounds__(kRedThreads) channel_reduce_nchw_kernel(const ReduceArgs a, int64_t nsplit) {
+  __shared__ Acc3 red[kRedWarps];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t split = blockIdx.x % nsplit;
+  const int64_t c = blockIdx.x / nsplit;
+  const T* dy = static_cast<const T*>(a.dy);
+  const T* pre = static_cast<const T*>(a.pre);
+  const int mode = a.mode;
+  const float scale = mode == 1 ? a.scale[c] : 0.f;
+  const float shift = mode == 1 ? a.shift[c] : 0.f;
+  const float mean = mode == 1 ? a.mean[c] : 0.f;
+  const int64_t upp = a.HW / V;
+  const int64_t units = a.N * upp;
+  const int64_t per = ceil_div(units, nsplit);
+  const int64_t u0 = split * per;
+  const int64_t u1 = u0 + per < units ? u0 + per : units;
+  Acc3 s;
+  with_act(a.act, [&](auto A) {
+  for (int64_t u = u0 + tid; u < u1; u += kRedThreads) {
+    const int64_t n = u / upp;
+    const int64_t off = (n * a.C + c) * a.HW + (u - n * upp) * V;
+    float pv[V], gv[V];
+    if constexpr (V > 1) {
+      load_vec<T>(pre + off, pv);
+      if (mode == 1) load_vec<T>(dy + off, gv);
+    } else {
+      pv[0] = to_f<T>(pre[off]);
+      gv[0] = mode == 1 ? to_f<T>(dy[off]) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      acc_elem<decltype(A)::value>(s, mode == 1 ? gv[j] : 0.f, pv[j], scale, shift, mean, a.act_first, mode);
+  }
+  });
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Acc3 o;
+    o.a = __shfl_down_sync(0xffffffffu, s.a, off);
+    o.b = __shfl_down_sync(0xffffffffu, s.b, off);
+    o.c = __shfl_down_sync(0xffffffffu, s.c, off);
+    acc_merge(s, o, mode);
+  }
+  if (lane == 0) red[warp] = s;
+  __syncthreads();
+  if (tid == 0) {
+    Acc3 t = red[0];
+    for (int w = 1; w < kRedWarps; ++w) acc_merge(t, red[w], mode);
+    const int M = mode == 0 ? 3 : 2;
+    float* pp = a.part + (split * a.C + c) * M;
+    pp[0] = t.a;
+    pp[1] = t.b;
+    if (mode == 0) pp[2] = t.c;
+  }
+}
+
+// channels_last: the tensor is a row-major [N*HW][C] matrix.  Block = (split, chunk of 32*V
+// channels); lane l owns channels chunk*32V + l*V .. + V-1, warps stride over the split's rows.
+template <typename T, int V>
+__global__ void __launch_bounds__(kRedThreads) channel_reduce_nhwc_kernel(const ReduceArgs a, int64_t nsplit) {
+  __shared__ Acc3 red[kRedWarps][32 * V];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t split = blockIdx.x % nsplit;
+  const int64_t chunk = blockIdx.x / nsplit;
+  const int64_t c0 = chunk * 32 * V + lane * V;
+  const bool ok = c0 < a.C;  // V > 1 implies C % V == 0: all V channels valid
+  const T* dy = static_cast<const T*>(a.dy);
+  const T* pre = static_cast<const T*>(a.pre);
+  const int mode = a.mode;
+  float scale[V], shift[V], mean[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const bool v = ok && mode == 1;
+    scale[j] = v ? a.scale[c0 + j] : 0.f;
+    shift[j] = v ? a.shift[c0 + j] : 0.f;
+    mean[j] = v ? a.mean[c0 + j] : 0.f;
+  }
+  const int64_t rows = a.N * a.HW;
+  const int64_t per = ceil_div(rows, nsplit);
+  const int64_t m0 = split * per;
+  const int64_t m1 = m0 + per < rows ? m0 + per : rows;
+  Acc3 s[V];
+  if (ok) with_act(a.act, [&](auto A) {
+    for (int64_t m = m0 + warp; m < m1; m += kRedWarps) {
+      const int64_t off = m * a.C + c0;
+      float pv[V], gv[V];
+      if constexpr (V > 1) {
+        load_vec<T>(pre + off, pv);
+        if (mode == 1) load_vec<T>(dy + off, gv);
+      } else {
+        pv[0] = to_f<T>(pre[off]);
+        gv[0] = mode == 1 ? to_f<T>(dy[off]) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        acc_elem<decltype(A)::value>(s[j], mode == 1 ? gv[j] : 0.f, pv[j], scale[j], shift[j], mean[j],
+                                     a.act_first, mode);
+    }
+  });
+#pragma unroll
+  for (int j = 0; j < V; ++j) red[warp][lane * V + j] = s[j];
+  __syncthreads();
+  if (warp == 0 && ok) {
+    const int M = mode == 0 ? 3 : 2;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      Acc3 t = red[0][lane * V + j];
+      for (int w = 1; w < kRedWarps; ++w) acc_merge(t, red[w][lane * V + j], mode);
+      float* pp = a.part + (split * a.C + c0 + j) * M;
+      pp[0] = t.a;
+      pp[1] = t.b;
+      if (mode == 0) pp[2] = t.c;
+    }
+  }
+}
+
+// One warp per channel: lanes merge strided partials in double, then a fixed shuffle tree.
+__global__ void stats_finalize_kernel(const float* __restrict__ part, int64_t P, int64_t C,
+                                      float* __restrict__ mean, float* __restrict__ var) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;  // whole warps only
+  double n = 0.0, m = 0.0, M2 = 0.0;
+  for (int64_t j = lane; j < P; j += 32) {
+    const float* q = part + (j * C + c) * 3;
+    chan_merge<double>(n, m, M2, q[0], q[1], q[2]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const double nb = __shfl_down_sync(0xffffffffu, n, off);
+    const double mb = __shfl_down_sync(0xffffffffu, m, off);
+    const double Mb = __shfl_down_sync(0xffffffffu, M2, off);
+    chan_merge<double>(n, m, M2, nb, mb, Mb);
+  }
+  if (lane == 0) {
+    mean[c] = static_cast<float>(m);
+    var[c] = n > 0.0 ? static_cast<float>(M2 / n) : __int_as_float(0x7fc00000);
+  }
+}
+
+__global__ void sum_finalize_kernel(const float* __restrict__ part, int64_t P, int64_t C, int M,
+                                    float* __restrict__ out_a, int Ma, float* __restrict__ out_b,
+                                    const float* __restrict__ b_scale) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= C * M) return;
+  const int64_t c = idx / M;
+  const int m = static_cast<int>(idx - c * M);
+  double s = 0.0;
+  for (int64_t j = 0; j < P; ++j) s += static_cast<double>(part[(j * C + c) * M + m]);
+  if (m < Ma) {
+    out_a[c * Ma + m] = static_cast<float>(s);
+  } else {
+    out_b[c] = b_scale != nullptr ? static_cast<float>(s) * b_scale[c] : static_cast<float>(s);
+  }
+}
+
+template <typename T>
+cudaError_t launch_reduce_t(const ReduceArgs& a, bool cl, int64_t nsplit, bool vec, cudaStream_t stream) {
+  constexpr int V = Vec<T>::N;
+  if (!cl) {
+    const unsigned blocks = static_cast<unsigned>(nsplit * a.C);
+    auto kern = vec ? channel_reduce_nchw_kernel<T, V> : channel_reduce_nchw_kernel<T, 1>;
+    CMK_LAUNCH(kern, blocks, kRedThreads, 0, stream)(a, nsplit);
+  } else {
+    const int cpb = 32 * (vec ? V : 1);
+    const unsigned blocks = static_cast<unsigned>(nsplit * ceil_div(a.C, cpb));
+    auto kern = vec ? channel_reduce_nhwc_kernel<T, V> : channel_reduce_nhwc_kernel<T, 1>;
+    CMK_LAUNCH(kern, blocks, kRedThreads, 0, stream)(a, nsplit);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t reduce_splits(const DwGeom& g, const DevInfo& dev) {
+  const int64_t target = int64_t(dev.sms) * 8;
+  const int64_t M = g.N * g.H * g.W;  // elements per channel
+  int64_t nsplit;
+  if (!g.cl) {
+    nsplit = ceil_div(target, g.C);
+    const int64_t cap = M / 4096 > 1 ? M / 4096 : 1;
+    nsplit = nsplit < cap ? nsplit : cap;
+  } else {
+    nsplit = ceil_div(target, ceil_div(g.C, 256));
+    const int64_t cap = M / 64 > 1 ? M / 64 : 1;
+    nsplit = nsplit < cap ? nsplit : cap;
+  }
+  return nsplit < 1 ? 1 : nsplit;
+}
+
+cudaError_t launch_channel_reduce(const ReduceArgs& a, const DwGeom& g, int64_t nsplit, bool vec,
+                                  cudaStream_t stream) {
+  // NCHW vectors run along HW within a plane: they need HW % V == 0 (checked here).
+  const int V = g.dtype == kF32 ? 4 : 8;
+  if (!g.cl) vec = vec && (a.HW % V == 0);
+  switch (g.dtype) {
+    case kF32:
+      return launch_reduce_t<float>(a, g.cl, nsplit, vec, stream);
+    case kF16:
+      return launch_reduce_t<__half>(a, g.cl, nsplit, vec, stream);
+    case kBF16:
+      return launch_reduce_t<__nv_bfloat16>(a, g.cl, nsplit, vec, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_stats_finalize(const float* part, int64_t P, int64_t C, float* mean, float* var,
+                                  cudaStream_t stream) {
+  const int threads = 128;
+  const unsigned blocks = static_cast<unsigned>(ceil_div(C, threads / 32));
+  CMK_LAUNCH(stats_finalize_kernel, blocks, threads, 0, stream)(part, P, C, mean, var);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_sum_finalize(const float* part, int64_t P, int64_t C, int M, float* out_a, int Ma,
+                                float* out_b, const float* b_scale, cudaStream_t stream) {
+  const int threads = 256;
+  const unsigned blocks = static_cast<unsigned>(ceil_div(C * M, threads));
+  CMK_LAUNCH(sum_finalize_kernel, blocks, threads, 0, stream)(part, P, C, M, out_a, Ma, out_b, b_scale);
+  return cudaGetLastError();
+}
+
+}  // namespace dwcuda
+}  // namespace convmixer_kernels

@@ -1,0 +1,104 @@
+// CPU emulation of the small CUDA subset the depthwise kernels use, so the exact kernel sources
+// (csrc/cuda/*.cu, *.cuh) can be compiled by the host compiler and run on machines without a GPU.
+// Force-included (-include emu.h) before everything else.  A block's threads run as cooperative
+// fibers (ucontext) on one OS thread; __syncthreads and the warp shuffles are barriers, and the
+// threads between two barriers run in a random order, so a missing barrier shows up as wrong
+// results.  Dynamic shared memory starts as NaN and is followed by a guard region that is checked
+// after every block: reads of unwritten shared memory poison the results, writes past the end
+// raise.  Development tool only; the extension itself never includes this file.
+#pragma once
+
+#define CMK_EMULATE 1
+#define __host__
+#define __device__
+#define __global__
+#define __shared__ static
+#define __launch_bounds__(...)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace cmk_emu {
+
+struct ThreadState {
+  uint3 thread_idx, block_idx;
+  dim3 block_dim, grid_dim;
+};
+const ThreadState& cur();
+float4* dynamic_smem();
+void syncthreads();
+// Exchange one 64-bit value across the calling warp: returns the value lane src_lane published.
+uint64_t warp_exchange(uint64_t mine, int src_lane);
+
+using KernelBody = std::function<void()>;
+void run_grid(const KernelBody& body, dim3 grid, dim3 block, size_t smem_bytes);
+
+template <typename Kern>
+struct Launcher {
+  Kern kern;
+  dim3 grid, block;
+  size_t smem;
+  template <typename... Args>
+  void operator()(Args... args) const {
+    Kern k = kern;
+    run_grid([=]() { k(args...); }, grid, block, smem);
+  }
+};
+template <typename Kern>
+Launcher<Kern> launch(Kern kern, dim3 grid, dim3 block, size_t smem) {
+  return Launcher<Kern>{kern, grid, block, smem};
+}
+
+cudaError_t get_last_error();
+cudaError_t get_device(int* d);
+cudaError_t device_get_attribute(int* v, cudaDeviceAttr attr, int dev);
+cudaError_t func_set_max_dynamic_smem(int bytes);
+template <typename F>
+cudaError_t func_set_attribute(F, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) return func_set_max_dynamic_smem(value);
+  return cudaSuccess;
+}
+
+template <typename T>
+T shfl_down(T v, int off) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 64 bits");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  const int lane = static_cast<int>(cur().thread_idx.x % 32);
+  const int src = lane + off < 32 ? lane + off : lane;
+  const uint64_t got = warp_exchange(bits, src);
+  T r;
+  std::memcpy(&r, &got, sizeof(T));
+  return r;
+}
+
+}  // namespace cmk_emu
+
+#define threadIdx (::cmk_emu::cur().thread_idx)
+#define blockIdx (::cmk_emu::cur().block_idx)
+#define blockDim (::cmk_emu::cur().block_dim)
+#define gridDim (::cmk_emu::cur().grid_dim)
+#define __syncthreads() ::cmk_emu::syncthreads()
+#define __shfl_down_sync(mask, v, off) ::cmk_emu::shfl_down((v), (off))
+#define CMK_LAUNCH(kern, grid, block, smem, stream) ::cmk_emu::launch((kern), (grid), (block), (smem))
+#define CMK_DYNAMIC_SMEM(name) float4* name = ::cmk_emu::dynamic_smem()
+#define cudaGetLastError() ::cmk_emu::get_last_error()
+#define cudaGetDevice(d) ::cmk_emu::get_device(d)
+#define cudaDeviceGetAttribute(v, a, d) ::cmk_emu::device_get_attribute((v), (a), (d))
+#define cudaFuncSetAttribute(f, a, v) ::cmk_emu::func_set_attribute((f), (a), (v))
+
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }

@@ -1,0 +1,173 @@
+// The four depthwise ops on CPU tensors through the emulated CUDA kernels: the same launchers
+// (csrc/cuda/dw_launch.cu) and kernels as the extension, with entry code that mirrors
+// csrc/cuda/dw.cpp.  Every tensor the kernels touch lives inside a larger NaN-filled buffer, so
+// out-of-bounds reads poison results and out-of-bounds writes are caught by check_guards().
+#include "emu.h"
+
+#include <torch/extension.h>
+
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "cuda/dw.cuh"
+#include "cuda/dw_common.cuh"
+
+namespace cmk_emu {
+extern int g_sms;
+extern int g_smem_optin;
+}  // namespace cmk_emu
+
+namespace {
+
+using at::Tensor;
+namespace dw = convmixer_kernels::dwcuda;
+
+constexpr int64_t kGuard = 4096;  // elements on each side
+
+struct Guarded {
+  Tensor buf;
+  int64_t off, numel;
+};
+std::vector<Guarded> g_guarded;
+
+std::vector<int64_t> strides_for(at::IntArrayRef sizes, bool cl) {
+  const int64_t n = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> st(n, 1);
+  if (cl && n == 4) {
+    const int64_t C = sizes[1], H = sizes[2], W = sizes[3];
+    st = {H * W * C, 1, W * C, C};
+  } else {
+    for (int64_t i = n - 2; i >= 0; --i) st[i] = st[i + 1] * std::max<int64_t>(sizes[i + 1], 1);
+  }
+  return st;
+}
+
+// A NaN-filled view of the given shape inside a larger NaN-filled buffer; offset shifts the start
+// by that many elements (offset 1 makes it misaligned for 16-byte accesses).
+Tensor guarded_empty(at::IntArrayRef sizes, at::ScalarType dt, bool cl, int64_t offset) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  Tensor buf = at::full({numel + 2 * kGuard + offset}, std::numeric_limits<double>::quiet_NaN(),
+                        at::TensorOptions().dtype(dt));
+  Tensor t = buf.as_strided(sizes, strides_for(sizes, cl), kGuard + offset);
+  g_guarded.push_back({buf, kGuard + offset, numel});
+  return t;
+}
+
+Tensor guarded_clone(const Tensor& src, int64_t offset) {
+  const bool cl = src.dim() == 4 && !src.is_contiguous() && src.is_contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor t = guarded_empty(src.sizes(), src.scalar_type(), cl, offset);
+  t.copy_(src);
+  return t;
+}
+
+void check_guards() {
+  for (const auto& g : g_guarded) {
+    const Tensor lo = g.buf.narrow(0, 0, g.off);
+    const Tensor hi = g.buf.narrow(0, g.off + g.numel, g.buf.numel() - g.off - g.numel);
+    TORCH_CHECK(lo.isnan().all().item<bool>() && hi.isnan().all().item<bool>(),
+                "cuda_emu: a kernel wrote outside a tensor (buffer of ", g.numel, " elements)");
+  }
+  g_guarded.clear();
+}
+
+void set_device(int sms, int smem_optin) {
+  cmk_emu::g_sms = sms;
+  cmk_emu::g_smem_optin = smem_optin;
+}
+
+bool geom(const Tensor& x, const char* name, dw::DwGeom& g) {
+  convmixer_kernels::check_storage_dtype(x, name, false);
+  const bool cl = convmixer_kernels::is_channels_last(x, name);
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.cl = cl;
+  g.dtype = x.scalar_type() == at::kFloat ? dw::kF32 : x.scalar_type() == at::kHalf ? dw::kF16 : dw::kBF16;
+  return cl;
+}
+
+void ok(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "cuda_emu: launch failed with error ", static_cast<int>(e)); }
+
+Tensor ws(int64_t n) { return guarded_empty({n}, at::kFloat, false, 0); }
+Tensor vecout(int64_t C) { return guarded_empty({C}, at::kFloat, false, 0); }
+const float* fp(const Tensor& t) { return t.data_ptr<float>(); }
+
+std::vector<Tensor> conv_stats(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int64_t act,
+                               bool act_first, int64_t out_offset) {
+  dw::DwGeom g{};
+  const bool cl = geom(x, "x", g);
+  g.k = static_cast<int>(convmixer_kernels::check_dw_weight(w, x));
+  Tensor pre = guarded_empty(x.sizes(), x.scalar_type(), cl, out_offset);
+  Tensor mean = vecout(g.C), var = vecout(g.C);
+  Tensor part = ws(dw::dw_conv_stats_workspace(g).part);
+  ok(dw::dw_conv_stats_launch(g, x.data_ptr(), fp(w), b ? fp(*b) : nullptr, static_cast<int>(act), act_first,
+                              pre.data_ptr(), mean.data_ptr<float>(), var.data_ptr<float>(), part.data_ptr<float>(),
+                              nullptr));
+  return {pre, mean, var};
+}
+
+Tensor fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, const Tensor& scale,
+           const Tensor& shift, int64_t act, bool act_first, bool residual, int64_t out_offset) {
+  dw::DwGeom g{};
+  const bool cl = geom(x, "x", g);
+  g.k = static_cast<int>(convmixer_kernels::check_dw_weight(w, x));
+  Tensor y = guarded_empty(x.sizes(), x.scalar_type(), cl, out_offset);
+  ok(dw::dw_fwd_launch(g, x.data_ptr(), fp(w), b ? fp(*b) : nullptr, fp(scale), fp(shift), static_cast<int>(act),
+                       act_first, residual, y.data_ptr(), nullptr));
+  return y;
+}
+
+std::vector<Tensor> bwd_reduce(const Tensor& dy, const Tensor& pre, const Tensor& scale, const Tensor& shift,
+                               const Tensor& mean, const Tensor& invstd, int64_t act, bool act_first) {
+  dw::DwGeom g{};
+  geom(pre, "pre", g);
+  g.k = 1;
+  Tensor sg = vecout(g.C), sgx = vecout(g.C);
+  Tensor part = ws(dw::dw_bwd_reduce_workspace(g).part);
+  ok(dw::dw_bwd_reduce_launch(g, dy.data_ptr(), pre.data_ptr(), fp(scale), fp(shift), fp(mean), fp(invstd),
+                              static_cast<int>(act), act_first, sg.data_ptr<float>(), sgx.data_ptr<float>(),
+                              part.data_ptr<float>(), nullptr));
+  return {sg, sgx};
+}
+
+std::vector<Tensor> bwd(const Tensor& dy, const Tensor& x, const Tensor& pre, const Tensor& w, const Tensor& scale,
+                        const Tensor& shift, const Tensor& mean, const Tensor& ca, const Tensor& cb,
+                        const Tensor& cd, int64_t act, bool act_first, bool residual, int64_t out_offset) {
+  dw::DwGeom g{};
+  const bool cl = geom(x, "x", g);
+  g.k = static_cast<int>(convmixer_kernels::check_dw_weight(w, x));
+  Tensor dx = guarded_empty(x.sizes(), x.scalar_type(), cl, out_offset);
+  Tensor dweight = guarded_empty(w.sizes(), at::kFloat, false, 0);
+  Tensor dbias = vecout(g.C);
+  const dw::DwWorkspace wsz = dw::dw_bwd_workspace(g);
+  Tensor part = ws(wsz.part), dpre = ws(wsz.dpre);
+  ok(dw::dw_bwd_launch(g, dy.data_ptr(), x.data_ptr(), pre.data_ptr(), fp(w), fp(scale), fp(shift), fp(mean),
+                       fp(ca), fp(cb), fp(cd), static_cast<int>(act), act_first, residual, dx.data_ptr(),
+                       dweight.data_ptr<float>(), dbias.data_ptr<float>(), part.data_ptr<float>(),
+                       dpre.data_ptr<float>(), nullptr));
+  return {dx, dweight, dbias};
+}
+
+// The plan the launchers would use, for the tests to check coverage of both paths.
+std::vector<int64_t> plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t k, bool cl, int64_t dtype, bool backward) {
+  dw::DwGeom g{N, C, H, W, static_cast<int>(k), cl, static_cast<dw::DType>(dtype)};
+  const dw::DevInfo dev{cmk_emu::g_sms, cmk_emu::g_smem_optin, cmk_emu::g_smem_optin + 1024};
+  const dw::TilePlan p = dw::plan_tiles(g, backward, dev);
+  return {p.tiled, p.tile_h, p.tile_w, p.threads, static_cast<int64_t>(p.smem_bytes), p.ipb, p.groups};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dw_conv_stats", &conv_stats);
+  m.def("dw_fwd", &fwd);
+  m.def("dw_bwd_reduce", &bwd_reduce);
+  m.def("dw_bwd", &bwd);
+  m.def("guarded_clone", &guarded_clone);
+  m.def("check_guards", &check_guards);
+  m.def("set_device", &set_device);
+  m.def("plan", &plan);
+}

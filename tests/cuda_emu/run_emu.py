@@ -1,0 +1,149 @@
+"""Run the CUDA kernels of the depthwise ops on the CPU through tests/cuda_emu/emu.h and compare
+them with convmixer_kernels.torch_ops (tests/dw_op_cases.check_all_ops), on machines without a GPU.
+
+    PYTHONPATH=. python tests/cuda_emu/run_emu.py [--quick]
+
+Development tool: it builds a separate CPU module (a few minutes with g++), never the extension.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import os
+import sys
+import time
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from dw_op_cases import check_all_ops, make_inputs  # noqa: E402
+
+
+def build(jobs: int = 2):
+    bdir = os.environ.get("CMK_EMU_BUILD", "/tmp/cmk_emu_build")
+    os.makedirs(bdir, exist_ok=True)
+    wrappers = []
+    for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "dw_*.cu"))):
+        w = os.path.join(bdir, os.path.basename(cu)[:-3] + "_emu.cpp")
+        text = f'#include "{cu}"\n'
+        if not os.path.exists(w) or open(w).read() != text:
+            with open(w, "w") as f:
+                f.write(text)
+        wrappers.append(w)
+    os.environ.setdefault("MAX_JOBS", str(jobs))
+    return cpp_extension.load(
+        name="cmk_cuda_emu",
+        sources=[os.path.join(HERE, "emu_runtime.cpp"), os.path.join(HERE, "emu_ops.cpp")] + wrappers,
+        extra_cflags=["-O1", "-ffp-contract=off", "-include", os.path.join(HERE, "emu.h"), "-w"],
+        extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"),
+                             os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")],
+        build_directory=bdir,
+        with_cuda=False,
+        verbose=False,
+    )
+
+
+class EmuOps:
+    """ops object for check_all_ops: guarded copies of every input, guard checks after each op."""
+
+    def __init__(self, mod, offset=0):
+        self.m = mod
+        self.off = offset
+
+    def _g(self, t):
+        return None if t is None else self.m.guarded_clone(t, self.off if t.dim() == 4 else 0)
+
+    def _run(self, fn, *args):
+        out = fn(*args)
+        self.m.check_guards()
+        return out
+
+    def dw_conv_stats(self, x, w, b, act, act_first):
+        return tuple(self._run(self.m.dw_conv_stats, self._g(x), self._g(w), self._g(b), act, act_first, self.off))
+
+    def dw_fwd(self, x, w, b, scale, shift, act, act_first, residual):
+        return self._run(self.m.dw_fwd, self._g(x), self._g(w), self._g(b), self._g(scale), self._g(shift), act,
+                         act_first, residual, self.off)
+
+    def dw_bwd_reduce(self, dy, pre, scale, shift, mean, invstd, act, act_first):
+        return tuple(self._run(self.m.dw_bwd_reduce, *[self._g(t) for t in (dy, pre, scale, shift, mean, invstd)],
+                               act, act_first))
+
+    def dw_bwd(self, dy, x, pre, w, scale, shift, mean, ca, cb, cd, act, act_first, residual):
+        ts = [self._g(t) for t in (dy, x, pre, w, scale, shift, mean, ca, cb, cd)]
+        return tuple(self._run(self.m.dw_bwd, *ts, act, act_first, residual, self.off))
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cases(quick: bool):
+    # (shape, k, dtype, channels_last, act, act_first, residual, bias, offset)
+    out = []
+    shapes = [(2, 37, 17, 23), (1, 3, 5, 4), (2, 40, 9, 33)]
+    ks = [1, 3, 5, 7, 9, 11, 13, 15, 17]
+    for i, (shape, k, dt, cl) in enumerate(itertools.product(shapes, ks, DTYPES, [False, True])):
+        act = i % 5
+        out.append((shape, k, dt, cl, act, bool(i % 2), bool((i // 2) % 2), bool((i // 3) % 2 == 0), 0))
+    if quick:
+        out = out[::5]
+    # every activation/order for one shape, both layouts, vector and misaligned paths
+    for act, af, cl, off in itertools.product(range(5), [False, True], [False, True], [0, 1]):
+        out.append(((2, 16, 12, 16), 7, torch.bfloat16, cl, act, af, True, True, off))
+    # larger tiles: several W tiles, several strips per thread, multi-item backward blocks
+    out.append(((1, 2, 20, 70), 9, torch.float32, False, 2, True, True, True, 0))
+    out.append(((1, 2, 300, 16), 5, torch.float16, False, 1, False, False, True, 0))
+    out.append(((3, 70, 10, 10), 15, torch.float32, True, 4, False, True, True, 0))
+    out.append(((2, 64, 32, 32), 7, torch.bfloat16, False, 2, True, True, True, 0))
+    out.append(((2, 64, 32, 32), 9, torch.bfloat16, True, 2, True, True, True, 0))
+    return out
+
+
+def describe(c):
+    shape, k, dt, cl, act, af, res, bias, off = c
+    return f"{shape} k={k} {dt} cl={cl} act={act} act_first={af} residual={res} bias={bias} offset={off}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--smem", type=int, default=232448)
+    ap.add_argument("--only", type=str, default="", help="run the cases whose description contains this")
+    ap.add_argument("--max", type=int, default=0, help="stop after this many cases")
+    args = ap.parse_args()
+    t0 = time.time()
+    mod = build(args.jobs)
+    print(f"built in {time.time() - t0:.0f}s", flush=True)
+    mod.set_device(args.sms, args.smem)
+    fails = 0
+    cs = cases(args.quick)
+    if args.only:
+        cs = [c for c in cs if args.only in describe(c)]
+    if args.max:
+        cs = cs[: args.max]
+    for n, (shape, k, dt, cl, act, af, res, bias, off) in enumerate(cs):
+        inp = make_inputs(*shape, k, dt, "cpu", channels_last=cl, bias=bias, seed=n)
+        tag = describe((shape, k, dt, cl, act, af, res, bias, off))
+        t1 = time.time()
+        try:
+            check_all_ops(EmuOps(mod, off), inp, act, af, res, dt, cl)
+        except Exception as e:  # noqa: BLE001
+            fails += 1
+            print(f"FAIL {tag}: {e}", flush=True)
+            continue
+        print(f"ok   {tag} ({time.time() - t1:.1f}s)", flush=True)
+    print(f"{len(cs) - fails}/{len(cs)} passed")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The CUDA kernels of the four low-level depthwise ops against torch_ops (the spec), on CUDA tensors.
+
+Every test here needs a CUDA device and an extension built with nvcc; without them the module is
+skipped.  Outputs start as NaN (CONVMIXER_KERNELS_POISON_OUTPUTS=1) so an element a kernel forgets
+to write fails.  Cases are chosen to break the tiling: C not a multiple of 32 (the channels_last
+channel groups), H, W not multiples of the tile, images smaller than the kernel, k without a
+tiled instantiation (1, 17: the generic path), misaligned pointers (no 16-byte accesses)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dw_op_cases import check_all_ops, make_inputs
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import convmixer_kernels._C  # noqa: F401  (registers torch.ops.convmixer_kernels)
+    except Exception as e:  # noqa: BLE001
+        return f"extension not loadable: {type(e).__name__}: {e}"
+    if "cuda=1" not in torch.ops.convmixer_kernels.build_info():
+        return "extension built without CUDA"
+    return None
+
+
+_REASON = _skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KS = [1, 3, 5, 7, 9, 11, 15, 17]
+
+
+@pytest.fixture
+def ops(monkeypatch):
+    monkeypatch.setenv("CONVMIXER_KERNELS_POISON_OUTPUTS", "1")
+    return torch.ops.convmixer_kernels
+
+
+# dtype x layout x k on the odd shape; the activation, order, residual and bias rotate with the
+# case index so that every value of each meets every dtype and layout.
+_GRID = list(itertools.product(DTYPES, [False, True], KS))
+
+
+@pytest.mark.parametrize("i", range(len(_GRID)),
+                         ids=[f"{DT_IDS[d]}-{'cl' if c else 'nchw'}-k{k}" for d, c, k in _GRID])
+def test_ops_match_reference(ops, i):
+    dtype, cl, k = _GRID[i]
+    act, act_first, residual, bias = i % 5, bool((i // 5) % 2), bool(i % 2), (i // 3) % 3 != 0
+    inp = make_inputs(2, 37, 17, 23, k, dtype, "cuda", channels_last=cl, bias=bias, seed=i)
+    check_all_ops(ops, inp, act, act_first, residual, dtype, cl)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("act_first", [False, True], ids=["bn_act", "act_bn"])
+@pytest.mark.parametrize("act", range(5), ids=["identity", "relu", "gelu", "gelu_tanh", "silu"])
+def test_activations_and_orders(ops, act, act_first, cl):
+    dtype = torch.bfloat16
+    inp = make_inputs(2, 37, 17, 23, 7, dtype, "cuda", channels_last=cl, bias=True, seed=act)
+    check_all_ops(ops, inp, act, act_first, residual=act % 2 == 0, dtype=dtype, channels_last=cl)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_image_smaller_than_kernel(ops, dtype, cl):
+    inp = make_inputs(1, 3, 5, 4, 9, dtype, "cuda", channels_last=cl, bias=True, seed=3)
+    check_all_ops(ops, inp, 2, True, True, dtype, cl)
+
+
+@pytest.mark.parametrize("shape,k,dtype,cl,act,act_first", [
+    ((4, 64, 32, 32), 7, torch.bfloat16, False, 2, True),
+    ((4, 64, 32, 32), 9, torch.bfloat16, True, 2, True),
+    ((4, 64, 32, 32), 9, torch.float32, False, 4, False),
+    ((4, 64, 32, 32), 7, torch.float16, True, 1, False),
+    ((2, 40, 56, 56), 7, torch.bfloat16, True, 3, True),
+    ((2, 40, 56, 56), 3, torch.float32, False, 1, True),
+    ((2, 40, 56, 56), 13, torch.bfloat16, False, 2, False),
+    ((2, 40, 56, 56), 15, torch.float16, True, 0, True),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_larger_shapes(ops, shape, k, dtype, cl, act, act_first):
+    inp = make_inputs(*shape, k, dtype, "cuda", channels_last=cl, bias=True, seed=k)
+    check_all_ops(ops, inp, act, act_first, True, dtype, cl)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values one element past a 16-byte boundary (the kernels must not use 16-byte accesses)."""
+    cl = t.dim() == 4 and not t.is_contiguous()
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    if cl:
+        N, C, H, W = t.shape
+        out = base[1:].view(N, H, W, C).permute(0, 3, 1, 2)
+    else:
+        out = base[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)
+def test_misaligned_inputs(ops, dtype, cl):
+    inp = make_inputs(2, 32, 16, 32, 7, dtype, "cuda", channels_last=cl, bias=True, seed=5)
+    for name in ("x", "dy", "pre"):
+        inp[name] = _misaligned(inp[name])
+    check_all_ops(ops, inp, 2, True, True, dtype, cl)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("k", [7, 17])
+def test_deterministic(ops, k, cl):
+    a = make_inputs(4, 64, 32, 32, k, torch.bfloat16, "cuda", channels_last=cl, bias=True, seed=11)
+
+    def run():
+        s = ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)
+        y = ops.dw_fwd(a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)
+        r = ops.dw_bwd_reduce(a["dy"], a["pre"], a["scale"], a["shift"], a["mean"], a["invstd"], 2, False)
+        b = ops.dw_bwd(a["dy"], a["x"], a["pre"], a["weight"], a["scale"], a["shift"], a["mean"], a["ca"],
+                       a["cb"], a["cd"], 2, True, True)
+        return [*s, y, *r, *b]
+
+    first, second = run(), run()
+    for u, v in zip(first, second):
+        assert torch.equal(u, v)
+
+
+def test_side_stream_and_cuda_graph(ops):
+    """Launches go to the current stream (a side stream, a graph capture) with no host sync."""
+    dtype = torch.bfloat16
+    inp = make_inputs(2, 64, 16, 16, 7, dtype, "cuda", channels_last=True, bias=True, seed=2)
+    args_f = (inp["x"], inp["weight"], inp["bias"], inp["scale"], inp["shift"], 2, True, True)
+    args_b = (inp["dy"], inp["x"], inp["pre"], inp["weight"], inp["scale"], inp["shift"], inp["mean"],
+              inp["ca"], inp["cb"], inp["cd"], 2, True, True)
+    want_y = ops.dw_fwd(*args_f)
+    want_b = ops.dw_bwd(*args_b)
+    want_s = ops.dw_conv_stats(inp["x"], inp["weight"], inp["bias"], 2, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up on the capturing stream
+            ops.dw_fwd(*args_f)
+            ops.dw_bwd(*args_b)
+            ops.dw_conv_stats(inp["x"], inp["weight"], inp["bias"], 2, True)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=side):
+            y = ops.dw_fwd(*args_f)
+            b = ops.dw_bwd(*args_b)
+            s = ops.dw_conv_stats(inp["x"], inp["weight"], inp["bias"], 2, True)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, want_y)
+    for u, v in zip(b, want_b):
+        assert torch.equal(u, v)
+    for u, v in zip(s, want_s):
+        assert torch.equal(u, v)
+
+
+def test_empty_batch(ops):
+    inp = make_inputs(1, 8, 6, 6, 3, torch.float32, "cuda", bias=True)
+    x = inp["x"][:0]
+    y = ops.dw_fwd(x, inp["weight"], inp["bias"], inp["scale"], inp["shift"], 1, True, False)
+    assert y.shape == x.shape
+    dx, dw, db = ops.dw_bwd(x, x, x, inp["weight"], inp["scale"], inp["shift"], inp["mean"], inp["ca"],
+                            inp["cb"], inp["cd"], 1, True, False)
+    assert dx.shape == x.shape and not dw.any() and not db.any()
+
+
+# ---- bad inputs: a clear error that names the argument ----
+
+def _base():
+    return make_inputs(2, 8, 6, 6, 3, torch.float32, "cuda", bias=True)
+
+
+def test_weight_on_cpu_is_rejected(ops):
+    a = _base()
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.dw_fwd(a["x"], a["weight"].cpu(), a["bias"], a["scale"], a["shift"], 0, True, False)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.dw_conv_stats(a["x"], a["weight"].cpu(), a["bias"], 0, True)
+
+
+def test_cpu_vector_is_rejected(ops):
+    a = _base()
+    with pytest.raises(RuntimeError, match="shift"):
+        ops.dw_fwd(a["x"], a["weight"], a["bias"], a["scale"], a["shift"].cpu(), 0, True, False)
+    with pytest.raises(RuntimeError, match="cd"):
+        ops.dw_bwd(a["dy"], a["x"], a["pre"], a["weight"], a["scale"], a["shift"], a["mean"], a["ca"], a["cb"],
+                   a["cd"].cpu(), 0, True, False)
+
+
+def test_float64_is_rejected_on_cuda(ops):
+    a = _base()
+    with pytest.raises(RuntimeError, match="x: expected dtype float32, float16 or bfloat16"):
+        ops.dw_conv_stats(a["x"].double(), a["weight"].double(), None, 0, True)
+    with pytest.raises(RuntimeError, match="pre"):
+        ops.dw_bwd_reduce(a["dy"].double(), a["pre"].double(), a["scale"], a["shift"], a["mean"], a["invstd"],
+                          0, True)
+
+
+def test_wrong_dtype_shape_layout_act(ops):
+    a = _base()
+    with pytest.raises(RuntimeError, match="weight"):  # weights are float32 for every storage dtype
+        ops.dw_fwd(a["x"].half(), a["weight"].half(), None, a["scale"], a["shift"], 0, True, False)
+    with pytest.raises(RuntimeError, match="weight"):  # even k
+        ops.dw_fwd(a["x"], torch.zeros(8, 1, 4, 4, device="cuda"), None, a["scale"], a["shift"], 0, True, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.dw_fwd(a["x"], a["weight"], a["bias"][:4], a["scale"], a["shift"], 0, True, False)
+    with pytest.raises(RuntimeError, match="act"):
+        ops.dw_fwd(a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 7, True, False)
+    with pytest.raises(RuntimeError, match="x: expected an NCHW-contiguous"):  # neither layout
+        ops.dw_fwd(a["x"].transpose(2, 3), a["weight"], a["bias"], a["scale"], a["shift"], 0, True, False)
+    with pytest.raises(RuntimeError, match="dy"):  # dy in another memory format than x
+        ops.dw_bwd(a["dy"].contiguous(memory_format=torch.channels_last), a["x"], a["pre"], a["weight"],
+                   a["scale"], a["shift"], a["mean"], a["ca"], a["cb"], a["cd"], 0, True, False)
+    with pytest.raises(RuntimeError, match="pre"):
+        ops.dw_bwd(a["dy"], a["x"], a["pre"].half(), a["weight"], a["scale"], a["shift"], a["mean"], a["ca"],
+                   a["cb"], a["cd"], 0, True, False)
+
+
+def test_x_on_cpu_with_cuda_weight_is_rejected(ops):
+    a = _base()
+    with pytest.raises(RuntimeError, match="x: expected a CUDA tensor"):
+        ops.dw_fwd(a["x"].cpu(), a["weight"], a["bias"], a["scale"], a["shift"], 0, True, False)
