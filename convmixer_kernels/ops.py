@@ -259,7 +259,7 @@ def dw_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps
     """y = [x +] BN(act(DWConv(x) + bias)) (act_first) or [x +] act(BN(DWConv(x) + bias))."""
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
-    w = weight.to(acc)
+    w = weight.to(acc).contiguous()  # tiny; a model moved to channels_last has channels_last weights
     b = None if bias is None else bias.to(acc)
     pre, mean, var, count = _statistics(lambda: ops.dw_conv_stats(x, w, b, act, act_first), x, x.shape[1],
                                         running_mean, running_var, batch_stats, need_pre,
@@ -306,7 +306,7 @@ def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     gamma, invstd, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
     sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
                                               batch_stats, group)
-    dx, dweight, dbias = ops.dw_bwd(dy, x, pre, weight.to(acc), scale, shift, mean, ca, cb, cd, act, act_first,
+    dx, dweight, dbias = ops.dw_bwd(dy, x, pre, weight.to(acc).contiguous(), scale, shift, mean, ca, cb, cd, act, act_first,
                                     residual)
     return (dx,) + _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g) + (None,) * 10
 
@@ -320,7 +320,7 @@ dw_block.register_autograd(_dw_block_backward, setup_context=_dw_block_setup)
 def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act,
                         act_first, batch_stats, need_pre, group):
     acc = acc_dtype(x.dtype)
-    w = weight.to(x.dtype)  # the GEMM operand is in the storage dtype (as autocast feeds cuBLAS)
+    w = weight.to(x.dtype).contiguous()  # the GEMM operand is in the storage dtype (as autocast feeds cuBLAS)
     b = None if bias is None else bias.to(acc)
     C = weight.shape[0]
     p = 1 if kind == "pw" else weight.shape[-1]
@@ -395,7 +395,7 @@ def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     gamma, invstd, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, mean, var, eps)
     sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
                                               batch_stats, group)
-    w = weight.to(x.dtype)
+    w = weight.to(x.dtype).contiguous()
     if ctx.kind == "pw":
         ds, dweight, dbias = ops.pw_bwd(dy, x, t, pre, w, scale, shift, mean, ca, cb, cd, act, act_first)
         inputs = (ds, ds if ctx.has_t else None)

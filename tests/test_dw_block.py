@@ -88,8 +88,12 @@ def test_deterministic(backend, device, triton_cpu):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_nan_inf_propagate(backend, device, triton_cpu):
-    blk = make_block(4, 3, "gelu", "act_norm", True, True, True, True, 0.1, 0).to(device).eval()
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_nan_inf_propagate(backend, device, activation, triton_cpu):
+    """NaN and Inf propagate: non-finite exactly where the reference is.  With relu the NaN/Inf masks must
+    match exactly; GELU(+inf) is inf mathematically and on PyTorch's CUDA kernel but NaN on its vectorized
+    CPU kernel, so for gelu a non-finite value only has to stay non-finite."""
+    blk = make_block(4, 3, activation, "act_norm", True, True, True, True, 0.1, 0).to(device).eval()
     x = torch.randn(1, 4, 6, 6, device=device)
     x[0, 0, 2, 2] = float("nan")
     x[0, 1, 3, 3] = float("inf")
@@ -97,8 +101,10 @@ def test_nan_inf_propagate(backend, device, triton_cpu):
         want = blk.reference()(x)
         with ck.backend(backend):
             got = blk(x)
-    assert torch.equal(torch.isnan(got), torch.isnan(want))
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    if activation == "relu":
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
 
 
 def test_gradcheck_cpu_float64():

@@ -14,7 +14,7 @@ def _tanh(z):
 def _act_fwd(v, act):
     """Activation `act` (run-time code): 0 identity, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu."""
     if act == 1:
-        r = tl.where(v > 0.0, v, 0.0)
+        r = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as in PyTorch
     elif act == 2:
         r = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     elif act == 3:

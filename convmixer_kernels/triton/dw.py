@@ -98,9 +98,18 @@ def _chan_bcast(v, CL: tl.constexpr):
 
 @triton.jit
 def _chan_sum(v, CL: tl.constexpr):
-    """Sum of a [BA, BB] tile per channel: [BB] (channels_last) or a scalar (NCHW)."""
+    """Sum of a [BA, BB] tile per channel: [BB] (channels_last) or a scalar (NCHW).
+
+    channels_last sums along the tile's first axis in two levels (16 rows, then the row groups):
+    a sum along a non-minor axis may be a sequential chain (numpy's, under the interpreter), whose
+    rounding error grows with the chain, so the chain is kept short explicitly."""
     if CL:
-        r = tl.sum(v, axis=0)
+        BA: tl.constexpr = v.shape[0]
+        BB: tl.constexpr = v.shape[1]
+        if BA >= 64:
+            r = tl.sum(tl.sum(tl.reshape(v, [BA // 16, 16, BB]), axis=1), axis=0)
+        else:
+            r = tl.sum(v, axis=0)
     else:
         r = tl.sum(v)
     return r

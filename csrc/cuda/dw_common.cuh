@@ -84,7 +84,7 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
 template <int A>
 __device__ __forceinline__ float act_fwd_t(float v) {
   if constexpr (A == 1) {
-    return v > 0.f ? v : 0.f;
+    return v < 0.f ? 0.f : v;  // NaN stays NaN, as in PyTorch
   } else if constexpr (A == 2) {
     return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
   } else if constexpr (A == 3) {

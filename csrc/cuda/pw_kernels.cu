@@ -53,7 +53,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 __device__ __forceinline__ float act_fwd(float v, int act) {
   switch (act) {
     case 1:
-      return v > 0.f ? v : 0.f;
+      return v < 0.f ? 0.f : v;  // NaN stays NaN, as in PyTorch
     case 2:
       return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
     case 3: {
