@@ -292,6 +292,7 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
     p.nstrips = p.tile_h;
     p.smem_rows = p.tile_h + K - 1;
   }
+  if (ceil_div(W, p.tile_w) * ceil_div(H, p.tile_h) > 0x7fffffffLL) return TilePlan{};
   p.tiles_w = static_cast<int>(ceil_div(W, p.tile_w));
   p.tiles_h = static_cast<int>(ceil_div(H, p.tile_h));
   p.items = g.N * p.tiles_h * p.tiles_w;

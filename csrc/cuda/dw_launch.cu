@@ -5,16 +5,26 @@
 namespace convmixer_kernels {
 namespace dwcuda {
 
+// Queried once per device (so a CUDA-graph capture after a warm-up makes no attribute queries).
 DevInfo dev_info() {
+  constexpr int kMaxDev = 64;
+  static std::atomic<bool> known[kMaxDev];
+  static DevInfo cache[kMaxDev];
   DevInfo d{132, 48 * 1024, 100 * 1024};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return d;
+  const bool cacheable = dev >= 0 && dev < kMaxDev;
+  if (cacheable && known[dev].load(std::memory_order_acquire)) return cache[dev];
   int v = 0;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) d.sms = v;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess && v > 0)
     d.smem_optin = v;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) == cudaSuccess && v > 0)
     d.smem_per_sm = v;
+  if (cacheable) {  // every thread computes the same values: a racing second write is harmless
+    cache[dev] = d;
+    known[dev].store(true, std::memory_order_release);
+  }
   return d;
 }
 
