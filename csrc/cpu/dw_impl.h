@@ -223,7 +223,7 @@ inline Vectorized<A> act_fwd(const Vectorized<A>& v) {
   } else if constexpr (ACT == 1) {
     return at::vec::clamp_min(v, Vec(A(0)));
   } else if constexpr (ACT == 2) {
-    return v * Vec(A(0.5)) * (Vec(A(1)) + verf<A>(v * Vec(A(M_SQRT1_2))));
+    return v * Vec(A(0.5)) * (Vec(A(1)) + verf<A>(v * Vec(A(0.7071067811865476))));
   } else if constexpr (ACT == 3) {
     const Vec inner = Vec(A(0.7978845608028654)) * (v + Vec(A(0.044715)) * v * v * v);
     return Vec(A(0.5)) * v * (Vec(A(1)) + vtanh<A>(inner));
@@ -241,7 +241,7 @@ inline Vectorized<A> act_grad(const Vectorized<A>& v) {
   } else if constexpr (ACT == 1) {
     return v.gt(Vec(A(0)));  // 1 where v > 0, else 0 (relu'(0) = 0)
   } else if constexpr (ACT == 2) {
-    const Vec cdf = Vec(A(0.5)) * (one + verf<A>(v * Vec(A(M_SQRT1_2))));
+    const Vec cdf = Vec(A(0.5)) * (one + verf<A>(v * Vec(A(0.7071067811865476))));
     const Vec pdf = vexp<A>(Vec(A(-0.5)) * v * v) * Vec(A(0.3989422804014327));
     return cdf + v * pdf;
   } else if constexpr (ACT == 3) {
