@@ -301,7 +301,9 @@ struct Geom {
   int64_t out_el;  // elements per output row buffer (NCHW Wr, CL W * CB)
   int64_t npix;    // "pixels" per output row for the row helpers (NCHW Wr / V, CL W)
   int64_t plen;    // lanes of such a pixel (NCHW V, CL CB)
-  int64_t G;       // batch groups of the reduction items
+  int64_t Gn;      // batch groups of the reduction items
+  int64_t RC;      // row chunks of the reduction items
+  int64_t G;       // Gn * RC: the (batch group, row chunk) part of a reduction item
   int64_t nch;     // row chunks per image of the dw_fwd items
 
   // rings: staging rings an item keeps (dw_bwd: x and dpre).
@@ -342,14 +344,22 @@ struct Geom {
       S = k + kMaxRows - 1;
     }
     row_el = Wp * lane;
-    // Reduction items (channel group, batch group): enough to keep the threads busy, few
-    // enough that their partial results stay small.  dw_fwd items also split the rows of
-    // an image when there are few images and channel groups.  Shapes only, never threads.
-    G = imax(1, imin(N, div_up(64, ncg)));
-    nch = imax(1, imin(div_up(32, imax(1, N * ncg)), H / imax(2 * k, 8)));
+    // Work items: enough to keep the threads busy, few enough that partial results stay
+    // small and halo rows (staged twice) rare.  Shapes only, never the thread count.
+    // Reduction items are (channel group, batch group, row chunk); dw_fwd items are
+    // (image, channel group, row chunk).
+    const int64_t min_rows = imax(k, 4);
+    Gn = imax(1, imin(N, div_up(64, ncg)));
+    RC = imax(1, imin(div_up(16, ncg * Gn), H / min_rows));
+    G = Gn * RC;
+    nch = imax(1, imin(div_up(16, imax(1, N * ncg)), H / min_rows));
   }
   int64_t ring_el() const { return nv * S * row_el; }
-  int64_t n_begin(int64_t g) const { return g * N / G; }
+  // Images and rows of the reduction part gb (< G).
+  int64_t n_begin(int64_t gb) const { return (gb / RC) * N / Gn; }
+  int64_t n_end(int64_t gb) const { return (gb / RC + 1) * N / Gn; }
+  int64_t h_begin(int64_t gb) const { return (gb % RC) * H / RC; }
+  int64_t h_end(int64_t gb) const { return (gb % RC + 1) * H / RC; }
   // Rows computed together: NCHW up to kMaxRows, CL one.
   int64_t step_rows(int64_t left) const {
     if (cl) return 1;
@@ -835,7 +845,7 @@ void conv_stats_t(const DwParams& P) {
   T* pre = static_cast<T*>(P.pre_out);
   const Weights<A> wts(g, static_cast<const A*>(P.weight), false);
   const ChanParams<A> cp(g, {P.bias});
-  // Item (cg, gb): channel group cg over images [n_begin(gb), n_begin(gb + 1)).
+  // Item (cg, gb): channel group cg over images [n_begin(gb), n_end(gb)), rows [h_begin(gb), h_end(gb)).
   Buf<double> part_mean(g.G * g.Cpad), part_m2(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
@@ -854,10 +864,10 @@ void conv_stats_t(const DwParams& P) {
       zero(m2.get(), g.CB);
       with_act(P.act, [&](auto a) {
         constexpr int ACT = decltype(a)::value;
-        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
+        for (int64_t n = g.n_begin(gb); n < g.n_end(gb); ++n) {
           const T* img = x + act_offset(g, n, c0, 0);
           stream_rows(
-              g, ring, 0, g.H, [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
+              g, ring, g.h_begin(gb), g.h_end(gb), [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
               [&](int64_t r, int64_t nr, const A* const* rows) {
                 conv_rows(rows, nr, wt, g, crow.get());
                 // Moments of the nr rows just computed (two passes), merged into the item's.
@@ -914,7 +924,7 @@ void conv_stats_t(const DwParams& P) {
   for (int64_t c = 0; c < g.C; ++c) {
     double na = 0, ma = 0, m2a = 0;
     for (int64_t gb = 0; gb < g.G; ++gb) {
-      const double nb = double(g.n_begin(gb + 1) - g.n_begin(gb)) * double(g.H) * double(g.W);
+      const double nb = double(g.n_end(gb) - g.n_begin(gb)) * double(g.h_end(gb) - g.h_begin(gb)) * double(g.W);
       chan_merge(na, ma, m2a, nb, part_mean.get()[gb * g.Cpad + c], part_m2.get()[gb * g.Cpad + c]);
     }
     out_mean[c] = A(ma);
@@ -952,8 +962,8 @@ void bwd_reduce_t(const DwParams& P) {
       zero(acc_gx.get(), g.CB);
       with_act(P.act, [&](auto a) {
         constexpr int ACT = decltype(a)::value;
-        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n)
-          for (int64_t h = 0; h < g.H; ++h) {
+        for (int64_t n = g.n_begin(gb); n < g.n_end(gb); ++n)
+          for (int64_t h = g.h_begin(gb); h < g.h_end(gb); ++h) {
             const int64_t off = act_offset(g, n, c0, h);
             for (int64_t vb = 0; vb < g.nv; ++vb) {
               const Vec s = Vec::loadu(lp[0] + vb * V), b = Vec::loadu(lp[1] + vb * V),
@@ -1121,11 +1131,11 @@ void bwd_t(const DwParams& P) {
             }
           }
         };
-        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
+        for (int64_t n = g.n_begin(gb); n < g.n_end(gb); ++n) {
           const T* img = x + act_offset(g, n, c0, 0);
-          dr.origin = -g.p;
+          dr.origin = g.h_begin(gb) - g.p;
           stream_rows(
-              g, xr, 0, g.H,
+              g, xr, g.h_begin(gb), g.h_end(gb),
               [&](int64_t yy) {
                 stage_row(xr.slot(yy), img, yy, rm.cb_len, g);
                 stage_d(dr.slot(yy), n, yy);
