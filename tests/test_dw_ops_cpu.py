@@ -78,11 +78,12 @@ def test_kernel_larger_than_image(k, dtype, cl):
 @pytest.mark.parametrize(
     "shape,k",
     [
-        ((3, 70, 30, 40), 9),  # CL: two channel groups (64 + 6), several row tiles and batch groups
-        ((2, 3, 300, 8), 7),  # NCHW: several row tiles of a tall plane
+        ((2, 70, 6, 300), 9),  # CL: wide rows, so several channel groups (32 + 32 + 6)
+        ((2, 3, 300, 8), 7),  # tall: row blocks + remainder, row chunks, dweight flushes
+        ((3, 21, 19, 13), 15),  # several batch groups, a kernel wider than most of the image
         ((5, 1, 9, 1), 3),  # one channel, one column
     ],
-    ids=["multi_group", "tall", "thin"],
+    ids=["channel_groups", "tall", "batch_groups", "thin"],
 )
 def test_tiling(shape, k, cl):
     _run(shape, k, torch.float32, cl, act=1, act_first=False, residual=True)

@@ -4,27 +4,32 @@
 // lives in an anonymous namespace except `kernels()`, so the copies never meet at link time.
 //
 // Semantics: convmixer_kernels/torch_ops.py.  Design:
-//   * Both layouts stage the input of a tile (a band of output rows plus the k-1 halo rows,
-//     zero padded, converted to the accumulation type A) in a per-thread buffer, so the
-//     convolution itself has no boundary tests and no dtype conversions:
-//       NCHW: one channel, buffer rows of Wp = round_up(W, V) + k - 1 values; a row of
-//             outputs is a set of vectors along W with the weights broadcast;
-//       channels_last: a block of CB channels (a multiple of V), buffer rows of (W + k - 1)
-//             pixels x CB; vectors run along C, P pixels of a row at once.
-//     In NCHW a "pixel" of the row helpers below is a vector of V consecutive outputs of the
-//     same channel, so the per-channel parameters are arrays of V equal values there, and
-//     one set of row helpers serves both layouts.
-//   * pre = conv + bias is rounded to the storage type T right after the convolution;
-//     every consumer uses the rounded value, so dw_fwd and dw_conv_stats agree bitwise.
+//   * Rows stream once through a small per-thread ring of staged rows (Ring, stream_rows):
+//     each input row is converted to the accumulation type A once and zero padded (p
+//     zeros either side, zero rows outside the image), so the convolution has no boundary
+//     tests and no conversions, and reads only L1/L2.
+//       NCHW: an item is one channel; a staged row holds Wp = round_up(W, V) + k - 1
+//             values and outputs are vectors along W, kMaxRows rows at a time so each
+//             loaded input vector feeds several output rows (conv_block_nchw);
+//       channels_last: an item is a group of CB channels (often all of C, so x is read
+//             in whole pixels); a staged row is nv = CB / V planes of (W + k - 1) pixels x
+//             V channels, and outputs are vectors along C, P pixels at a time, the k
+//             weights of a kernel row in registers (conv_px_cl_k).
+//     In NCHW a "pixel" of RowMap is a vector of V outputs of one channel, so per-channel
+//     parameters are arrays of V equal values there and one epilogue serves both layouts.
+//   * The epilogues work per vector on the conv output (fwd_vec, dpre_vec, ...), so an op
+//     makes a single pass over its outputs.  pre = conv + bias is rounded to the storage
+//     type T right away and every consumer uses the rounded value, so dw_fwd and
+//     dw_conv_stats agree bitwise on it.
 //   * Reductions (mean/var, BN-backward sums, dweight, dbias) run over work items
 //     (channel group, batch group): the split depends on shapes only, each item is
 //     computed by one thread in a fixed order, and items are merged in a fixed order, so
-//     results are bitwise identical for any thread count.  Rows are reduced in A
-//     (vectors, then lanes in order) and rows/tiles/items are merged in double; mean/var
-//     use per-row two-pass moments merged with Chan's formula (no cancellation).
-//   * dw_bwd recomputes dpre for a tile plus its halo (cheap, elementwise) into a padded
-//     buffer, then dx = depthwise conv of dpre with the flipped kernel, and the dweight
-//     partials are k*k dot products of that buffer with the staged x.
+//     results are bitwise identical for any thread count.  Vectors accumulate in A over a
+//     few rows, lanes are added in order into double, items merge in double; mean/var use
+//     two-pass moments of each block of rows merged with Chan's formula (no cancellation).
+//   * dw_bwd stages dpre (recomputed from dy and pre, elementwise) in a second ring next to
+//     x: dx is the depthwise conv of dpre with the flipped kernel, and dweight is k*k dot
+//     products of the dpre row with the staged x rows.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -49,8 +54,8 @@ inline int64_t round_up(int64_t a, int64_t b) { return div_up(a, b) * b; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Zero-initialised, 64-byte aligned scratch memory (internal linkage: no std::vector instantiation shared
-// with translation units compiled for another CPU).
+// Zero-initialised, 64-byte aligned scratch memory (internal linkage: no std::vector
+// instantiation shared with translation units compiled for another CPU).
 template <typename E>
 class Buf {
  public:
@@ -106,67 +111,53 @@ inline void to_acc(const T* src, A* dst, int64_t n) {
   }
 }
 
-// dst[0, n) = T(src[0, n)), round to nearest even
+// v rounded to the storage type T and back (the rounding of pre).
 template <typename T, typename A>
-inline void to_storage(const A* src, T* dst, int64_t n) {
+inline Vectorized<A> round_vec(const Vectorized<A>& v) {
   if constexpr (std::is_same_v<T, A>) {
-    to_acc(src, dst, n);
+    return v;
   } else {
-    using VF = Vectorized<float>;
-    constexpr int64_t L = Vectorized<T>::size();
-    constexpr int64_t HL = VF::size();
-    int64_t i = 0;
-    for (; i + L <= n; i += L) {
-      at::vec::convert_from_float<T>(VF::loadu(src + i), VF::loadu(src + i + HL)).store(dst + i);
-    }
-    if (i < n) {
-      const int64_t m = n - i;
-      const VF a = VF::loadu(src + i, imin(m, HL));
-      const VF b = m > HL ? VF::loadu(src + i + HL, m - HL) : VF(0.f);
-      at::vec::convert_from_float<T>(a, b).store(dst + i, m);
-    }
-  }
-}
-
-// One vector: dst[0, V) = A(src[0, cnt)), zero past cnt (cnt may be <= 0).
-template <typename T, typename A>
-inline void load_px(const T* src, A* dst, int64_t cnt) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  if (cnt <= 0) {
-    Vec(A(0)).store(dst);
-  } else if constexpr (std::is_same_v<T, A>) {
-    (cnt >= V ? Vec::loadu(src) : Vec::loadu(src, cnt)).store(dst);
-  } else {
-    auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(src, imin(cnt, V)));
+    auto [a, b] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v));
     (void)b;
-    a.store(dst);
+    return a;
   }
 }
 
-// One vector: dst[0, cnt) = T(src[0, cnt)) (nothing if cnt <= 0).
+// V elements of T at p as A, zero past cnt (cnt may be <= 0).
 template <typename T, typename A>
-inline void store_px(const A* src, T* dst, int64_t cnt) {
+inline Vectorized<A> load_vec(const T* p, int64_t cnt) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
+  if (cnt <= 0) return Vec(A(0));
+  if constexpr (std::is_same_v<T, A>) {
+    return cnt >= V ? Vec::loadu(p) : Vec::loadu(p, cnt);
+  } else {
+    auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, imin(cnt, V)));
+    (void)b;
+    return a;
+  }
+}
+
+// The first cnt lanes of v to p as T (nothing if cnt <= 0).
+template <typename T, typename A>
+inline void store_vec(const Vectorized<A>& v, T* p, int64_t cnt) {
+  constexpr int64_t V = Vectorized<A>::size();
   if (cnt <= 0) return;
   if constexpr (std::is_same_v<T, A>) {
     if (cnt >= V)
-      Vec::loadu(src).store(dst);
+      v.store(p);
     else
-      Vec::loadu(src).store(dst, cnt);
+      v.store(p, cnt);
   } else {
-    at::vec::convert_from_float<T>(Vec::loadu(src), Vec(A(0))).store(dst, imin(cnt, V));
+    at::vec::convert_from_float<T>(v, Vectorized<A>(A(0))).store(p, imin(cnt, V));
   }
 }
 
-// row[0, n) = A(T(row[0, n))): the rounding of pre to the storage type.
-template <typename T, typename A>
-inline void round_to_storage(A* row, T* tmp, int64_t n) {
-  if constexpr (!std::is_same_v<T, A>) {
-    to_storage(row, tmp, n);
-    to_acc(tmp, row, n);
-  }
+// Lanes past cnt set to zero.
+template <typename A>
+inline Vectorized<A> mask_vec(const Vectorized<A>& v, int64_t cnt) {
+  constexpr int64_t V = Vectorized<A>::size();
+  return cnt >= V ? v : Vectorized<A>::set(Vectorized<A>(A(0)), v, imax(cnt, 0));
 }
 
 // Lanes of v summed in lane order (deterministic), in double.
@@ -182,6 +173,47 @@ inline double hsum(const Vectorized<A>& v) {
 
 // ---------------------------------------------------------------- activations
 
+// exp, erf and tanh for the activations.  float: exp is ATen's inline polynomial exp_u20
+// (about 1e-6 relative, no call into Sleef), erf is Abramowitz & Stegun 7.1.26 (absolute
+// error 1.5e-7, the formula ATen's own float erf uses) on top of it, tanh = 1 - 2 / (e^2z + 1).
+// double: the accurate Sleef versions (the fp64 tolerance is 1e-10).
+template <typename A>
+inline Vectorized<A> vexp(const Vectorized<A>& v) {
+  if constexpr (std::is_same_v<A, float>)
+    return v.exp_u20();
+  else
+    return v.exp();
+}
+
+template <typename A>
+inline Vectorized<A> verf(const Vectorized<A>& v) {
+  if constexpr (std::is_same_v<A, float>) {
+    using Vec = Vectorized<float>;
+    const Vec one(1.f);
+    const Vec ax = v.abs();
+    const Vec t = one / at::vec::fmadd(Vec(0.3275911f), ax, one);
+    Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+    r = at::vec::fmadd(r, t, Vec(1.421413741f));
+    r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+    r = at::vec::fmadd(r, t, Vec(0.254829592f));
+    const Vec e = one - r * t * vexp<float>((ax * ax).neg());  // erf(|v|)
+    return Vec::blendv(e, e.neg(), v < Vec(0.f));
+  } else {
+    return v.erf();
+  }
+}
+
+template <typename A>
+inline Vectorized<A> vtanh(const Vectorized<A>& v) {
+  if constexpr (std::is_same_v<A, float>) {
+    using Vec = Vectorized<float>;
+    const Vec one(1.f);
+    return one - Vec(2.f) / (vexp<float>(v + v) + one);
+  } else {
+    return v.tanh();
+  }
+}
+
 // act(v) and act'(v) for the run-time code `act` made a template constant (see torch_ops).
 template <int ACT, typename A>
 inline Vectorized<A> act_fwd(const Vectorized<A>& v) {
@@ -191,12 +223,12 @@ inline Vectorized<A> act_fwd(const Vectorized<A>& v) {
   } else if constexpr (ACT == 1) {
     return at::vec::clamp_min(v, Vec(A(0)));
   } else if constexpr (ACT == 2) {
-    return v * Vec(A(0.5)) * (Vec(A(1)) + (v * Vec(A(M_SQRT1_2))).erf());
+    return v * Vec(A(0.5)) * (Vec(A(1)) + verf<A>(v * Vec(A(0.7071067811865476))));
   } else if constexpr (ACT == 3) {
     const Vec inner = Vec(A(0.7978845608028654)) * (v + Vec(A(0.044715)) * v * v * v);
-    return Vec(A(0.5)) * v * (Vec(A(1)) + inner.tanh());
+    return Vec(A(0.5)) * v * (Vec(A(1)) + vtanh<A>(inner));
   } else {
-    return v / (Vec(A(1)) + v.neg().exp());
+    return v / (Vec(A(1)) + vexp<A>(v.neg()));
   }
 }
 
@@ -209,16 +241,16 @@ inline Vectorized<A> act_grad(const Vectorized<A>& v) {
   } else if constexpr (ACT == 1) {
     return v.gt(Vec(A(0)));  // 1 where v > 0, else 0 (relu'(0) = 0)
   } else if constexpr (ACT == 2) {
-    const Vec cdf = Vec(A(0.5)) * (one + (v * Vec(A(M_SQRT1_2))).erf());
-    const Vec pdf = (Vec(A(-0.5)) * v * v).exp() * Vec(A(0.3989422804014327));
+    const Vec cdf = Vec(A(0.5)) * (one + verf<A>(v * Vec(A(0.7071067811865476))));
+    const Vec pdf = vexp<A>(Vec(A(-0.5)) * v * v) * Vec(A(0.3989422804014327));
     return cdf + v * pdf;
   } else if constexpr (ACT == 3) {
     const A k0 = A(0.7978845608028654), k1 = A(0.044715);
-    const Vec t = (Vec(k0) * (v + Vec(k1) * v * v * v)).tanh();
+    const Vec t = vtanh<A>(Vec(k0) * (v + Vec(k1) * v * v * v));
     return Vec(A(0.5)) * (one + t) +
            Vec(A(0.5)) * v * (one - t * t) * Vec(k0) * (one + Vec(A(3) * k1) * v * v);
   } else {
-    const Vec s = one / (one + v.neg().exp());
+    const Vec s = one / (one + vexp<A>(v.neg()));
     return s * (one + v * (one - s));
   }
 }
@@ -269,18 +301,25 @@ struct Geom {
   int64_t out_el;  // elements per output row buffer (NCHW Wr, CL W * CB)
   int64_t npix;    // "pixels" per output row for the row helpers (NCHW Wr / V, CL W)
   int64_t plen;    // lanes of such a pixel (NCHW V, CL CB)
-  int64_t G;       // batch groups of the reduction items
+  int64_t Gn;      // batch groups of the reduction items
+  int64_t RC;      // row chunks of the reduction items
+  int64_t G;       // Gn * RC: the (batch group, row chunk) part of a reduction item
   int64_t nch;     // row chunks per image of the dw_fwd items
 
-  explicit Geom(const DwParams& P)
+  // rings: staging rings an item keeps (dw_bwd: x and dpre).
+  explicit Geom(const DwParams& P, int rings = 1)
       : N(P.N), C(P.C), H(P.H), W(P.W), k(P.k), p(P.k / 2), cl(P.channels_last) {
     if (cl) {
-      // An item owns CB = 512 bytes of channels (one vector at least), so it reads x in
-      // runs of 512 B.  Staged rows keep each vector of channels in its own plane
-      // (pixels x V lanes), so the k rows a conv row reads are contiguous: at most one
-      // cache line per pixel (pixels of 256 B interleaved map every row onto a quarter of
-      // L1's sets and thrash it).
-      CB = imin(round_up(C, V), imax(V, int64_t(512 / sizeof(A))));
+      // An item owns CB channels (a multiple of V): as many as keep its staging ring(s)
+      // within about 384 KB (L2), split evenly; often all of C, so x is read in whole
+      // pixels, sequentially (runs of a few hundred bytes C apart defeat the prefetchers).
+      // Staged rows keep each vector of channels in its own plane (pixels x V lanes), so
+      // the k rows a conv row reads are contiguous: one cache line per pixel at most
+      // (wide interleaved pixels would map the rows onto a fraction of L1's sets).
+      const int64_t ring_bytes_per_channel = k * (W + k - 1) * int64_t(sizeof(A));
+      const int64_t cap = imax(V, (int64_t(384 << 10) / rings / imax(1, ring_bytes_per_channel)) / V * V);
+      const int64_t groups = div_up(imax(C, 1), cap);
+      CB = round_up(div_up(imax(C, 1), groups), V);
       nv = CB / V;
       ncg = div_up(C, CB);
       Cpad = ncg * CB;
@@ -305,14 +344,22 @@ struct Geom {
       S = k + kMaxRows - 1;
     }
     row_el = Wp * lane;
-    // Reduction items (channel group, batch group): enough to keep the threads busy, few
-    // enough that their partial results stay small.  dw_fwd items also split the rows of
-    // an image when there are few images and channel groups.  Shapes only, never threads.
-    G = imax(1, imin(N, div_up(64, ncg)));
-    nch = imax(1, imin(div_up(32, imax(1, N * ncg)), H / imax(2 * k, 8)));
+    // Work items: enough to keep the threads busy, few enough that partial results stay
+    // small and halo rows (staged twice) rare.  Shapes only, never the thread count.
+    // Reduction items are (channel group, batch group, row chunk); dw_fwd items are
+    // (image, channel group, row chunk).
+    const int64_t min_rows = imax(k, 4);
+    Gn = imax(1, imin(N, div_up(64, ncg)));
+    RC = imax(1, imin(div_up(16, ncg * Gn), H / min_rows));
+    G = Gn * RC;
+    nch = imax(1, imin(div_up(16, imax(1, N * ncg)), H / min_rows));
   }
   int64_t ring_el() const { return nv * S * row_el; }
-  int64_t n_begin(int64_t g) const { return g * N / G; }
+  // Images and rows of the reduction part gb (< G).
+  int64_t n_begin(int64_t gb) const { return (gb / RC) * N / Gn; }
+  int64_t n_end(int64_t gb) const { return (gb / RC + 1) * N / Gn; }
+  int64_t h_begin(int64_t gb) const { return (gb % RC) * H / RC; }
+  int64_t h_end(int64_t gb) const { return (gb % RC + 1) * H / RC; }
   // Rows computed together: NCHW up to kMaxRows, CL one.
   int64_t step_rows(int64_t left) const {
     if (cl) return 1;
@@ -379,12 +426,12 @@ void stage_row(A* dst, const T* img, int64_t y, int64_t cb_len, const Geom<A>& g
   }
   const T* src = img + y * g.W * g.C;
   A* d = dst + g.p * V;
-  // The next row's runs of this channel group: pixels are C apart, too far apart (and too
-  // few per page) for the hardware prefetchers.
-  const bool ahead = y + 1 < g.H;
+  // The next row's runs of this channel group when it is not all of C: runs C apart are
+  // too few per page for the hardware prefetchers.
+  const bool ahead = y + 1 < g.H && g.CB < g.C;
   for (int64_t w = 0; w < g.W; ++w) {
     if (ahead) prefetch_run(src + (g.W + w) * g.C, cb_len);
-    for (int64_t vb = 0; vb < g.nv; ++vb) load_px(src + w * g.C + vb * V, d + vb * ps + w * V, cb_len - vb * V);
+    for (int64_t vb = 0; vb < g.nv; ++vb) load_vec<T, A>(src + w * g.C + vb * V, cb_len - vb * V).store(d + vb * ps + w * V);
   }
 }
 
@@ -618,55 +665,6 @@ struct RowMap {
 
 // ---------------------------------------------------------------- per-vector epilogues
 
-// v rounded to the storage type T and back (the rounding of pre).
-template <typename T, typename A>
-inline Vectorized<A> round_vec(const Vectorized<A>& v) {
-  if constexpr (std::is_same_v<T, A>) {
-    return v;
-  } else {
-    auto [a, b] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v));
-    (void)b;
-    return a;
-  }
-}
-
-// V elements of T at p as A, zero past cnt (cnt may be <= 0).
-template <typename T, typename A>
-inline Vectorized<A> load_vec(const T* p, int64_t cnt) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  if (cnt <= 0) return Vec(A(0));
-  if constexpr (std::is_same_v<T, A>) {
-    return cnt >= V ? Vec::loadu(p) : Vec::loadu(p, cnt);
-  } else {
-    auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, imin(cnt, V)));
-    (void)b;
-    return a;
-  }
-}
-
-// The first cnt lanes of v to p as T (nothing if cnt <= 0).
-template <typename T, typename A>
-inline void store_vec(const Vectorized<A>& v, T* p, int64_t cnt) {
-  constexpr int64_t V = Vectorized<A>::size();
-  if (cnt <= 0) return;
-  if constexpr (std::is_same_v<T, A>) {
-    if (cnt >= V)
-      v.store(p);
-    else
-      v.store(p, cnt);
-  } else {
-    at::vec::convert_from_float<T>(v, Vectorized<A>(A(0))).store(p, imin(cnt, V));
-  }
-}
-
-// Lanes past cnt set to zero.
-template <typename A>
-inline Vectorized<A> mask_vec(const Vectorized<A>& v, int64_t cnt) {
-  constexpr int64_t V = Vectorized<A>::size();
-  return cnt >= V ? v : Vectorized<A>::set(Vectorized<A>(A(0)), v, imax(cnt, 0));
-}
-
 // y (before the residual) = sc * act(pre) + sh  if act_first  else  act(sc * pre + sh)
 template <int ACT, typename A>
 inline Vectorized<A> fwd_vec(const Vectorized<A>& pre, const Vectorized<A>& s, const Vectorized<A>& b,
@@ -847,7 +845,7 @@ void conv_stats_t(const DwParams& P) {
   T* pre = static_cast<T*>(P.pre_out);
   const Weights<A> wts(g, static_cast<const A*>(P.weight), false);
   const ChanParams<A> cp(g, {P.bias});
-  // Item (cg, gb): channel group cg over images [n_begin(gb), n_begin(gb + 1)).
+  // Item (cg, gb): channel group cg over images [n_begin(gb), n_end(gb)), rows [h_begin(gb), h_end(gb)).
   Buf<double> part_mean(g.G * g.Cpad), part_m2(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
@@ -866,19 +864,20 @@ void conv_stats_t(const DwParams& P) {
       zero(m2.get(), g.CB);
       with_act(P.act, [&](auto a) {
         constexpr int ACT = decltype(a)::value;
-        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
+        for (int64_t n = g.n_begin(gb); n < g.n_end(gb); ++n) {
           const T* img = x + act_offset(g, n, c0, 0);
           stream_rows(
-              g, ring, 0, g.H, [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
+              g, ring, g.h_begin(gb), g.h_end(gb), [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
               [&](int64_t r, int64_t nr, const A* const* rows) {
                 conv_rows(rows, nr, wt, g, crow.get());
-                for (int64_t rr = 0; rr < nr; ++rr) {
-                  A* cr = crow.get() + rr * g.out_el;
-                  T* pr = pre + act_offset(g, n, c0, r + rr);
-                  for (int64_t vb = 0; vb < g.nv; ++vb) {
-                    // pass 1: pre (stored), u = act(pre) or pre (kept in cr), row sums
-                    const Vec bias = Vec::loadu(lp[0] + vb * V);
-                    Vec s(A(0));
+                // Moments of the nr rows just computed (two passes), merged into the item's.
+                for (int64_t vb = 0; vb < g.nv; ++vb) {
+                  // pass 1: pre (stored), u = act(pre) or pre (kept in crow), sums
+                  const Vec bias = Vec::loadu(lp[0] + vb * V);
+                  Vec s(A(0));
+                  for (int64_t rr = 0; rr < nr; ++rr) {
+                    A* cr = crow.get() + rr * g.out_el;
+                    T* pr = pre + act_offset(g, n, c0, r + rr);
                     for (int64_t q = 0; q < rm.nq(); ++q) {
                       const int64_t cnt = rm.cnt(q, vb);
                       const Vec pv = round_vec<T>(Vec::loadu(cr + rm.b_off(q, vb)) + bias);
@@ -887,28 +886,32 @@ void conv_stats_t(const DwParams& P) {
                       u.store(cr + rm.b_off(q, vb));
                       s = s + u;
                     }
-                    // pass 2: squared deviations from the row mean
-                    const Vec mr = g.cl ? s * Vec(A(1) / A(g.W)) : Vec(A(hsum(s)) / A(g.W));
-                    Vec s2(A(0));
+                  }
+                  // pass 2: squared deviations from the mean of these rows
+                  const A cnt_rows = A(nr * g.W);
+                  const Vec mr = g.cl ? s / Vec(cnt_rows) : Vec(A(hsum(s)) / cnt_rows);
+                  Vec s2(A(0));
+                  for (int64_t rr = 0; rr < nr; ++rr) {
+                    const A* cr = crow.get() + rr * g.out_el;
                     for (int64_t q = 0; q < rm.nq(); ++q) {
                       const Vec dlt = mask_vec(Vec::loadu(cr + rm.b_off(q, vb)) - mr, rm.cnt(q, vb));
                       s2 = at::vec::fmadd(dlt, dlt, s2);
                     }
-                    alignas(64) A lm[V], l2[V];
-                    mr.store(lm);
-                    s2.store(l2);
-                    if (g.cl) {
-                      for (int64_t l = 0; l < imin(V, rm.cb_len - vb * V); ++l) {
-                        double na = n_acc;
-                        chan_merge(na, mean.get()[vb * V + l], m2.get()[vb * V + l], double(g.W), lm[l], l2[l]);
-                      }
-                    } else {
-                      double na = n_acc;
-                      chan_merge(na, mean.get()[0], m2.get()[0], double(g.W), double(lm[0]), hsum(s2));
-                    }
                   }
-                  n_acc += double(g.W);
+                  alignas(64) A lm[V], l2[V];
+                  mr.store(lm);
+                  s2.store(l2);
+                  if (g.cl) {
+                    for (int64_t l = 0; l < imin(V, rm.cb_len - vb * V); ++l) {
+                      double na = n_acc;
+                      chan_merge(na, mean.get()[vb * V + l], m2.get()[vb * V + l], double(cnt_rows), lm[l], l2[l]);
+                    }
+                  } else {
+                    double na = n_acc;
+                    chan_merge(na, mean.get()[0], m2.get()[0], double(cnt_rows), double(lm[0]), hsum(s2));
+                  }
                 }
+                n_acc += double(nr * g.W);
               });
         }
       });
@@ -921,7 +924,7 @@ void conv_stats_t(const DwParams& P) {
   for (int64_t c = 0; c < g.C; ++c) {
     double na = 0, ma = 0, m2a = 0;
     for (int64_t gb = 0; gb < g.G; ++gb) {
-      const double nb = double(g.n_begin(gb + 1) - g.n_begin(gb)) * double(g.H) * double(g.W);
+      const double nb = double(g.n_end(gb) - g.n_begin(gb)) * double(g.h_end(gb) - g.h_begin(gb)) * double(g.W);
       chan_merge(na, ma, m2a, nb, part_mean.get()[gb * g.Cpad + c], part_m2.get()[gb * g.Cpad + c]);
     }
     out_mean[c] = A(ma);
@@ -959,8 +962,8 @@ void bwd_reduce_t(const DwParams& P) {
       zero(acc_gx.get(), g.CB);
       with_act(P.act, [&](auto a) {
         constexpr int ACT = decltype(a)::value;
-        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n)
-          for (int64_t h = 0; h < g.H; ++h) {
+        for (int64_t n = g.n_begin(gb); n < g.n_end(gb); ++n)
+          for (int64_t h = g.h_begin(gb); h < g.h_end(gb); ++h) {
             const int64_t off = act_offset(g, n, c0, h);
             for (int64_t vb = 0; vb < g.nv; ++vb) {
               const Vec s = Vec::loadu(lp[0] + vb * V), b = Vec::loadu(lp[1] + vb * V),
@@ -1043,7 +1046,7 @@ void bwd_t(const DwParams& P) {
   using A = typename AccOf<T>::type;
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  const Geom<A> g(P);
+  const Geom<A> g(P, /*rings=*/2);
   const int64_t k = g.k, kk = k * k;
   A* dweight = static_cast<A*>(P.dweight);
   A* dbias = static_cast<A*>(P.dbias);
@@ -1128,11 +1131,11 @@ void bwd_t(const DwParams& P) {
             }
           }
         };
-        for (int64_t n = g.n_begin(gb); n < g.n_begin(gb + 1); ++n) {
+        for (int64_t n = g.n_begin(gb); n < g.n_end(gb); ++n) {
           const T* img = x + act_offset(g, n, c0, 0);
-          dr.origin = -g.p;
+          dr.origin = g.h_begin(gb) - g.p;
           stream_rows(
-              g, xr, 0, g.H,
+              g, xr, g.h_begin(gb), g.h_end(gb),
               [&](int64_t yy) {
                 stage_row(xr.slot(yy), img, yy, rm.cb_len, g);
                 stage_d(dr.slot(yy), n, yy);

@@ -7,7 +7,7 @@
 #include "cpu/dw_isa_prelude.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#pragma GCC target("avx2,fma,f16c")
 // g++ lexes a C++ file before it parses the pragma, so the ISA macros stay undefined;
 // sleef.h declares its vector functions only under them (declarations, no code).
 #ifndef __AVX__
