@@ -25,6 +25,9 @@
 
 namespace convmixer_kernels {
 namespace cpu {
+
+static_assert(kMaxK == kMaxKernelSize, "dw_kernels.h kMaxK must match common.h");
+
 namespace {
 
 using at::Tensor;
@@ -33,9 +36,9 @@ using at::Tensor;
 int isa_level_from_name(const std::string& s, int fallback) {
   std::string l;
   for (char ch : s) l += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (l.rfind("avx512", 0) == 0) return 2;  // "avx512" (and any "avx512_..." variant)
+  if (l.rfind("avx2", 0) == 0) return 1;
   if (l == "default" || l == "no avx") return 0;
-  if (l == "avx2") return 1;
-  if (l == "avx512") return 2;
   return fallback;
 }
 
@@ -44,7 +47,8 @@ int hardware_isa_level() {
   static const int level = [] {
     __builtin_cpu_init();
     int cpu = 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) cpu = 1;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      cpu = 1;
     if (cpu == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
       cpu = 2;
@@ -109,7 +113,9 @@ void set_sizes(DwParams& P, const Tensor& x, bool cl) {
   P.W = x.size(3);
 }
 
-at::MemoryFormat format_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
+at::MemoryFormat format_of(bool cl) {
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
 
 at::TensorOptions acc_options(const Tensor& x) { return x.options().dtype(acc_type_for(x.scalar_type())); }
 

@@ -431,7 +431,8 @@ void stage_row(A* dst, const T* img, int64_t y, int64_t cb_len, const Geom<A>& g
   const bool ahead = y + 1 < g.H && g.CB < g.C;
   for (int64_t w = 0; w < g.W; ++w) {
     if (ahead) prefetch_run(src + (g.W + w) * g.C, cb_len);
-    for (int64_t vb = 0; vb < g.nv; ++vb) load_vec<T, A>(src + w * g.C + vb * V, cb_len - vb * V).store(d + vb * ps + w * V);
+    for (int64_t vb = 0; vb < g.nv; ++vb)
+      load_vec<T, A>(src + w * g.C + vb * V, cb_len - vb * V).store(d + vb * ps + w * V);
   }
 }
 
@@ -631,7 +632,6 @@ CMK_NOINLINE void conv_rows(const A* const* rows, int64_t nr, const A* wt, const
 // rows[ii] is image row r - p + ii.  stage(y) stages row y (into every ring the caller has).
 template <typename A, typename Stage, typename Body>
 inline void stream_rows(const Geom<A>& g, Ring<A>& ring, int64_t h0, int64_t h1, Stage&& stage, Body&& body) {
-  constexpr int64_t kMaxK = 31;
   const A* rows[kMaxK + kMaxRows];
   ring.origin = h0 - g.p;
   int64_t next = h0 - g.p;
@@ -660,7 +660,9 @@ struct RowMap {
   // offset in an output row buffer (pixel-major, plen lanes a pixel)
   int64_t b_off(int64_t q, int64_t vb) const { return q * g.plen + vb * V; }
   // offset of the output position in a staged ring row (past the left padding)
-  int64_t r_off(int64_t q, int64_t vb) const { return g.cl ? vb * g.S * g.row_el + (g.p + q) * V : g.p + q * V; }
+  int64_t r_off(int64_t q, int64_t vb) const {
+    return g.cl ? vb * g.S * g.row_el + (g.p + q) * V : g.p + q * V;
+  }
 };
 
 // ---------------------------------------------------------------- per-vector epilogues
@@ -867,7 +869,8 @@ void conv_stats_t(const DwParams& P) {
         for (int64_t n = g.n_begin(gb); n < g.n_end(gb); ++n) {
           const T* img = x + act_offset(g, n, c0, 0);
           stream_rows(
-              g, ring, g.h_begin(gb), g.h_end(gb), [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
+              g, ring, g.h_begin(gb), g.h_end(gb),
+              [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
               [&](int64_t r, int64_t nr, const A* const* rows) {
                 conv_rows(rows, nr, wt, g, crow.get());
                 // Moments of the nr rows just computed (two passes), merged into the item's.
@@ -904,7 +907,8 @@ void conv_stats_t(const DwParams& P) {
                   if (g.cl) {
                     for (int64_t l = 0; l < imin(V, rm.cb_len - vb * V); ++l) {
                       double na = n_acc;
-                      chan_merge(na, mean.get()[vb * V + l], m2.get()[vb * V + l], double(cnt_rows), lm[l], l2[l]);
+                      chan_merge(na, mean.get()[vb * V + l], m2.get()[vb * V + l], double(cnt_rows), lm[l],
+                                 l2[l]);
                     }
                   } else {
                     double na = n_acc;
@@ -972,7 +976,8 @@ void bwd_reduce_t(const DwParams& P) {
               for (int64_t q = 0; q < rm.nq(); ++q) {
                 const int64_t to = off + rm.t_off(q, vb), cnt = rm.cnt(q, vb);
                 Vec gv, u;
-                g_u_vec<ACT>(load_vec<T, A>(dy + to, cnt), load_vec<T, A>(pre + to, cnt), s, b, P.act_first, gv, u);
+                g_u_vec<ACT>(load_vec<T, A>(dy + to, cnt), load_vec<T, A>(pre + to, cnt), s, b, P.act_first, gv,
+                             u);
                 ag = ag + mask_vec(gv, cnt);
                 agx = agx + mask_vec(gv * (u - m), cnt);
               }
@@ -1120,7 +1125,8 @@ void bwd_t(const DwParams& P) {
               zero(dst, g.p);
               zero(dst + g.p + g.Wr, g.Wp - g.p - g.Wr);
             }
-            const Vec s = Vec::loadu(lp[0] + vb * V), b = Vec::loadu(lp[1] + vb * V), m = Vec::loadu(lp[2] + vb * V),
+            const Vec s = Vec::loadu(lp[0] + vb * V), b = Vec::loadu(lp[1] + vb * V),
+                      m = Vec::loadu(lp[2] + vb * V),
                       a1 = Vec::loadu(lp[3] + vb * V), b1 = Vec::loadu(lp[4] + vb * V),
                       c1 = Vec::loadu(lp[5] + vb * V);
             for (int64_t q = 0; q < rm.nq(); ++q) {
@@ -1141,7 +1147,6 @@ void bwd_t(const DwParams& P) {
                 stage_d(dr.slot(yy), n, yy);
               },
               [&](int64_t r, int64_t nr, const A* const* xrows) {
-                constexpr int64_t kMaxK = 31;
                 const A* drows[kMaxK + kMaxRows];
                 for (int64_t ii = 0; ii < nr + k - 1; ++ii) drows[ii] = dr.slot(r - g.p + ii);
                 // dx = conv(dpre, flipped weight) [+ dy]
@@ -1162,7 +1167,8 @@ void bwd_t(const DwParams& P) {
                   for (int64_t vb = 0; vb < g.nv; ++vb) {
                     const A* d = drows[rr + g.p] + vb * ps + g.p * g.lane;
                     const int64_t nvec = g.cl ? g.W : g.Wr / V;
-                    dweight_row(d, xrows + rr, vb * ps, g.cl ? V : int64_t(1), nvec, k, wacc.get() + vb * kk * V);
+                    dweight_row(d, xrows + rr, vb * ps, g.cl ? V : int64_t(1), nvec, k,
+                                wacc.get() + vb * kk * V);
                     Vec sb = Vec::loadu(bacc.get() + vb * V);
                     for (int64_t e = 0; e < nvec * V; e += V) sb = sb + Vec::loadu(d + e);
                     sb.store(bacc.get() + vb * V);

@@ -11,6 +11,9 @@ namespace cpu {
 
 enum class StorageType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
 
+// Largest kernel size the kernels accept (dw.cpp checks it equals common.h's kMaxKernelSize).
+constexpr int64_t kMaxK = 31;
+
 // Sizes in elements.  Activation-shaped tensors (x, dy, pre, y, dx) are (N, C, H, W) in
 // the storage dtype, NCHW-contiguous or channels_last-contiguous (`channels_last`); every
 // other pointer is a contiguous array of the accumulation dtype (float, double for double).
