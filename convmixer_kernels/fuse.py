@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import torch
 from torch import nn
 
 from . import functional as F_
