@@ -49,12 +49,24 @@ PYEOF
 echo "== tests"
 # Workers in parallel (pytest-xdist, when there): a worker that crashes is replaced and its test fails,
 # instead of the crash ending the run; pytest-timeout stops a hung test.
-XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-8}"
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-14}"
 TOUT=""; $PY -c "import pytest_timeout" 2>/dev/null && TOUT="--timeout 150"
-timeout ${TEST_TIMEOUT:-210} $PY -m pytest -q -rfE $XDIST $TOUT --durations=10 tests ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
+# The tests' CPU work is small: one thread per worker, or the workers' thread pools fight for the cores.
+# Failures are written to failures.log as they happen (tests/conftest.py), so a stopped run names them.
+OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/failures.log" timeout ${TEST_TIMEOUT:-300} \
+  $PY -m pytest -q -rfE $XDIST $TOUT --durations=25 tests ${GPU_CHECK_K:+-k "$GPU_CHECK_K"} ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
 tail -40 "$OUT/tests.log"
+[ -s "$OUT/failures.log" ] && { echo "== failures"; grep "^==== " "$OUT/failures.log"; }
 
+if [ "${GPU_CHECK_DEMO:-1}" = 1 ]; then
+  echo "== demo"
+  timeout ${DEMO_TIMEOUT:-150} $PY -m convmixer_kernels demo > "$OUT/demo.log" 2>&1 || status=1
+  tail -12 "$OUT/demo.log"
+fi
+
+if [ "${GPU_CHECK_BENCH:-1}" = 1 ]; then
 echo "== benchmarks"
 timeout ${BENCH_TIMEOUT:-170} $PY benchmarks/run.py --quick --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 tail -30 "$OUT/bench.log"
+fi
 exit $status

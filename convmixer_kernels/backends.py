@@ -21,22 +21,27 @@ from . import _ext
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
-# Per op and device type: the backends `auto` may pick, fastest first.  A backend is listed only once
-# its block-level tests (forward and backward) passed on that device; CUDA ones need a GPU run
-# (`make gpu-check`).  Status, 2026-11-26: on an H200 the pointwise/stem *op* tests of the cuda and
-# triton backends passed (benchmarks/results/NOTES.md), but their backward uses the BN reduction of the
-# depthwise ops, which has not run on a GPU yet; so no CUDA kernel is verified end to end, and `auto`
-# runs the `torch` composite on CUDA tensors until gpu-check passes (select "cuda"/"triton" explicitly
-# to use them).  The C++ CPU kernels are verified by the CI tests.
+# Per op and device type: the backends `auto` may pick, fastest first; AUTO_ORDER_GRAD overrides it
+# when autograd will run the op's backward.  A backend is listed only once its block-level tests
+# (forward and backward) passed on that device, and placed by measurement (benchmarks/results/).
+# CUDA, from `make gpu-check` on an H200 (bf16, benchmarks/results/h200_2026-11-26_gpucheck_bench.md):
+# the depthwise CUDA kernels beat eager in eval (1.3-6.4x) and in training (1.0-5.5x); the pointwise
+# and stem CUDA paths beat eager forward-only (1.4x, 2.0x) but their backward is slower than eager's
+# (0.63x, 0.71x per training step), so with autograd `auto` keeps the torch composite for them.  The
+# Triton kernels were slower than the CUDA ones everywhere measured.  The C++ CPU kernels are verified
+# by the CI tests.
 AUTO_ORDER = {
-    ("dw_block", "cuda"): ("torch",),
+    ("dw_block", "cuda"): ("cuda", "torch"),
     ("dw_block", "cpu"): ("cpu", "torch"),
-    ("pw_block", "cuda"): ("torch",),
+    ("pw_block", "cuda"): ("cuda", "torch"),
     ("pw_block", "cpu"): ("cpu", "torch"),
-    ("stem_block", "cuda"): ("torch",),
+    ("stem_block", "cuda"): ("cuda", "torch"),
     ("stem_block", "cpu"): ("cpu", "torch"),
 }
-# Once verified on a GPU, the measured order (H200, bf16) is: pw/stem ("triton", "cuda", "torch").
+AUTO_ORDER_GRAD = {
+    ("pw_block", "cuda"): ("torch",),
+    ("stem_block", "cuda"): ("torch",),
+}
 
 _state = threading.local()
 _default = [os.environ.get("CONVMIXER_KERNELS_BACKEND", "auto")]
@@ -112,11 +117,13 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     return f"unknown backend {name!r}"
 
 
-def resolve(op: str, device: torch.device, name: str | None = None) -> str:
-    """The concrete backend to run `op` on `device` with: `name` (default: get_backend())."""
+def resolve(op: str, device: torch.device, name: str | None = None, grad: bool = False) -> str:
+    """The concrete backend to run `op` on `device` with: `name` (default: get_backend()).  `grad`:
+    autograd will run the op's backward (`auto` may pick differently then)."""
     name = _validate_name(get_backend() if name is None else name)
     if name == "auto":
-        order = AUTO_ORDER.get((op, device.type), ("torch",))
+        key = (op, device.type)
+        order = (AUTO_ORDER_GRAD.get(key) if grad else None) or AUTO_ORDER.get(key, ("torch",))
         for cand in order:
             if why_unavailable(cand, device) is None:
                 return cand

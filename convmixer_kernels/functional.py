@@ -36,6 +36,11 @@ def _check_tensor(t, name, x, shape, allow_none=True):
         raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will record the op (and so run its backward)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def _layout_ok(x: torch.Tensor) -> torch.Tensor:
     """x itself when NCHW- or channels_last-contiguous; otherwise the one documented copy (to the
     layout its strides suggest), because the kernels take those two layouts only."""
@@ -160,7 +165,7 @@ def dw_block(
         raise ValueError(f"weight: expected an odd kernel size k in 1..31, got k = {k}")
     _check_tensor(weight, "weight", x, weight.shape)
     act = _check_block_args(x, C, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
-    name = backends.resolve("dw_block", x.device, backend)
+    name = backends.resolve("dw_block", x.device, backend, _needs_grad(x, weight, bias, bn_weight, bn_bias))
     x = _layout_ok(x)
     flags = _stats_flags(training, running_mean, N * H * W, x.shape, x, (weight, bias, bn_weight, bn_bias), sync,
                          process_group)
@@ -217,7 +222,8 @@ def pw_block(
                              f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
     co = weight.shape[0]
     act = _check_block_args(x, co, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
-    name = backends.resolve("pw_block", x.device, backend)
+    name = backends.resolve("pw_block", x.device, backend,
+                            _needs_grad(x, residual, weight, bias, bn_weight, bn_bias))
     x = _layout_ok(x)
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format_of(x))
@@ -260,7 +266,7 @@ def patch_embed(
         raise ValueError(f"x: expected an image of at least {p}x{p} for patch size {p}, got {H}x{W}")
     co = weight.shape[0]
     act = _check_block_args(x, co, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
-    name = backends.resolve("stem_block", x.device, backend)
+    name = backends.resolve("stem_block", x.device, backend, _needs_grad(x, weight, bias, bn_weight, bn_bias))
     x = _layout_ok(x)
     count = N * (H // p) * (W // p)
     flags = _stats_flags(training, running_mean, count, (N, co, H // p, W // p), x, (weight, bias, bn_weight, bn_bias),

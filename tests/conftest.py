@@ -45,3 +45,12 @@ def backend_params(include_triton=True):
     return out
 
 
+
+
+def pytest_runtest_logreport(report):
+    """With CONVMIXER_KERNELS_FAIL_LOG set, each failure is appended to that file as it happens (once, by
+    the controlling process under pytest-xdist), so a run stopped by a time limit still names them."""
+    path = os.environ.get("CONVMIXER_KERNELS_FAIL_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")
