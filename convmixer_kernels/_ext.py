@@ -27,5 +27,10 @@ def build_info() -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in raw.split(";") if "=" in kv)
 
 
+# Read once: backend resolution runs inside torch.compile'd code, and Dynamo cannot trace an op that
+# returns a string (it graph-breaks, which fullgraph=True turns into an error).
+_BUILT_WITH_CUDA = build_info().get("cuda") == "1"
+
+
 def built_with_cuda() -> bool:
-    return build_info().get("cuda") == "1"
+    return _BUILT_WITH_CUDA

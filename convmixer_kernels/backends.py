@@ -78,12 +78,19 @@ def backend(name: str):
         stack.pop()
 
 
+# Read once, at import: backend resolution runs inside torch.compile'd code, where Dynamo refuses to
+# trace importlib (a graph break, an error under fullgraph=True).  Triton itself fixes interpreted-or-
+# compiled when a kernel is defined, so reading TRITON_INTERPRET at import agrees with it.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _TRITON_INTERPRET
 
 
 def why_unavailable(name: str, device: torch.device) -> str | None:

@@ -118,3 +118,26 @@ def test_cuda_tensor_check_in_cpu_kernel():
     with pytest.raises(RuntimeError, match="scale: expected"):
         torch.ops.convmixer_kernels.dw_fwd(x, torch.randn(4, 1, 3, 3), None, torch.ones(5), torch.ones(4), 2,
                                            True, True)
+
+
+def test_backend_resolution_traces_under_compile():
+    """Backend resolution runs inside compiled models: Dynamo must trace it without a graph break (on
+    an H200, reading the build info through its string-returning op and importlib broke fullgraph)."""
+    def f(x):
+        n = 0
+        for name in ("cuda", "triton", "cpu", "torch"):
+            n += backends.why_unavailable(name, x.device) is None
+        return x + n
+
+    x = torch.zeros(3)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), f(x))
+
+
+def test_auto_order_can_depend_on_the_backward(monkeypatch):
+    dev = torch.device("cpu")
+    monkeypatch.setitem(backends.AUTO_ORDER, ("pw_block", "cpu"), ("cpu", "torch"))
+    monkeypatch.setitem(backends.AUTO_ORDER_GRAD, ("pw_block", "cpu"), ("torch",))
+    assert backends.resolve("pw_block", dev) == ("cpu" if _ext.loaded() else "torch")
+    assert backends.resolve("pw_block", dev, grad=True) == "torch"
+    if _ext.loaded():  # an explicit backend is never overridden
+        assert backends.resolve("pw_block", dev, "cpu", grad=True) == "cpu"
