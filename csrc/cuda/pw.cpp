@@ -13,7 +13,8 @@
 //   no BatchNorm-statistics epilogue; CUTLASS epilogue visitors would blow the build-time budget.
 //   So one light per-channel pass follows the GEMM and reads its output once:
 //     pw_fwd/stem_fwd: y = bn_act(pre) in place over the GEMM output;
-//     *_gemm_stats: shifted per-channel sums of u in per-block partials, reduced in a fixed order.
+//     *_gemm_stats: per-channel sums of u in per-block partials, reduced in a fixed order, in two
+//       passes (shifted by the first value, then by the mean: an accurate variance).
 // * Rounding.  The GEMM computes in the storage dtype with fp32 accumulation and rounds its output
 //   once to storage.  channels_last: the bias rides in the GEMM epilogue, pre = round(acc + bias),
 //   with the bias itself rounded to storage first (at::addmm wants one dtype; exact in fp32).

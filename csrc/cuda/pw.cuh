@@ -18,7 +18,7 @@ enum class Mode : int {
   // out = bn_act(in [+ bias, rounded]): scale*act(v)+shift (act_first) or act(scale*v+shift).
   kBnAct = 0,
   // v = in [+ bias, rounded and written back to out]; u = act(v) if act_first else v;
-  // per-channel shifted sums of u -> mean, biased var.
+  // per-channel shifted sums of u -> mean, biased var (two passes: pw_kernels.cu stats_impl).
   kStats = 1,
   // out = dpre (bn_act_bwd formula, rounded to storage) from dy and pre; optional per-channel sum.
   kDpre = 2,

@@ -367,13 +367,26 @@ void launch_channel(const ChannelParams& p, cudaStream_t stream) {
   }
 }
 
+// Two passes over u.  The first, shifted by u at the channel's first position, writes pre (with
+// the bias) and gives the mean; the second is shifted by that mean, so var = S2/n - (S1/n)^2 no
+// longer cancels.  A single shifted pass lost several bits of var when the first value sat a few
+// standard deviations from the mean, and every gradient of the block inherits invstd's error
+// coherently (the fp32 weight/bias gradients of the pointwise and stem blocks failed the 2x rule on
+// an H200 in gpu-check, 2026-11-26).  The second pass reads pre once more and writes nothing.
 template <typename T>
 void stats_impl(const ChannelParams& p, float* mean, float* var, cudaStream_t stream) {
+  const unsigned fin_blocks = static_cast<unsigned>(ceil_div(p.C, kThreads / 32));
   shift_kernel<T><<<static_cast<unsigned>(ceil_div(p.C, kThreads)), kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_channel<T, Mode::kStats>(p, stream);
-  finalize_kernel<<<static_cast<unsigned>(ceil_div(p.C, kThreads / 32)), kThreads, 0, stream>>>(
-      p.partial, p.R, 2, p.C, p.N * p.HW, p.shift_k, mean, var);
+  finalize_kernel<<<fin_blocks, kThreads, 0, stream>>>(p.partial, p.R, 2, p.C, p.N * p.HW, p.shift_k, mean, var);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ChannelParams q = p;
+  q.bias = nullptr;  // pre already holds the bias (written back by the first pass)
+  q.out = nullptr;   // kStats without a bias writes nothing
+  q.shift_k = mean;  // finalize reads shift_k[c] before it writes mean[c], in the same thread
+  launch_channel<T, Mode::kStats>(q, stream);
+  finalize_kernel<<<fin_blocks, kThreads, 0, stream>>>(q.partial, q.R, 2, q.C, q.N * q.HW, q.shift_k, mean, var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
