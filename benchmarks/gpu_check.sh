@@ -51,6 +51,8 @@ echo "== tests"
 # instead of the crash ending the run; pytest-timeout stops a hung test.
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-14}"
 TOUT=""; $PY -c "import pytest_timeout" 2>/dev/null && TOUT="--timeout 150"
+# pytest-benchmark (installed there) warns once per worker that xdist disables it: leave it out.
+$PY -c "import pytest_benchmark" 2>/dev/null && TOUT="$TOUT -p no:benchmark"
 # The tests' CPU work is small: one thread per worker, or the workers' thread pools fight for the cores.
 # Failures are written to failures.log as they happen (tests/conftest.py), so a stopped run names them.
 OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/failures.log" timeout ${TEST_TIMEOUT:-300} \
