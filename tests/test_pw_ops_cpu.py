@@ -2,7 +2,7 @@
 against convmixer_kernels.torch_ops (the executable spec), on shapes that break every tile: C_in=37,
 C_out=53, M = 2*5*7 rows; stems whose input is not a multiple of the patch size.  Every output starts
 as NaN (poison); both memory formats; fp32, fp16, bf16, fp64.  The vectorized epilogues and their
-ATen-composite fallback (CONVMIXER_KERNELS_CPU_ISA=default) are both covered."""
+ATen-composite fallback (CONVMIXER_KERNELS_CPU_ISA=avx2 / default) are all covered."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ def ops():
     return torch.ops.convmixer_kernels
 
 
-@pytest.fixture(params=[pytest.param("vec", id="vec"), pytest.param("default", id="composite")])
+@pytest.fixture(params=[pytest.param("native", id="vec"), pytest.param("avx2", id="avx2"),
+                        pytest.param("default", id="composite")])
 def isa(request, monkeypatch):
-    """The vectorized epilogues, and the ATen-composite path used without AVX2."""
-    if request.param == "default":
-        monkeypatch.setenv("CONVMIXER_KERNELS_CPU_ISA", "default")
+    """The vectorized epilogues of the widest instruction set here (AVX-512 where the CPU has it), of
+    AVX2, and the ATen-composite path used without AVX2 (a CPU without an ISA falls back lower)."""
+    if request.param == "native":
+        monkeypatch.delenv("CONVMIXER_KERNELS_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("CONVMIXER_KERNELS_CPU_ISA", request.param)
     return request.param
 
 

@@ -47,7 +47,9 @@ int hardware_isa_level() {
   static const int level = [] {
     __builtin_cpu_init();
     int cpu = 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt") &&
+        __builtin_cpu_supports("abm"))  // abm: lzcnt
       cpu = 1;
     if (cpu == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
@@ -61,17 +63,26 @@ int hardware_isa_level() {
 #endif
 }
 
+}  // namespace
+
+int cpu_isa_level() {
+  int level = hardware_isa_level();
+  if (const char* req = std::getenv("CONVMIXER_KERNELS_CPU_ISA")) {  // read per call: tests set it
+    const int want = isa_level_from_name(req, level);
+    if (want < level) level = want;
+  }
+  return level;
+}
+
+namespace {
+
 const DwKernels& kernels_for_this_cpu() {
   static const DwKernels k_default = isa_default::kernels();
 #if defined(CONVMIXER_KERNELS_CPU_X86_ISAS)
   static const DwKernels k_avx2 = isa_avx2::kernels();
   static const DwKernels k_avx512 = isa_avx512::kernels();
 #endif
-  int level = hardware_isa_level();
-  if (const char* req = std::getenv("CONVMIXER_KERNELS_CPU_ISA")) {
-    const int want = isa_level_from_name(req, level);
-    if (want < level) level = want;
-  }
+  const int level = cpu_isa_level();
 #if defined(CONVMIXER_KERNELS_CPU_X86_ISAS)
   if (level >= 2) return k_avx512;
   if (level == 1) return k_avx2;

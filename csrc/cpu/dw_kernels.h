@@ -64,6 +64,11 @@ struct DwKernels {
   const char* isa;
 };
 
+// The instruction set the CPU kernels use here: 0 default, 1 avx2 (+ FMA, F16C, BMI, BMI2, LZCNT,
+// POPCNT), 2 avx512 (F, BW, VL, DQ): the widest that this CPU and PyTorch's own choice
+// (ATEN_CPU_CAPABILITY) allow, lowered by CONVMIXER_KERNELS_CPU_ISA=default|avx2|avx512 (dw.cpp).
+int cpu_isa_level();
+
 // One per instruction set; the x86 ones exist only in GCC builds for x86-64.
 namespace isa_default {
 DwKernels kernels();
