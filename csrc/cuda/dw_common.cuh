@@ -19,18 +19,11 @@
 #include <initializer_list>
 
 #include "dw.cuh"
+#include "launch.cuh"  // CMK_LAUNCH, CMK_DYNAMIC_SMEM (the emulator replaces them)
 
 namespace convmixer_kernels {
 namespace dwcuda {
 
-// Kernel launch and dynamic shared memory, spelled through macros so that the CPU emulator used
-// in development (tests/cuda_emu) can run these exact kernels; nvcc sees the plain CUDA forms.
-#ifndef CMK_LAUNCH
-#define CMK_LAUNCH(kern, grid, block, smem, stream) kern<<<(grid), (block), (smem), (stream)>>>
-#endif
-#ifndef CMK_DYNAMIC_SMEM
-#define CMK_DYNAMIC_SMEM(name) extern __shared__ float4 name[]
-#endif
 
 constexpr int kR = 16;           // outputs per thread along W
 constexpr int kCG = 32;          // channels per block in channels_last (one per lane)

@@ -6,12 +6,15 @@
 // 16-byte vector loads/stores where shapes and pointers allow it (VEC elements), scalar otherwise.
 // All arithmetic in float; values are rounded to the storage dtype T exactly where the spec
 // (convmixer_kernels/torch_ops.py) rounds.
+#ifndef CMK_EMULATE  // the CPU emulator (tests/cuda_emu) defines the launch check itself
 #include <c10/cuda/CUDAException.h>
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 
+#include "launch.cuh"
 #include "pw.cuh"
 
 namespace convmixer_kernels {
@@ -347,10 +350,12 @@ void launch_channel_vec(const ChannelParams& p, cudaStream_t stream) {
   if (p.cl) {
     const int64_t groups = ceil_div(p.C, VEC);
     const dim3 grid(static_cast<unsigned>(ceil_div(groups, kTX)), static_cast<unsigned>(p.R));
-    channel_cl_kernel<T, VEC, MODE><<<grid, dim3(kTX, kTY), 0, stream>>>(p);
+    auto kern = channel_cl_kernel<T, VEC, MODE>;
+    CMK_LAUNCH(kern, grid, dim3(kTX, kTY), 0, stream)(p);
   } else {
     const dim3 grid(static_cast<unsigned>(p.C), static_cast<unsigned>(p.R));
-    channel_nchw_kernel<T, VEC, MODE><<<grid, kThreads, 0, stream>>>(p);
+    auto kern = channel_nchw_kernel<T, VEC, MODE>;
+    CMK_LAUNCH(kern, grid, kThreads, 0, stream)(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -376,17 +381,20 @@ void launch_channel(const ChannelParams& p, cudaStream_t stream) {
 template <typename T>
 void stats_impl(const ChannelParams& p, float* mean, float* var, cudaStream_t stream) {
   const unsigned fin_blocks = static_cast<unsigned>(ceil_div(p.C, kThreads / 32));
-  shift_kernel<T><<<static_cast<unsigned>(ceil_div(p.C, kThreads)), kThreads, 0, stream>>>(p);
+  auto shift = shift_kernel<T>;
+  CMK_LAUNCH(shift, static_cast<unsigned>(ceil_div(p.C, kThreads)), kThreads, 0, stream)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_channel<T, Mode::kStats>(p, stream);
-  finalize_kernel<<<fin_blocks, kThreads, 0, stream>>>(p.partial, p.R, 2, p.C, p.N * p.HW, p.shift_k, mean, var);
+  CMK_LAUNCH(finalize_kernel, fin_blocks, kThreads, 0, stream)(p.partial, p.R, 2, p.C, p.N * p.HW, p.shift_k, mean,
+                                                             var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   ChannelParams q = p;
   q.bias = nullptr;  // pre already holds the bias (written back by the first pass)
   q.out = nullptr;   // kStats without a bias writes nothing
   q.shift_k = mean;  // finalize reads shift_k[c] before it writes mean[c], in the same thread
   launch_channel<T, Mode::kStats>(q, stream);
-  finalize_kernel<<<fin_blocks, kThreads, 0, stream>>>(q.partial, q.R, 2, q.C, q.N * q.HW, q.shift_k, mean, var);
+  CMK_LAUNCH(finalize_kernel, fin_blocks, kThreads, 0, stream)(q.partial, q.R, 2, q.C, q.N * q.HW, q.shift_k, mean,
+                                                             var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -394,7 +402,7 @@ template <typename T>
 void dpre_impl(const ChannelParams& p, float* dsum, cudaStream_t stream) {
   launch_channel<T, Mode::kDpre>(p, stream);
   if (dsum != nullptr) {
-    finalize_kernel<<<static_cast<unsigned>(ceil_div(p.C, kThreads / 32)), kThreads, 0, stream>>>(
+    CMK_LAUNCH(finalize_kernel, static_cast<unsigned>(ceil_div(p.C, kThreads / 32)), kThreads, 0, stream)(
         p.partial, p.R, 1, p.C, p.N * p.HW, nullptr, dsum, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -68,18 +68,25 @@ cudaError_t func_set_attribute(F, cudaFuncAttribute attr, int value) {
   return cudaSuccess;
 }
 
+int linear_tid();  // the calling thread's index in its block, x fastest (as CUDA forms warps)
+
+// mode 0: __shfl_down_sync (src = lane + off, own value past the warp); 1: __shfl_xor_sync.
 template <typename T>
-T shfl_down(T v, int off) {
+T shfl(T v, int off, int mode) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 64 bits");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  const int lane = static_cast<int>(cur().thread_idx.x % 32);
-  const int src = lane + off < 32 ? lane + off : lane;
+  const int lane = linear_tid() % 32;
+  const int src = mode == 1 ? (lane ^ off) & 31 : (lane + off < 32 ? lane + off : lane);
   const uint64_t got = warp_exchange(bits, src);
   T r;
   std::memcpy(&r, &got, sizeof(T));
   return r;
 }
+template <typename T>
+T shfl_down(T v, int off) { return shfl(v, off, 0); }
+
+void launch_check();  // C10_CUDA_KERNEL_LAUNCH_CHECK: throws on a failed launch
 
 }  // namespace cmk_emu
 
@@ -89,6 +96,8 @@ T shfl_down(T v, int off) {
 #define gridDim (::cmk_emu::cur().grid_dim)
 #define __syncthreads() ::cmk_emu::syncthreads()
 #define __shfl_down_sync(mask, v, off) ::cmk_emu::shfl_down((v), (off))
+#define __shfl_xor_sync(mask, v, off) ::cmk_emu::shfl((v), (off), 1)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ::cmk_emu::launch_check()
 #define CMK_LAUNCH(kern, grid, block, smem, stream) ::cmk_emu::launch((kern), (grid), (block), (smem))
 #define CMK_DYNAMIC_SMEM(name) float4* name = ::cmk_emu::dynamic_smem()
 #define cudaGetLastError() ::cmk_emu::get_last_error()

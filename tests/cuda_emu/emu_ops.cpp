@@ -1,6 +1,7 @@
-// The four depthwise ops on CPU tensors through the emulated CUDA kernels: the same launchers
-// (csrc/cuda/dw_launch.cu) and kernels as the extension, with entry code that mirrors
-// csrc/cuda/dw.cpp.  Every tensor the kernels touch lives inside a larger NaN-filled buffer, so
+// The four depthwise ops, and the per-channel passes of the pointwise/stem ops, on CPU tensors
+// through the emulated CUDA kernels: the same launchers (csrc/cuda/dw_launch.cu,
+// csrc/cuda/pw_kernels.cu) and kernels as the extension, with entry code that mirrors
+// csrc/cuda/dw.cpp and csrc/cuda/pw.cpp.  Every tensor the kernels touch lives inside a larger NaN-filled buffer, so
 // out-of-bounds reads poison results and out-of-bounds writes are caught by check_guards().
 #include "emu.h"
 
@@ -12,6 +13,7 @@
 #include "common.h"
 #include "cuda/dw.cuh"
 #include "cuda/dw_common.cuh"
+#include "cuda/pw.cuh"
 
 namespace cmk_emu {
 extern int g_sms;
@@ -159,9 +161,87 @@ std::vector<int64_t> plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t k,
   return {p.tiled, p.tile_h, p.tile_w, p.threads, static_cast<int64_t>(p.smem_bytes), p.ipb, p.groups};
 }
 
+// ---- the pointwise/stem per-channel passes (pw.cpp's run_stats / run_bn_act / run_dpre) ----
+namespace pwk = convmixer_kernels::pw;
+
+pwk::ChannelParams pw_params(const Tensor& like, int64_t act, bool act_first) {
+  convmixer_kernels::check_storage_dtype(like, "pre", false);
+  pwk::ChannelParams p;
+  p.N = like.size(0);
+  p.C = like.size(1);
+  p.HW = like.size(2) * like.size(3);
+  p.cl = convmixer_kernels::is_channels_last(like, "pre");
+  p.act = static_cast<int>(act);
+  p.act_first = act_first;
+  const auto plan = pwk::plan_channels(p.N, p.C, p.HW, p.cl);
+  p.chunk = plan.chunk;
+  p.R = plan.R;
+  return p;
+}
+
+pwk::DType pw_dtype(const Tensor& t) {
+  return t.scalar_type() == at::kFloat ? pwk::DType::kFloat
+         : t.scalar_type() == at::kHalf ? pwk::DType::kHalf : pwk::DType::kBFloat16;
+}
+
+// (pre [+ bias, rounded, written in place], mean, var) of a GEMM output `g` (copied first).
+std::vector<Tensor> pw_stats(const Tensor& g, const std::optional<Tensor>& bias, int64_t act, bool act_first,
+                             int64_t offset) {
+  auto p = pw_params(g, act, act_first);
+  Tensor pre = guarded_clone(g, offset);
+  Tensor mean = vecout(p.C), var = vecout(p.C);
+  Tensor shift_k = ws(p.C), partial = ws(p.R * 2 * p.C);
+  p.in = pre.data_ptr();
+  p.out = bias ? pre.data_ptr() : nullptr;
+  p.bias = bias ? fp(*bias) : nullptr;
+  p.shift_k = shift_k.data_ptr<float>();
+  p.partial = partial.data_ptr<float>();
+  pwk::launch_stats(p, pw_dtype(pre), mean.data_ptr<float>(), var.data_ptr<float>(), nullptr);
+  return {pre, mean, var};
+}
+
+Tensor pw_bn_act(const Tensor& in, const std::optional<Tensor>& bias, const Tensor& scale, const Tensor& shift,
+                 int64_t act, bool act_first, int64_t offset) {
+  auto p = pw_params(in, act, act_first);
+  Tensor y = guarded_empty(in.sizes(), in.scalar_type(), p.cl, offset);
+  p.in = in.data_ptr();
+  p.out = y.data_ptr();
+  p.bias = bias ? fp(*bias) : nullptr;
+  p.scale = fp(scale);
+  p.shift = fp(shift);
+  pwk::launch_bn_act(p, pw_dtype(in), nullptr);
+  return y;
+}
+
+// (dpre in pre's layout, or channel-major (C, N*HW) for NCHW with channel_major; its channel sums).
+std::vector<Tensor> pw_dpre(const Tensor& dy, const Tensor& pre, const Tensor& scale, const Tensor& shift,
+                            const Tensor& mean, const Tensor& ca, const Tensor& cb, const Tensor& cd, int64_t act,
+                            bool act_first, bool channel_major, int64_t offset) {
+  auto p = pw_params(pre, act, act_first);
+  Tensor out = channel_major ? guarded_empty({p.C, p.N * p.HW}, pre.scalar_type(), false, offset)
+                             : guarded_empty(pre.sizes(), pre.scalar_type(), p.cl, offset);
+  Tensor dsum = vecout(p.C), partial = ws(p.R * p.C);
+  p.in = pre.data_ptr();
+  p.dy = dy.data_ptr();
+  p.out = out.data_ptr();
+  p.out_channel_major = channel_major;
+  p.scale = fp(scale);
+  p.shift = fp(shift);
+  p.mean = fp(mean);
+  p.ca = fp(ca);
+  p.cb = fp(cb);
+  p.cd = fp(cd);
+  p.partial = partial.data_ptr<float>();
+  pwk::launch_dpre(p, pw_dtype(pre), dsum.data_ptr<float>(), nullptr);
+  return {out, dsum};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pw_stats", &pw_stats);
+  m.def("pw_bn_act", &pw_bn_act);
+  m.def("pw_dpre", &pw_dpre);
   m.def("dw_conv_stats", &conv_stats);
   m.def("dw_fwd", &fwd);
   m.def("dw_bwd_reduce", &bwd_reduce);

@@ -58,6 +58,11 @@ int g_sms = 132;
 int g_smem_optin = 232448;
 
 const ThreadState& cur() { return g_states[g_current]; }
+int linear_tid() { return g_current; }
+void launch_check() {
+  const cudaError_t e = get_last_error();
+  if (e != cudaSuccess) fail("kernel launch failed: error " + std::to_string(static_cast<int>(e)));
+}
 float4* dynamic_smem() { return g_smem.data(); }
 void syncthreads() { yield_with(kAtBarrier); }
 
@@ -94,12 +99,13 @@ cudaError_t func_set_max_dynamic_smem(int bytes) {
 }
 
 void run_grid(const KernelBody& body, dim3 grid, dim3 block, size_t smem_bytes) {
-  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) fail("only 1-D launches are emulated");
-  if (grid.x == 0 || block.x == 0 || block.x > 1024) {
+  const unsigned nthreads = block.x * block.y * block.z;
+  const unsigned nblocks = grid.x * grid.y * grid.z;
+  if (nblocks == 0 || nthreads == 0 || nthreads > 1024 || grid.y > 65535 || grid.z > 65535) {
     g_last_error = cudaErrorInvalidConfiguration;
     return;
   }
-  if (block.x % 32 != 0) fail("block size " + std::to_string(block.x) + " is not a multiple of 32");
+  if (nthreads % 32 != 0) fail("block size " + std::to_string(nthreads) + " is not a multiple of 32");
   if (smem_bytes > 48 * 1024 && static_cast<int>(smem_bytes) > g_max_dyn_smem) {
     g_last_error = cudaErrorInvalidValue;  // what a real launch reports without the attribute
     return;
@@ -108,7 +114,7 @@ void run_grid(const KernelBody& body, dim3 grid, dim3 block, size_t smem_bytes) 
     g_last_error = cudaErrorInvalidValue;
     return;
   }
-  const int nt = static_cast<int>(block.x);
+  const int nt = static_cast<int>(nthreads);
   if (static_cast<int>(g_stacks.size()) < nt) {
     g_stacks.resize(nt);
     for (auto& s : g_stacks)
@@ -122,15 +128,15 @@ void run_grid(const KernelBody& body, dim3 grid, dim3 block, size_t smem_bytes) 
   g_smem.assign((total + 15) / 16, float4{});
   g_smem_bytes = smem_bytes;
   std::vector<int> order(nt);
-  for (unsigned b = 0; b < grid.x; ++b) {
+  for (unsigned b = 0; b < nblocks; ++b) {
     {  // NaN-fill shared memory and guard
       uint32_t* words = reinterpret_cast<uint32_t*>(g_smem.data());
       std::fill(words, words + g_smem.size() * 4, kNaNBits);
     }
     for (int t = 0; t < nt; ++t) {
       ThreadState& s = g_states[t];
-      s.thread_idx = make_uint3(t, 0, 0);
-      s.block_idx = make_uint3(b, 0, 0);
+      s.thread_idx = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      s.block_idx = make_uint3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
       s.block_dim = block;
       s.grid_dim = grid;
       Fiber& f = g_fibers[t];

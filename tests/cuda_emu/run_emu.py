@@ -1,5 +1,6 @@
-"""Run the CUDA kernels of the depthwise ops on the CPU through tests/cuda_emu/emu.h and compare
-them with convmixer_kernels.torch_ops (tests/dw_op_cases.check_all_ops), on machines without a GPU.
+"""Run the CUDA kernels of the depthwise ops, and the per-channel passes of the pointwise/stem ops, on
+the CPU through tests/cuda_emu/emu.h and compare them with convmixer_kernels.torch_ops
+(tests/dw_op_cases.check_all_ops; pw_cases below), on machines without a GPU.
 
     PYTHONPATH=. python tests/cuda_emu/run_emu.py [--quick]
 
@@ -24,13 +25,16 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from dw_op_cases import check_all_ops, make_inputs  # noqa: E402
+from oracle import check_2x  # noqa: E402
 
 
 def build(jobs: int = 2):
     bdir = os.environ.get("CMK_EMU_BUILD", "/tmp/cmk_emu_build")
     os.makedirs(bdir, exist_ok=True)
     wrappers = []
-    for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "dw_*.cu"))):
+    cus = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "dw_*.cu"))) + [os.path.join(ROOT, "csrc", "cuda",
+                                                                                        "pw_kernels.cu")]
+    for cu in cus:
         w = os.path.join(bdir, os.path.basename(cu)[:-3] + "_emu.cpp")
         text = f'#include "{cu}"\n'
         if not os.path.exists(w) or open(w).read() != text:
@@ -106,6 +110,59 @@ def cases(quick: bool):
     return out
 
 
+def pw_cases(quick: bool):
+    # (N, C, H, W, dtype, channels_last, act, act_first, bias, offset): odd C and HW (scalar paths),
+    # multiples of 8 (16-byte vectors), misaligned starts, several chunks per channel (R > 1).
+    out = []
+    shapes = [(2, 37, 5, 7), (2, 64, 8, 8), (3, 40, 33, 64), (1, 3, 1, 1)]
+    for i, (shape, dt, cl) in enumerate(itertools.product(shapes, DTYPES, [False, True])):
+        out.append((*shape, dt, cl, i % 5, bool(i % 2), bool((i // 2) % 2 == 0), i % 3 == 2))
+    return out[::3] if quick else out
+
+
+def check_pw(mod, case, seed):
+    """Stats (pre, mean, var), bn_act and dpre (+ its sums) of the emulated CUDA passes against the spec."""
+    from convmixer_kernels import torch_ops as T
+
+    N, C, H, W, dt, cl, act, af, has_bias, off = case
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    # a channel mean far from its first value, the case a single shifted pass got wrong
+    raw = (torch.randn(N, C, H, W, generator=g) * 0.5 + torch.linspace(-3, 3, C).view(1, C, 1, 1))
+    raw[0, :, 0, 0] += 4.0
+    gemm = raw.to(dt).contiguous(memory_format=fmt)
+    bias = torch.randn(C, generator=g) if has_bias else None
+    pre, mean, var = mod.pw_stats(mod.guarded_clone(gemm, off), bias, act, af, off)
+    mod.check_guards()
+    want_pre = (gemm.float() + bias.view(1, C, 1, 1) if has_bias else gemm.float()).to(dt)
+    assert torch.equal(pre, want_pre), "pre differs from round(gemm + bias)"
+    u = T.act_fwd(want_pre.double(), act) if af else want_pre.double()
+    m64, v64 = u.mean(dim=(0, 2, 3)), u.var(dim=(0, 2, 3), correction=0)
+    scale_v = max(1.0, float(u.abs().max()))
+    assert (mean.double() - m64).abs().max() <= 8e-7 * scale_v, f"mean off by {(mean.double() - m64).abs().max():.3g}"
+    rel = ((var.double() - v64).abs() / v64.clamp_min(1e-30)).max()
+    assert rel <= 2e-6, f"var off by {rel:.3g} (relative)"
+    scale = torch.rand(C, generator=g) + 0.5
+    shift = torch.randn(C, generator=g)
+    y = mod.pw_bn_act(mod.guarded_clone(pre, off), None, scale, shift, act, af, off)
+    mod.check_guards()
+    # the 2x rule (tests/oracle.py): the spec in dtype D (ATen's own kernels) against the spec in fp64
+    check_2x("bn_act", y, T.bn_act_fwd(pre, scale, shift, act, af),
+             T.bn_act_fwd(pre.double(), scale.double(), shift.double(), act, af), dt)
+    dy = torch.randn(N, C, H, W, generator=g).to(dt).contiguous(memory_format=fmt)
+    ca, cb, cd = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.1, torch.randn(C, generator=g) * 0.1
+    want = T.bn_act_bwd(dy, pre, scale, shift, mean, ca, cb, cd, act, af)
+    want64 = T.bn_act_bwd(dy.double(), pre.double(), *(v.double() for v in (scale, shift, mean, ca, cb, cd)), act, af)
+    for cm in ([False, True] if not cl else [False]):
+        d, dsum = mod.pw_dpre(mod.guarded_clone(dy, off), mod.guarded_clone(pre, off), scale, shift, mean, ca, cb, cd,
+                              act, af, cm, off)
+        mod.check_guards()
+        cmaj = (lambda t: t.permute(1, 0, 2, 3).reshape(C, N * H * W)) if cm else (lambda t: t)
+        check_2x(f"dpre (channel_major={cm})", d, cmaj(want), cmaj(want64), dt)
+        s_ref = d.double().sum(dim=1) if cm else d.double().sum(dim=(0, 2, 3))
+        assert ((dsum.double() - s_ref).abs() <= 1e-5 * (1 + s_ref.abs())).all(), "dpre channel sums differ"
+
+
 def describe(c):
     shape, k, dt, cl, act, af, res, bias, off = c
     return f"{shape} k={k} {dt} cl={cl} act={act} act_first={af} residual={res} bias={bias} offset={off}"
@@ -141,6 +198,18 @@ def main():
             print(f"FAIL {tag}: {e}", flush=True)
             continue
         print(f"ok   {tag} ({time.time() - t1:.1f}s)", flush=True)
+    pcs = pw_cases(args.quick)
+    if args.only:
+        pcs = [c for c in pcs if args.only in f"pw {c}"]
+    for n, c in enumerate(pcs):
+        try:
+            check_pw(mod, c, n)
+        except Exception as e:  # noqa: BLE001
+            fails += 1
+            print(f"FAIL pw {c}: {e}", flush=True)
+            continue
+        print(f"ok   pw {c}", flush=True)
+    cs = cs + pcs
     print(f"{len(cs) - fails}/{len(cs)} passed")
     return 1 if fails else 0
 
