@@ -232,6 +232,47 @@ def gemm_suite(device, quick, res):
                 print(f"  {kind} C={C} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
 
 
+def profile_steps(device, quick):
+    """Where a fused training step spends its time: torch.profiler over a few steps of each fused block
+    (dw k=7 both layouts, pw, stem) with the backend `auto` would pick and with `cuda`, printed as a
+    table of ops/kernels by device (or CPU) time.  Goes to stdout (bench.log), not to a result file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    N, C = (64, 768) if device == "cuda" else (8, 256)
+    cases = [("dw", torch.contiguous_format), ("dw", torch.channels_last), ("pw", torch.channels_last),
+             ("stem", torch.channels_last)]
+    backends = ["cuda"] if device == "cuda" else ["cpu"]
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    for kind, fmt in cases:
+        for be in backends:
+            if kind == "dw":
+                blk = ck.FusedDepthwiseBlock(C, 7, activation="gelu")
+            elif kind == "pw":
+                blk = ck.FusedPointwiseBlock(C, C, activation="gelu")
+            else:
+                blk = ck.FusedPatchEmbed(C, 7, activation="gelu")
+            blk = blk.to(device=device, dtype=dtype, memory_format=fmt).train()
+            H = 224 if kind == "stem" else 32
+            x = torch.randn(N, 3 if kind == "stem" else C, H, H, device=device, dtype=dtype)
+            x = x.contiguous(memory_format=fmt).requires_grad_(kind != "stem")
+            with ck.backend(be):
+                dy = torch.randn_like(blk(x))
+                for _ in range(3):
+                    _run_step(blk, x, dy, True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                with profile(activities=acts) as prof:
+                    for _ in range(3 if quick else 10):
+                        _run_step(blk, x, dy, True)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+            layout = "channels_last" if fmt == torch.channels_last else "nchw"
+            print(f"\n== profile: {kind} C={C} {layout} training step, backend {be}, {dtype}", flush=True)
+            print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60), flush=True)
+
+
 def summarize(res, ceilings):
     """Speedups vs eager (best layout) and compile, and % of roofline for the fused providers."""
     rows = []
@@ -281,6 +322,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="first print a profile of each fused training step")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -304,6 +346,11 @@ def main(argv=None):
         print(f"ceilings: {ceilings['bandwidth'] / 1e12:.2f} TB/s, {ceilings['fp32_flops'] / 1e12:.1f} TFLOP/s fp32")
     # A run stopped by a time limit (SIGTERM from `timeout`) still writes what it measured.
     signal.signal(signal.SIGTERM, lambda *a: sys.exit("stopped by SIGTERM: partial results written"))
+    if args.profile:
+        try:
+            profile_steps(device, args.quick)
+        except Exception as e:  # a failing profile must not cost the benchmarks
+            print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     res = []
     try:
         dw_suite(device, args.quick, res)
