@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make gpu-check`: run on the lent GPU machine, where nothing can be installed.  Uses that machine's
 # python3 (torch with CUDA, triton, ninja, pytest), builds in place for sm_90 with 16 jobs, runs the
-# whole test suite on the GPU, then the benchmarks.  Logs and results go to $OUT (<= 8 files).
+# whole test suite on the GPU, then the demo and the benchmarks.  Logs and results go to $OUT (<= 8 files).
+# The stage limits (BUILD/TEST/DEMO/BENCH_TIMEOUT: 120 + 260 + 70 + 150 s) keep one call inside the device
+# tool's 10-minute command limit; a stage stopped by its limit still leaves its log (and partial results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -30,7 +32,7 @@ echo "host compiler: CC=${CC:-default} CXX=${CXX:-default} ($(${CXX:-g++} --vers
 echo "== build (sm_90, 16 jobs)"
 t0=$(date +%s)
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-  timeout ${BUILD_TIMEOUT:-200} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+  timeout ${BUILD_TIMEOUT:-120} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
 echo "build took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.log"
 $PY -m convmixer_kernels info | tee -a "$OUT/machine.txt"
 
@@ -55,20 +57,20 @@ TOUT=""; $PY -c "import pytest_timeout" 2>/dev/null && TOUT="--timeout 150"
 $PY -c "import pytest_benchmark" 2>/dev/null && TOUT="$TOUT -p no:benchmark"
 # The tests' CPU work is small: one thread per worker, or the workers' thread pools fight for the cores.
 # Failures are written to failures.log as they happen (tests/conftest.py), so a stopped run names them.
-OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/failures.log" timeout ${TEST_TIMEOUT:-300} \
+OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/failures.log" timeout ${TEST_TIMEOUT:-260} \
   $PY -m pytest -q -rfE $XDIST $TOUT --durations=25 tests ${GPU_CHECK_K:+-k "$GPU_CHECK_K"} ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
 tail -40 "$OUT/tests.log"
 [ -s "$OUT/failures.log" ] && { echo "== failures"; grep "^==== " "$OUT/failures.log"; }
 
 if [ "${GPU_CHECK_DEMO:-1}" = 1 ]; then
   echo "== demo"
-  timeout ${DEMO_TIMEOUT:-150} $PY -m convmixer_kernels demo > "$OUT/demo.log" 2>&1 || status=1
+  timeout ${DEMO_TIMEOUT:-70} $PY -m convmixer_kernels demo > "$OUT/demo.log" 2>&1 || status=1
   tail -12 "$OUT/demo.log"
 fi
 
 if [ "${GPU_CHECK_BENCH:-1}" = 1 ]; then
 echo "== benchmarks"
-timeout ${BENCH_TIMEOUT:-170} $PY benchmarks/run.py --quick --profile --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
+timeout ${BENCH_TIMEOUT:-150} $PY benchmarks/run.py --quick --profile --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 tail -30 "$OUT/bench.log"
 fi
 exit $status
