@@ -2,8 +2,9 @@
 # `make gpu-check`: run on the lent GPU machine, where nothing can be installed.  Uses that machine's
 # python3 (torch with CUDA, triton, ninja, pytest), builds in place for sm_90 with 16 jobs, runs the
 # whole test suite on the GPU, then the demo and the benchmarks.  Logs and results go to $OUT (<= 8 files).
-# The stage limits (BUILD/TEST/DEMO/BENCH_TIMEOUT: 120 + 260 + 90 + 130 s; the build took 53 s on an H200) keep one call inside the device
-# tool's 10-minute command limit; a stage stopped by its limit still leaves its log (and partial results).
+# Stage limits (BUILD/TEST/DEMO/BENCH_TIMEOUT: 120 + 260 + 90 + 130 s; the build took 53 s on an H200)
+# keep one call inside the device tool's 10-minute command limit; a stage stopped by its limit still
+# leaves its log (and partial results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
