@@ -25,11 +25,11 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 # when autograd will run the op's backward.  A backend is listed only once its block-level tests
 # (forward and backward) passed on that device, and placed by measurement (benchmarks/results/).
 # CUDA, from `make gpu-check` on an H200 (bf16, benchmarks/results/h200_2026-11-26_gpucheck_bench.md):
-# the depthwise CUDA kernels beat eager in eval (1.3-6.4x) and in training (1.0-5.5x); the pointwise
-# and stem CUDA paths beat eager forward-only (1.4x, 2.0x) but their backward is slower than eager's
-# (0.63x, 0.71x per training step), so with autograd `auto` keeps the torch composite for them.  The
-# Triton kernels were slower than the CUDA ones everywhere measured.  The C++ CPU kernels are verified
-# by the CI tests.
+# the depthwise CUDA kernels beat eager in eval (1.3-6.4x) and in training (0.98-5.5x); the
+# pointwise and stem CUDA paths beat eager forward-only (1.4x, 2.0x) but not per training step (0.63x,
+# 0.71x), so with autograd `auto` keeps the torch composite for them (PyTorch ops: conv + the BN
+# math; not itself benchmarked on the GPU yet).  The Triton kernels were slower than the CUDA ones
+# everywhere measured.  The C++ CPU kernels are verified by the CI tests.
 AUTO_ORDER = {
     ("dw_block", "cuda"): ("cuda", "torch"),
     ("dw_block", "cpu"): ("cpu", "torch"),

@@ -96,7 +96,7 @@ def _stats_flags(training, running_mean, count, shape, x, params, sync, process_
     group = sync_group_name(sync, process_group) if batch_stats else ""
     if batch_stats and count <= 1 and not group:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
-    need_pre = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+    need_pre = _needs_grad(x, *params)
     return bool(batch_stats), bool(need_pre), group
 
 
