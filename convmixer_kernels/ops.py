@@ -9,6 +9,7 @@ sees one opaque node for the forward and traceable low-level ops in the backward
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -145,6 +146,7 @@ for _name, (_schema, _fake, _mod) in OPS.items():
     torch.library.register_fake(f"{LIB}::{_name}_triton", _fake)
 
 
+@functools.lru_cache(maxsize=None)  # built once: the ops are registered at import and never change
 def _ops_namespace(suffix: str):
     o = torch.ops.convmixer_kernels
     return types.SimpleNamespace(**{n: getattr(o, n + suffix) for n in OPS if hasattr(o, n + suffix)})

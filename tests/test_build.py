@@ -141,3 +141,16 @@ def test_auto_order_can_depend_on_the_backward(monkeypatch):
     assert backends.resolve("pw_block", dev, grad=True) == "torch"
     if _ext.loaded():  # an explicit backend is never overridden
         assert backends.resolve("pw_block", dev, "cpu", grad=True) == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _ext.built_with_cuda(), reason="needs CUDA kernels and a GPU")
+@pytest.mark.gpu
+def test_auto_order_on_cuda():
+    """What gpu-check measured (benchmarks/results/NOTES.md): the CUDA depthwise kernels always; the CUDA
+    pointwise/stem kernels forward-only, the torch composite when autograd will run their backward."""
+    dev = torch.device("cuda")
+    assert backends.resolve("dw_block", dev) == "cuda"
+    assert backends.resolve("dw_block", dev, grad=True) == "cuda"
+    for op in ("pw_block", "stem_block"):
+        assert backends.resolve(op, dev) == "cuda"
+        assert backends.resolve(op, dev, grad=True) == "torch"
