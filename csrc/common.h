@@ -54,6 +54,22 @@ inline at::ScalarType acc_type_for(at::ScalarType storage) {
   return storage == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+inline at::MemoryFormat format_of(bool cl) {
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// An activation-shaped tensor of the given sizes with x's device, dtype and memory format (dy, pre of
+// the pointwise/stem ops, whose C_out or spatial size differs from x's).
+inline void check_act_tensor(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef sizes,
+                             bool cl) {
+  check_device(t, name, x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
+              " (the dtype of x), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(format_of(cl)), name, ": expected the memory format of x (",
+              cl ? "channels_last" : "NCHW-contiguous", "), got strides ", t.strides());
+}
+
 // An activation-shaped tensor that must match x exactly (dtype, shape, device, memory format).
 inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, bool x_cl) {
   check_device(t, name, x.device());

@@ -124,10 +124,6 @@ void set_sizes(DwParams& P, const Tensor& x, bool cl) {
   P.W = x.size(3);
 }
 
-at::MemoryFormat format_of(bool cl) {
-  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 at::TensorOptions acc_options(const Tensor& x) { return x.options().dtype(acc_type_for(x.scalar_type())); }
 
 }  // namespace

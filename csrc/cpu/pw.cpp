@@ -181,18 +181,6 @@ bool check_x(const Tensor& x, const char* name) {
   return is_channels_last(x, name);  // 4-D and NCHW- or channels_last-contiguous
 }
 
-at::MemoryFormat format_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
-
-// An activation tensor of x's dtype, device and memory format with the given sizes (dy, pre).
-void check_act_tensor(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef sizes, bool cl) {
-  check_device(t, name, x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
-              " (the dtype of x), got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", sizes, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(format_of(cl)), name, ": expected the memory format of x (",
-              cl ? "channels_last" : "NCHW-contiguous", "), got strides ", t.strides());
-}
-
 // The GEMM weight (C_out, C_in, k, k) in x's storage dtype, contiguous; k = 1 for pw, any k >= 1
 // (the patch size) for the stem (pass k = 0).  Returns C_out.
 int64_t check_gemm_weight(const Tensor& w, const Tensor& x, int64_t k) {

@@ -49,7 +49,6 @@ bool check_x(const Tensor& x, const char* name, dwcuda::DwGeom& g) {
   return cl;
 }
 
-at::MemoryFormat fmt_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
 
 const float* fptr(const Tensor& t) { return t.data_ptr<float>(); }
 
@@ -67,7 +66,7 @@ std::tuple<Tensor, Tensor, Tensor> dw_conv_stats_cuda(const Tensor& x, const Ten
   check_act(act);
   c10::cuda::CUDAGuard guard(x.device());
   const auto facc = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
-  Tensor pre = new_output(x.sizes(), x.options(), fmt_of(cl));
+  Tensor pre = new_output(x.sizes(), x.options(), format_of(cl));
   Tensor mean = new_output({g.C}, facc);
   Tensor var = new_output({g.C}, facc);
   if (g.C == 0) return {pre, mean, var};
@@ -94,7 +93,7 @@ Tensor dw_fwd_cuda(const Tensor& x, const Tensor& weight, const std::optional<Te
   check_vec(shift, "shift", x);
   check_act(act);
   c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = new_output(x.sizes(), x.options(), fmt_of(cl));
+  Tensor y = new_output(x.sizes(), x.options(), format_of(cl));
   if (x.numel() == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(dwcuda::dw_fwd_launch(g, x.data_ptr(), fptr(weight), bias.has_value() ? fptr(*bias) : nullptr,
@@ -153,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor> dw_bwd_cuda(const Tensor& dy, const Tensor& x
   check_act(act);
   c10::cuda::CUDAGuard guard(x.device());
   const auto facc = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
-  Tensor dx = new_output(x.sizes(), x.options(), fmt_of(cl));
+  Tensor dx = new_output(x.sizes(), x.options(), format_of(cl));
   Tensor dweight = new_output(weight.sizes(), facc);
   Tensor dbias = new_output({g.C}, facc);
   if (g.C == 0) return {dx, dweight, dbias};

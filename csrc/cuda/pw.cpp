@@ -65,7 +65,6 @@ using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 // ------------------------------------------------------------------------------------------------
 // Checks.
 
-at::MemoryFormat fmt_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
 
 pw::DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -87,16 +86,6 @@ bool check_anchor(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got a tensor on ", t.device());
   check_storage_dtype(t, name, /*allow_double=*/false);
   return is_channels_last(t, name);
-}
-
-// An activation-shaped tensor: `sizes`, the anchor's device and dtype, the anchor's memory format.
-void check_act_tensor(const Tensor& t, const char* name, const Tensor& anchor, at::IntArrayRef sizes, bool cl) {
-  check_device(t, name, anchor.device());
-  TORCH_CHECK(t.scalar_type() == anchor.scalar_type(), name, ": expected dtype ", anchor.scalar_type(),
-              " (the dtype of x), got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", sizes, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(fmt_of(cl)), name, ": expected the memory format of x (",
-              cl ? "channels_last" : "NCHW-contiguous", "), got strides ", t.strides());
 }
 
 // A per-channel vector of C float32 values on the anchor's device.
@@ -239,7 +228,7 @@ bool gemm_fwd(Tensor& out, const Tensor& a_rows, const Tensor& a_batched, const 
 // s = x, or round(x + t) in x's layout.
 Tensor pw_input(const Tensor& x, const OptTensor& t, bool cl) {
   if (!t.has_value()) return x;
-  Tensor s = at::empty(x.sizes(), x.options().memory_format(fmt_of(cl)));
+  Tensor s = at::empty(x.sizes(), x.options().memory_format(format_of(cl)));
   at::add_out(s, x, *t);
   return s;
 }
@@ -286,7 +275,7 @@ Tensor3 pw_gemm_stats_cuda(const Tensor& x, const OptTensor& t, const Tensor& we
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
   const auto fopts = x.options().dtype(at::kFloat);
-  Tensor pre = new_output({N, C_out, H, W}, x.options(), fmt_of(cl));
+  Tensor pre = new_output({N, C_out, H, W}, x.options(), format_of(cl));
   Tensor mean = new_output({C_out}, fopts), var = new_output({C_out}, fopts);
   const Tensor s = pw_input(x, t, cl);
   const Tensor w2d = weight.reshape({C_out, C_in});
@@ -308,7 +297,7 @@ Tensor pw_fwd_cuda(const Tensor& x, const OptTensor& t, const Tensor& weight, co
   check_act(act);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
-  Tensor y = new_output({N, C_out, H, W}, x.options(), fmt_of(cl));
+  Tensor y = new_output({N, C_out, H, W}, x.options(), format_of(cl));
   const Tensor s = pw_input(x, t, cl);
   const Tensor w2d = weight.reshape({C_out, C_in});
   const bool bias_left = gemm_fwd(y, cl ? rows_view(s) : Tensor(), cl ? Tensor() : s.view({N, C_in, H * W}), w2d,
@@ -336,7 +325,7 @@ Tensor3 pw_bwd_cuda(const Tensor& dy, const Tensor& x, const OptTensor& t, const
   check_act(act);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t HW = H * W, M = N * HW;
-  Tensor ds = new_output(x.sizes(), x.options(), fmt_of(cl));
+  Tensor ds = new_output(x.sizes(), x.options(), format_of(cl));
   Tensor dweight = new_output(weight.sizes(), x.options());
   Tensor dbias = new_output({C_out}, x.options().dtype(at::kFloat));
   const Tensor w2d = weight.reshape({C_out, C_in});
@@ -401,7 +390,7 @@ Tensor3 stem_gemm_stats_cuda(const Tensor& x, const Tensor& weight, const OptTen
   check_act(act);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fopts = x.options().dtype(at::kFloat);
-  Tensor pre = new_output({g.N, g.C_out, g.Ho, g.Wo}, x.options(), fmt_of(cl));
+  Tensor pre = new_output({g.N, g.C_out, g.Ho, g.Wo}, x.options(), format_of(cl));
   Tensor mean = new_output({g.C_out}, fopts), var = new_output({g.C_out}, fopts);
   const bool bias_left = stem_gemm(pre, x, weight, bias, g, cl);
   run_stats(pre, bias_left ? bias : OptTensor(), act, act_first, cl, mean, var);
@@ -418,7 +407,7 @@ Tensor stem_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bia
   check_cvec(shift, "shift", x, g.C_out);
   check_act(act);
   const c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = new_output({g.N, g.C_out, g.Ho, g.Wo}, x.options(), fmt_of(cl));
+  Tensor y = new_output({g.N, g.C_out, g.Ho, g.Wo}, x.options(), format_of(cl));
   const bool bias_left = stem_gemm(y, x, weight, bias, g, cl);
   run_bn_act(y, y, bias_left ? bias : OptTensor(), scale, shift, act, act_first, cl);
   return y;
@@ -443,7 +432,7 @@ Tensor3 stem_bwd_cuda(const Tensor& dy, const Tensor& x, const Tensor& pre, cons
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor dweight = new_output(weight.sizes(), x.options());
   Tensor dbias = new_output({g.C_out}, x.options().dtype(at::kFloat));
-  Tensor dx = need_dx ? new_output(x.sizes(), x.options(), fmt_of(cl)) : new_output({0}, x.options());
+  Tensor dx = need_dx ? new_output(x.sizes(), x.options(), format_of(cl)) : new_output({0}, x.options());
   if (g.M == 0) {
     dweight.zero_();
     dbias.zero_();
@@ -478,7 +467,7 @@ Tensor bn_act_fwd_cuda(const Tensor& pre, const Tensor& scale, const Tensor& shi
   check_cvec(shift, "shift", pre, C);
   check_act(act);
   const c10::cuda::CUDAGuard guard(pre.device());
-  Tensor y = new_output(pre.sizes(), pre.options(), fmt_of(cl));
+  Tensor y = new_output(pre.sizes(), pre.options(), format_of(cl));
   run_bn_act(pre, y, OptTensor(), scale, shift, act, act_first, cl);
   return y;
 }
@@ -497,7 +486,7 @@ Tensor bn_act_bwd_cuda(const Tensor& dy, const Tensor& pre, const Tensor& scale,
   check_cvec(cd, "cd", pre, C);
   check_act(act);
   const c10::cuda::CUDAGuard guard(pre.device());
-  Tensor dpre = new_output(pre.sizes(), pre.options(), fmt_of(cl));
+  Tensor dpre = new_output(pre.sizes(), pre.options(), format_of(cl));
   run_dpre(dy, pre, dpre, false, scale, shift, mean, ca, cb, cd, act, act_first, cl, nullptr);
   return dpre;
 }
