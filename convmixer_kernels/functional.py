@@ -89,14 +89,13 @@ def sync_group_name(sync: bool, process_group=None) -> str:
     return pg.group_name if dist.get_world_size(pg) > 1 else ""
 
 
-def _stats_flags(training, running_mean, count, shape, x, params, sync, process_group):
+def _stats_flags(training, running_mean, count, shape, need_pre, sync, process_group):
     """(batch_stats, need_pre, sync_group) for a block op; raises as nn.BatchNorm2d does for one value per
     channel (with a sync group, as nn.SyncBatchNorm: checked on the concatenated batch inside the op)."""
     batch_stats = training or running_mean is None
     group = sync_group_name(sync, process_group) if batch_stats else ""
     if batch_stats and count <= 1 and not group:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
-    need_pre = _needs_grad(x, *params)
     return bool(batch_stats), bool(need_pre), group
 
 
@@ -165,10 +164,10 @@ def dw_block(
         raise ValueError(f"weight: expected an odd kernel size k in 1..31, got k = {k}")
     _check_tensor(weight, "weight", x, weight.shape)
     act = _check_block_args(x, C, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
-    name = backends.resolve("dw_block", x.device, backend, _needs_grad(x, weight, bias, bn_weight, bn_bias))
+    grad = _needs_grad(x, weight, bias, bn_weight, bn_bias)
+    name = backends.resolve("dw_block", x.device, backend, grad)
     x = _layout_ok(x)
-    flags = _stats_flags(training, running_mean, N * H * W, x.shape, x, (weight, bias, bn_weight, bn_bias), sync,
-                         process_group)
+    flags = _stats_flags(training, running_mean, N * H * W, x.shape, grad, sync, process_group)
     y, _pre, mean, var, count = _dw_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                              float(eps), act, order == "act_norm", bool(residual), *flags, name)
     _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
@@ -222,13 +221,12 @@ def pw_block(
                              f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
     co = weight.shape[0]
     act = _check_block_args(x, co, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
-    name = backends.resolve("pw_block", x.device, backend,
-                            _needs_grad(x, residual, weight, bias, bn_weight, bn_bias))
+    grad = _needs_grad(x, residual, weight, bias, bn_weight, bn_bias)
+    name = backends.resolve("pw_block", x.device, backend, grad)
     x = _layout_ok(x)
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format_of(x))
-    flags = _stats_flags(training, running_mean, N * H * W, x.shape, x, (weight, bias, bn_weight, bn_bias, residual),
-                         sync, process_group)
+    flags = _stats_flags(training, running_mean, N * H * W, x.shape, grad, sync, process_group)
     y, _pre, mean, var, count = _pw_block_op(x, residual, weight, bias, bn_weight, bn_bias, running_mean,
                                              running_var, float(eps), act, order == "act_norm", *flags, name)
     _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
@@ -266,11 +264,11 @@ def patch_embed(
         raise ValueError(f"x: expected an image of at least {p}x{p} for patch size {p}, got {H}x{W}")
     co = weight.shape[0]
     act = _check_block_args(x, co, weight, bias, bn_weight, bn_bias, running_mean, running_var, activation, order)
-    name = backends.resolve("stem_block", x.device, backend, _needs_grad(x, weight, bias, bn_weight, bn_bias))
+    grad = _needs_grad(x, weight, bias, bn_weight, bn_bias)
+    name = backends.resolve("stem_block", x.device, backend, grad)
     x = _layout_ok(x)
     count = N * (H // p) * (W // p)
-    flags = _stats_flags(training, running_mean, count, (N, co, H // p, W // p), x, (weight, bias, bn_weight, bn_bias),
-                         sync, process_group)
+    flags = _stats_flags(training, running_mean, count, (N, co, H // p, W // p), grad, sync, process_group)
     y, _pre, mean, var, count = _stem_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                                float(eps), act, order == "act_norm", *flags, name)
     _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
