@@ -16,8 +16,10 @@ namespace dwcuda {
 // Weight-gradient partials go to a per-thread column of shared memory (own column only: no races),
 // are summed over the block's threads in a fixed order at the end and written to
 // part[(group * C + c) * (k*k + 1) + tap] (tap k*k is the bias gradient).
+// Staging (16-byte path): dy and pre of the next item are copied in with cp.async while the block
+// computes the current one, as in the forward kernel.
 template <typename T, int K, bool CL>
-__global__ void __launch_bounds__(kMaxThreads) dw_bwd_tiled_kernel(const TileArgs a) {
+__global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const TileArgs a) {
   constexpr int P = K / 2;
   constexpr int KK = K * K;
   constexpr int CS = CL ? kCG : 1;
@@ -31,6 +33,7 @@ __global__ void __launch_bounds__(kMaxThreads) dw_bwd_tiled_kernel(const TileArg
   const int64_t grp = blockIdx.x % a.groups;
   const int64_t cg = blockIdx.x / a.groups;
   const int64_t c = CL ? cg * kCG + lane : cg;
+  const int64_t c0 = CL ? cg * kCG : cg;  // first channel of the block
   const bool c_ok = c < a.C;
   const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
   const int SR = a.tile_h + K - 1;
@@ -53,7 +56,6 @@ __global__ void __launch_bounds__(kMaxThreads) dw_bwd_tiled_kernel(const TileArg
   for (int t = 0; t <= KK; ++t) dws[t * DWS + tid] = 0.f;
   ChanCoef qc{0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if constexpr (CL) {
-    const int64_t c0 = cg * kCG;
     for (int e = tid; e < kCG * KK; e += nthreads) {
       const int chl = e / KK, t = e - chl * KK;
       ws[t * kCG + chl] = (c0 + chl < a.C) ? a.w[(c0 + chl) * KK + t] : 0.f;
@@ -71,105 +73,91 @@ __global__ void __launch_bounds__(kMaxThreads) dw_bwd_tiled_kernel(const TileArg
 
   const int64_t it0 = grp * a.ipb;
   const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
-  for (int64_t it = it0; it < it1; ++it) {
-    const int64_t n = it / a.ntiles;
-    const int tile = static_cast<int>(it - n * a.ntiles);
-    const int th0 = (tile / a.tiles_w) * a.tile_h;
-    const int tw0 = (tile % a.tiles_w) * a.tile_w;
-    const int64_t base = CL ? n * a.H * a.W * a.C : (n * a.C + cg) * a.H * a.W;
-    const int gh0 = th0 - P;
-    const int gw0 = tw0 - a.pl;
+  // 16-byte path: dy and pre of the next item come in by cp.async (storage-dtype copies) while the
+  // block computes the current one; dpre is then computed from the copies.  Else direct loads.
+  const bool async = a.vec;
+  constexpr int V = Vec<T>::N;
+  T* rawg = reinterpret_cast<T*>(smem + a.raw_off);  // dy over the tile + halo (16-byte aligned)
+  T* rawp = rawg + static_cast<size_t>(SR) * SW * (CL ? kCG : 1);  // pre (a multiple of 16 bytes on)
+  auto issue = [&](const TileItem& m) {
+    const auto tv = tile_vecs<T, K, CL>(a, m, RS, c0);
+    for (int e = tid; e < tv.count(); e += nthreads) {
+      tv.copy(e, dy, rawg);
+      tv.copy(e, pre, rawp);
+    }
+    cp_async_commit();
+  };
+  // Per-channel coefficients of dpre: the block's channel (NCHW), or lane chl's (channels_last).
+  auto coef_of = [&](int chl) {
+    if constexpr (CL) {
+      return ChanCoef{coef[chl], coef[kCG + chl], coef[2 * kCG + chl], coef[3 * kCG + chl], coef[4 * kCG + chl],
+                      coef[5 * kCG + chl]};
+    } else {
+      return qc;
+    }
+  };
+  if (async && it0 < it1) issue(tile_item<CL>(a, it0, cg));
 
+  const int nit = static_cast<int>(it1 - it0);  // <= ipb <= 32
+  for (int ji = 0; ji < nit; ++ji) {
+    const int64_t it = it0 + ji;
+    const TileItem item = tile_item<CL>(a, it, cg);
+    const int th0 = item.th0, tw0 = item.tw0;
+    const int64_t base = item.base;
+
+    if (async) cp_async_wait_all();
     __syncthreads();  // the previous item's strips are done with ds; prologue writes visible
 
-    // ---- stage dpre over the tile + halo ----
+    // ---- stage dpre over the tile + halo (zero outside the image) ----
     with_act(act, [&](auto A) {
       constexpr int AC = decltype(A)::value;
-      if constexpr (!CL) {
-        if (a.vec) {
-          constexpr int V = Vec<T>::N;
-          const int cpr = SW / V;
-          for (int e = tid; e < SR * cpr; e += nthreads) {
-            const int r = e / cpr, q = e - r * cpr;
-            const int gh = gh0 + r, gw = gw0 + q * V;
-            float v[V];
-            if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
-              const int64_t off = base + static_cast<int64_t>(gh) * W + gw;
-              float gv[V], pv[V];
-              load_vec<T>(dy + off, gv);
-              load_vec<T>(pre + off, pv);
+      if (async) {
+        // each thread converts the vectors it copied itself
+        const auto tv = tile_vecs<T, K, CL>(a, item, RS, c0);
+        for (int e = tid; e < tv.count(); e += nthreads) {
+          int ro, fo;
+          float v[V];
+          if (tv.at(e, ro, fo) >= 0) {
+            float gv[V], pv[V];
+            load_vec_smem<T>(rawg + ro, gv);
+            load_vec_smem<T>(rawp + ro, pv);
 #pragma unroll
-              for (int j = 0; j < V; ++j) v[j] = dpre_t<AC>(gv[j], pv[j], qc, act_first);
-            } else {
+            for (int j = 0; j < V; ++j) v[j] = dpre_t<AC>(gv[j], pv[j], coef_of(fo % kCG + j), act_first);
+          } else {
 #pragma unroll
-              for (int j = 0; j < V; ++j) v[j] = 0.f;
-            }
-            float* d = ds + r * RS + q * V;
-#pragma unroll
-            for (int j = 0; j < V; ++j) d[j] = v[j];
+            for (int j = 0; j < V; ++j) v[j] = 0.f;
           }
-        } else {
-          for (int e = tid; e < SR * SW; e += nthreads) {
-            const int r = e / SW, q = e - r * SW;
-            const int gh = gh0 + r, gw = gw0 + q;
-            float v = 0.f;
-            if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
-              const int64_t off = base + static_cast<int64_t>(gh) * W + gw;
-              v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), qc, act_first);
-            }
-            ds[r * RS + q] = v;
+          tv.store(ds, fo, v);
+        }
+      } else if constexpr (!CL) {
+        const int gh0 = th0 - P, gw0 = tw0 - a.pl;
+        for (int e = tid; e < SR * SW; e += nthreads) {
+          const int r = e / SW, q = e - r * SW;
+          const int gh = gh0 + r, gw = gw0 + q;
+          float v = 0.f;
+          if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
+            const int64_t off = base + static_cast<int64_t>(gh) * W + gw;
+            v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), qc, act_first);
           }
+          ds[r * RS + q] = v;
         }
       } else {
-        const int64_t c0 = cg * kCG;
-        if (a.vec) {
-          constexpr int V = Vec<T>::N;
-          constexpr int CPP = kCG / V;
-          for (int e = tid; e < SR * SW * CPP; e += nthreads) {
-            const int pix = e / CPP, q = e - pix * CPP;
-            const int r = pix / SW, col = pix - r * SW;
-            const int gh = gh0 + r, gw = gw0 + col;
-            const int64_t ch = c0 + q * V;
-            float v[V];
-            if (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < a.C) {
-              const int64_t off = base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch;
-              float gv[V], pv[V];
-              load_vec<T>(dy + off, gv);
-              load_vec<T>(pre + off, pv);
-#pragma unroll
-              for (int j = 0; j < V; ++j) {
-                const int chl = q * V + j;
-                const ChanCoef cq{coef[chl], coef[kCG + chl], coef[2 * kCG + chl],
-                                  coef[3 * kCG + chl], coef[4 * kCG + chl], coef[5 * kCG + chl]};
-                v[j] = dpre_t<AC>(gv[j], pv[j], cq, act_first);
-              }
-            } else {
-#pragma unroll
-              for (int j = 0; j < V; ++j) v[j] = 0.f;
-            }
-            float4* d = reinterpret_cast<float4*>(ds + static_cast<size_t>(pix) * kCG + q * V);
-#pragma unroll
-            for (int j = 0; j < V / 4; ++j) d[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+        const int gh0 = th0 - P, gw0 = tw0 - a.pl;
+        for (int e = tid; e < SR * SW * kCG; e += nthreads) {
+          const int pix = e >> 5, chl = e & 31;
+          const int r = pix / SW, col = pix - r * SW;
+          const int gh = gh0 + r, gw = gw0 + col;
+          float v = 0.f;
+          if (gh >= 0 && gh < H && gw >= 0 && gw < W && c0 + chl < a.C) {
+            const int64_t off = base + (static_cast<int64_t>(gh) * W + gw) * a.C + c0 + chl;
+            v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), coef_of(chl), act_first);
           }
-        } else {
-          for (int e = tid; e < SR * SW * kCG; e += nthreads) {
-            const int pix = e >> 5, chl = e & 31;
-            const int r = pix / SW, col = pix - r * SW;
-            const int gh = gh0 + r, gw = gw0 + col;
-            const int64_t ch = c0 + chl;
-            float v = 0.f;
-            if (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < a.C) {
-              const int64_t off = base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch;
-              const ChanCoef cq{coef[chl], coef[kCG + chl], coef[2 * kCG + chl],
-                                coef[3 * kCG + chl], coef[4 * kCG + chl], coef[5 * kCG + chl]};
-              v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), cq, act_first);
-            }
-            ds[e] = v;
-          }
+          ds[e] = v;
         }
       }
     });
     __syncthreads();
+    if (async && ji + 1 < nit) issue(tile_item<CL>(a, it + 1, cg));
 
     // ---- strips ----
     const int s_begin = CL ? warp : tid;

@@ -1,10 +1,12 @@
 // Shared by the CUDA kernels of the depthwise ops: dtype conversion, activations, Welford/Chan
 // merges, the tiling plan and the parameter block of the tiled kernels.  nvcc only, no ATen.
 //
-// Tiled kernels (k in 3..15): a block owns a spatial tile of one channel (NCHW) or of 32
-// channels, one per lane (channels_last).  It stages the tile plus the k-1 halo in shared memory
-// as fp32 (zero outside the image), and each thread computes a "strip" of kR = 16 outputs along W
-// from a register row of kR + k - 1 inputs (each value loaded once per kernel row, reused k times).
+// Tiled kernels (k in 3..15): a block owns one channel (NCHW) or 32 channels, one per lane
+// (channels_last), and walks a run of (image, spatial tile) items.  Per item it stages the tile plus
+// the k-1 halo in shared memory as fp32 (zero outside the image), and each thread computes a "strip"
+// of kR = 16 outputs along W from a register row of kR + k - 1 inputs (each value loaded once per
+// kernel row, reused k times).  With 16-byte access the next item's tile is copied in by cp.async
+// while the current one is computed (TileVecs), so global-memory latency overlaps the FMAs.
 // Partial results of a block (BatchNorm statistics, weight gradients) go to a workspace and a
 // small kernel reduces them in a fixed order: no atomics, bitwise reproducible.
 // Other k (1, 17..31) take simple direct kernels (correct, not fast).
@@ -56,11 +58,20 @@ template <typename T> __device__ __forceinline__ float round_to(float v) { retur
 template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
 
 template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float* out) {
-  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+__device__ __forceinline__ void unpack_vec(const uint4& r, float* out) {
   const T* e = reinterpret_cast<const T*>(&r);
 #pragma unroll
   for (int j = 0; j < Vec<T>::N; ++j) out[j] = to_f<T>(e[j]);
+}
+
+// A 16-byte vector of global memory (read-only path) / of shared memory, as floats.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+  unpack_vec<T>(__ldg(reinterpret_cast<const uint4*>(p)), out);
+}
+template <typename T>
+__device__ __forceinline__ void load_vec_smem(const T* p, float* out) {
+  unpack_vec<T>(*reinterpret_cast<const uint4*>(p), out);
 }
 
 template <typename T>
@@ -71,6 +82,88 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
   for (int j = 0; j < Vec<T>::N; ++j) e[j] = from_f<T>(in[j]);
   *reinterpret_cast<uint4*>(p) = r;
 }
+
+// 16-byte asynchronous copies global -> shared (cp.async, sm_80 and newer), zero fill when !valid
+// (src is then never read).  A thread's copies are complete after cp_async_wait_all(); the data
+// is visible to the other threads of the block after a __syncthreads() that follows the wait.
+// Older architectures copy synchronously.  The emulator (tests/cuda_emu) provides its own.
+#ifdef CMK_EMULATE
+using ::cmk_emu::cp_async16;
+using ::cmk_emu::cp_async_wait_all;
+inline void cp_async_commit() {}
+#else
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+  *reinterpret_cast<uint4*>(smem_dst) = valid ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+#endif
+
+// The 16-byte vectors (V elements) of one item's tile + halo, for the cp.async staging of the tiled
+// kernels.  NCHW: staged row r holds SW elements (the first at image column gw0), vector q of it sits
+// at r * SW + q * V in a storage-dtype copy and r * RS + q * V in the fp32 tile (RS odd).
+// channels_last: pixel (r, col) holds the block's kCG channels; vector e sits at e * V in both.  A
+// vector lies wholly inside or wholly outside the image and C (the host checks W % V == 0 and
+// gw0 % 8 == 0, or C % V == 0), so it is either copied whole or zero filled.
+template <typename T, bool CL>
+struct TileVecs {
+  static constexpr int V = Vec<T>::N;
+  int SR, SW, RS, H, W, gh0, gw0;
+  int64_t C, c0, base;  // channels, first channel of the block, offset of the item's (n, c0 | 0, 0, 0)
+  __device__ __forceinline__ int count() const { return CL ? SR * SW * (kCG / V) : SR * (SW / V); }
+  // Vector e: its offsets in the storage copy (raw) and the fp32 tile (f32); returns its global
+  // offset, or -1 when it is outside the image (or past C).
+  __device__ __forceinline__ int64_t at(int e, int& raw, int& f32) const {
+    if constexpr (!CL) {
+      const int cpr = SW / V;
+      const int r = e / cpr, q = e - r * cpr;
+      const int gh = gh0 + r, gw = gw0 + q * V;
+      raw = r * SW + q * V;
+      f32 = r * RS + q * V;
+      return (gh >= 0 && gh < H && gw >= 0 && gw < W) ? base + static_cast<int64_t>(gh) * W + gw : -1;
+    } else {
+      constexpr int CPP = kCG / V;
+      const int pix = e / CPP, q = e - pix * CPP;
+      const int r = pix / SW, col = pix - r * SW;
+      const int gh = gh0 + r, gw = gw0 + col;
+      const int64_t ch = c0 + q * V;
+      raw = f32 = e * V;
+      return (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < C)
+                 ? base + (static_cast<int64_t>(gh) * W + gw) * C + ch
+                 : -1;
+    }
+  }
+  // Issue the cp.async copy of vector e of `src` into `dst` (zero fill outside).
+  __device__ __forceinline__ void copy(int e, const T* src, T* dst) const {
+    int raw, f32;
+    const int64_t g = at(e, raw, f32);
+    cp_async16(dst + raw, g >= 0 ? src + g : src, g >= 0);
+  }
+  // Store V floats at f32 in the fp32 tile.
+  __device__ __forceinline__ void store(float* tile, int f32, const float* v) const {
+    if constexpr (CL) {
+      float4* d = reinterpret_cast<float4*>(tile + f32);
+#pragma unroll
+      for (int j = 0; j < V / 4; ++j) d[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) tile[f32 + j] = v[j];  // RS is odd: scalar stores
+    }
+  }
+};
 
 // Activations (codes as in torch_ops.ACTIVATIONS); accurate libdevice erff/tanhf/expf.
 // Compile-time versions for hot loops (dispatch once with with_act), run-time ones elsewhere.
@@ -208,6 +301,7 @@ struct TilePlan {
   int smem_rows = 0;    // tile_h + k - 1
   int smem_w = 0;       // staged columns: NCHW pl + tile_w + pl, channels_last tile_w + k - 1
   int rs = 0;           // NCHW: row stride in floats (odd: conflict-free strip reads)
+  int raw_off = 0;      // floats before the storage-dtype copies of the tile (cp.async targets)
   int pl = 0;           // staged columns left of the tile (NCHW: pad rounded up to 8 for 16B loads)
   size_t smem_bytes = 0;
   int64_t items = 0;    // (n, tile) pairs per channel (group)
@@ -223,6 +317,14 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
   const int64_t H = g.H, W = g.W;
   const size_t soft = 120 * 1024;
   const size_t hard = static_cast<size_t>(dev.smem_optin);
+  // Shared memory: `floats` of fp32 tile and workspace, then (16-byte aligned) the storage-dtype
+  // copies of the tile that cp.async fills: x (forward) or dy and pre (backward).
+  const size_t esize = g.dtype == kF32 ? 4 : 2;
+  const size_t ncopies = bwd ? 2 : 1;
+  auto smem_for = [&](size_t floats, size_t tile_elems, int& raw_off) {
+    raw_off = static_cast<int>(ceil_div(static_cast<int64_t>(floats), 4) * 4);
+    return sizeof(float) * static_cast<size_t>(raw_off) + ncopies * tile_elems * esize;
+  };
   if (!g.cl) {
     const int64_t swt = ceil_div(W, kR);
     const int64_t ntw = ceil_div(swt, 4);
@@ -240,14 +342,16 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
     const int want = static_cast<int>(ceil_div(p.nstrips, 32) * 32);
     if (!bwd) {
       p.threads = want;
-      p.smem_bytes = sizeof(float) * (size_t(p.smem_rows) * p.rs + (K > 9 ? KK : 0) + 3 * 8);
+      p.smem_bytes = smem_for(size_t(p.smem_rows) * p.rs + (K > 9 ? KK : 0) + 3 * 8,
+                              size_t(p.smem_rows) * p.smem_w, p.raw_off);
       if (p.smem_bytes > hard) return TilePlan{};
     } else {
       int cap = static_cast<int>(((16384 / (KK + 1)) - 1) / 32 * 32);
       cap = cap < 32 ? 32 : (cap > kMaxThreads ? kMaxThreads : cap);
       for (int t = want < cap ? want : cap; t >= 32; t -= 32) {
         p.threads = t;
-        p.smem_bytes = sizeof(float) * (size_t(p.smem_rows) * p.rs + KK + size_t(KK + 1) * (t + 1));
+        p.smem_bytes = smem_for(size_t(p.smem_rows) * p.rs + KK + size_t(KK + 1) * (t + 1),
+                                size_t(p.smem_rows) * p.smem_w, p.raw_off);
         if (p.smem_bytes <= hard) break;
         p.threads = 0;
       }
@@ -269,10 +373,13 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
           int nwarps = bwd ? (nw < TH ? nw : TH) : TH;
           const size_t floats = bwd ? tile + size_t(KK) * kCG + 6 * kCG + size_t(KK + 1) * kCG * nwarps
                                     : tile + (K > 7 ? size_t(KK) * kCG : 0) + 3 * size_t(kCG) * nwarps;
-          if (floats * sizeof(float) <= budget) {
+          int raw_off = 0;
+          const size_t bytes = smem_for(floats, tile, raw_off);
+          if (bytes <= budget) {
             p.tile_h = TH;
             p.threads = nwarps * 32;
-            p.smem_bytes = floats * sizeof(float);
+            p.raw_off = raw_off;
+            p.smem_bytes = bytes;
             found = true;
             break;
           }
@@ -289,19 +396,21 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
   p.tiles_w = static_cast<int>(ceil_div(W, p.tile_w));
   p.tiles_h = static_cast<int>(ceil_div(H, p.tile_h));
   p.items = g.N * p.tiles_h * p.tiles_w;
-  if (bwd) {
-    // Several (n, tile) items per block keep the weight-gradient partials small, while about four
-    // waves of resident blocks remain to balance the machine.
+  {
+    // Several (n, tile) items per block, while about four waves of resident blocks remain to
+    // balance the machine.  Backward: keeps the weight-gradient partials small.  Forward: the
+    // block copies the next item's tile in (cp.async) while it computes the current one, and sets
+    // up (weights, per-channel values) once.  Residency: shared memory, threads, and for the
+    // forward kernel its registers (at most 128 a thread: __launch_bounds__(256, 2)).
     int64_t per_sm = dev.smem_per_sm / static_cast<int64_t>(p.smem_bytes + 1024);
-    const int64_t by_threads = 2048 / p.threads;
+    int64_t by_threads = 2048 / p.threads;
+    if (!bwd && 65536 / (128 * p.threads) < by_threads) by_threads = 65536 / (128 * p.threads);
     per_sm = per_sm < by_threads ? per_sm : by_threads;
     per_sm = per_sm < 1 ? 1 : (per_sm > 32 ? 32 : per_sm);
     const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
     int64_t ipb = (p.items * p.cgroups) / target;
     ipb = ipb < 1 ? 1 : (ipb > 32 ? 32 : ipb);
     p.ipb = ipb;
-  } else {
-    p.ipb = 1;
   }
   p.groups = ceil_div(p.items, p.ipb);
   if (p.blocks() > 0x7fffffffLL) return TilePlan{};
@@ -314,6 +423,7 @@ struct TileArgs {
   int64_t N, C, H, W;
   int tile_h, tile_w, tiles_w, ntiles, sw, nstrips;
   int smem_w, rs, pl;
+  int raw_off;  // see TilePlan
   int64_t cgroups, items, ipb, groups;
   bool vec;  // 16-byte global loads/stores are valid (alignment and divisibility checked on host)
   const void* x;
@@ -333,6 +443,31 @@ struct TileArgs {
   bool act_first, residual, stats;
 };
 
+// Item `it` of a tiled kernel's block (channel group cg): image n, tile origin (th0, tw0), and the
+// offset of element (n, cg | 0, 0, 0) (NCHW: the channel's plane; channels_last: the image).
+struct TileItem {
+  int64_t n, base;
+  int th0, tw0;
+};
+template <bool CL>
+__device__ __forceinline__ TileItem tile_item(const TileArgs& a, int64_t it, int64_t cg) {
+  TileItem m;
+  m.n = it / a.ntiles;
+  const int tile = static_cast<int>(it - m.n * a.ntiles);
+  m.th0 = (tile / a.tiles_w) * a.tile_h;
+  m.tw0 = (tile % a.tiles_w) * a.tile_w;
+  m.base = CL ? m.n * a.H * a.W * a.C : (m.n * a.C + cg) * a.H * a.W;
+  return m;
+}
+
+// Item m's tile + halo as 16-byte vectors (TileVecs); RS: row stride of the fp32 tile (NCHW), c0:
+// the block's first channel.
+template <typename T, int K, bool CL>
+__device__ __forceinline__ TileVecs<T, CL> tile_vecs(const TileArgs& a, const TileItem& m, int RS, int64_t c0) {
+  return TileVecs<T, CL>{a.tile_h + K - 1, a.smem_w, RS, static_cast<int>(a.H), static_cast<int>(a.W),
+                         m.th0 - K / 2, m.tw0 - a.pl, a.C, c0, m.base};
+}
+
 inline TileArgs make_tile_args(const DwGeom& g, const TilePlan& p) {
   TileArgs a{};
   a.N = g.N;
@@ -348,6 +483,7 @@ inline TileArgs make_tile_args(const DwGeom& g, const TilePlan& p) {
   a.smem_w = p.smem_w;
   a.rs = p.rs;
   a.pl = p.pl;
+  a.raw_off = p.raw_off;
   a.cgroups = p.cgroups;
   a.items = p.items;
   a.ipb = p.ipb;

@@ -7,10 +7,15 @@
 namespace convmixer_kernels {
 namespace dwcuda {
 
-// One block = one (n, tile, channel) for NCHW or one (n, tile, 32-channel group) for
-// channels_last.  Stage x (tile + halo, fp32, zero padded), then each thread computes strips of
-// kR outputs along W.  stats = false: y = epilogue(pre).  stats = true: write pre and the block's
-// (count, mean, M2) of u per channel to part[(n * ntiles + tile) * C + c].
+// One block = one channel (NCHW) or 32-channel group (channels_last, one channel per lane) and a
+// run of a.ipb (n, tile) items.  Per item: stage x over the tile + halo in shared memory (fp32, zero
+// padded), then each thread computes strips of kR outputs along W.  stats = false: y =
+// epilogue(pre).  stats = true: write pre, and the block's (count, mean, M2) of u per channel over
+// all its items to part[grp * C + c].
+// Staging (16-byte path): the block copies an item's tile + halo into a storage-dtype buffer with
+// cp.async (zero fill outside the image) while it computes the previous item, then converts that
+// buffer to the fp32 tile: the global-memory latency hides behind the previous item's FMAs instead
+// of stalling every block once per item.  Other shapes load the fp32 tile directly.
 template <typename T, int K, bool CL>
 __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const TileArgs a) {
   constexpr int P = K / 2;
@@ -21,19 +26,15 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
   constexpr bool kWReg = CL ? K <= 7 : K <= 9;
   constexpr int CS = CL ? kCG : 1;       // floats between neighbouring staged columns
   constexpr int NV = kR + K - 1;         // inputs per strip row
+  constexpr int V = Vec<T>::N;           // storage elements per 16-byte vector
   CMK_DYNAMIC_SMEM(smem_f4);
   float* smem = reinterpret_cast<float*>(smem_f4);
 
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
 
-  int64_t b = blockIdx.x;
-  const int tile = static_cast<int>(b % a.ntiles);
-  b /= a.ntiles;
-  const int64_t cg = b % a.cgroups;
-  const int64_t n = b / a.cgroups;
-  const int th0 = (tile / a.tiles_w) * a.tile_h;
-  const int tw0 = (tile % a.tiles_w) * a.tile_w;
+  const int64_t grp = blockIdx.x % a.groups;
+  const int64_t cg = blockIdx.x / a.groups;
   const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
   const int SR = a.tile_h + K - 1;
   const int SW = a.smem_w;
@@ -41,66 +42,49 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
   float* xs = smem;
   float* ws = xs + static_cast<size_t>(SR) * RS;
   float* red = ws + (kWReg ? 0 : (CL ? KK * kCG : KK));
+  T* raw = reinterpret_cast<T*>(smem + a.raw_off);  // 16-byte aligned: raw_off is a multiple of 4
 
   const T* __restrict__ x = static_cast<const T*>(a.x);
   T* __restrict__ out = static_cast<T*>(a.out);
 
   const int64_t c = CL ? cg * kCG + lane : cg;
   const bool c_ok = c < a.C;
-  const int64_t base = CL ? n * a.H * a.W * a.C : (n * a.C + cg) * a.H * a.W;
+  const int64_t c0 = CL ? cg * kCG : cg;  // first channel of the block
+  const int64_t it0 = grp * a.ipb;
+  const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
+  const bool async = a.vec;
 
-  // ---- stage x over the tile + halo ----
-  const int gh0 = th0 - P;
-  const int gw0 = tw0 - a.pl;
-  if constexpr (!CL) {
-    if (a.vec) {
-      // gw0 is a multiple of 8 and W of V: a vector is wholly inside or wholly outside the image.
-      constexpr int V = Vec<T>::N;
-      const int cpr = SW / V;
-      for (int e = tid; e < SR * cpr; e += nthreads) {
-        const int r = e / cpr, q = e - r * cpr;
-        const int gh = gh0 + r, gw = gw0 + q * V;
-        float v[V];
-        if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
-          load_vec<T>(x + base + static_cast<int64_t>(gh) * W + gw, v);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) v[j] = 0.f;
-        }
-        float* d = xs + r * RS + q * V;
-#pragma unroll
-        for (int j = 0; j < V; ++j) d[j] = v[j];
-      }
-    } else {
+  using Item = TileItem;
+  auto item_at = [&](int64_t it) { return tile_item<CL>(a, it, cg); };
+
+  // Issue the cp.async copies of item m's tile + halo into raw.
+  auto issue = [&](const Item& m) {
+    const auto tv = tile_vecs<T, K, CL>(a, m, RS, c0);
+    for (int e = tid; e < tv.count(); e += nthreads) tv.copy(e, x, raw);
+    cp_async_commit();
+  };
+  // raw (complete: each thread converts the vectors it copied itself) -> the fp32 tile xs.
+  auto convert = [&](const Item& m) {
+    const auto tv = tile_vecs<T, K, CL>(a, m, RS, c0);
+    for (int e = tid; e < tv.count(); e += nthreads) {
+      int ro, fo;
+      tv.at(e, ro, fo);
+      float v[V];
+      load_vec_smem<T>(raw + ro, v);
+      tv.store(xs, fo, v);
+    }
+  };
+  // Scalar path: load item m's tile + halo straight into xs.
+  auto stage_direct = [&](const Item& m) {
+    const int gh0 = m.th0 - P;
+    const int gw0 = m.tw0 - a.pl;
+    if constexpr (!CL) {
       for (int e = tid; e < SR * SW; e += nthreads) {
         const int r = e / SW, q = e - r * SW;
         const int gh = gh0 + r, gw = gw0 + q;
         xs[r * RS + q] = (gh >= 0 && gh < H && gw >= 0 && gw < W)
-                             ? to_f<T>(x[base + static_cast<int64_t>(gh) * W + gw])
+                             ? to_f<T>(x[m.base + static_cast<int64_t>(gh) * W + gw])
                              : 0.f;
-      }
-    }
-  } else {
-    const int64_t c0 = cg * kCG;
-    if (a.vec) {
-      // C is a multiple of V: a vector of channels is wholly valid or wholly past C.
-      constexpr int V = Vec<T>::N;
-      constexpr int CPP = kCG / V;
-      for (int e = tid; e < SR * SW * CPP; e += nthreads) {
-        const int pix = e / CPP, q = e - pix * CPP;
-        const int r = pix / SW, col = pix - r * SW;
-        const int gh = gh0 + r, gw = gw0 + col;
-        const int64_t ch = c0 + q * V;
-        float v[V];
-        if (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < a.C) {
-          load_vec<T>(x + base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch, v);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) v[j] = 0.f;
-        }
-        float4* d = reinterpret_cast<float4*>(xs + static_cast<size_t>(pix) * kCG + q * V);
-#pragma unroll
-        for (int j = 0; j < V / 4; ++j) d[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
       }
     } else {
       for (int e = tid; e < SR * SW * kCG; e += nthreads) {
@@ -109,11 +93,13 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
         const int gh = gh0 + r, gw = gw0 + col;
         const int64_t ch = c0 + chl;
         xs[e] = (gh >= 0 && gh < H && gw >= 0 && gw < W && ch < a.C)
-                    ? to_f<T>(x[base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch])
+                    ? to_f<T>(x[m.base + (static_cast<int64_t>(gh) * W + gw) * a.C + ch])
                     : 0.f;
       }
     }
-  }
+  };
+
+  if (async && it0 < it1) issue(item_at(it0));
 
   // ---- weights and per-channel values ----
   float wreg[kWReg ? KK : 1];
@@ -123,7 +109,6 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
     for (int t = 0; t < KK; ++t) wreg[t] = c_ok ? __ldg(wc + t) : 0.f;
   } else {
     if constexpr (CL) {
-      const int64_t c0 = cg * kCG;
       for (int e = tid; e < kCG * KK; e += nthreads) {
         const int chl = e / KK, t = e - chl * KK;
         ws[t * kCG + chl] = (c0 + chl < a.C) ? a.w[(c0 + chl) * KK + t] : 0.f;
@@ -137,113 +122,133 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
   const float shift = (!a.stats && c_ok) ? a.shift[c] : 0.f;
   const int act = a.act;
   const bool act_first = a.act_first, residual = a.residual;
-  __syncthreads();
 
-  // ---- strips ----
   float st_n = 0.f, st_m = 0.f, st_M2 = 0.f;
   const int s_begin = CL ? warp : tid;
   const int s_step = CL ? nwarps : nthreads;
-  for (int s = s_begin; s < a.nstrips; s += s_step) {
-    const int ty = s / a.sw;
-    const int tx = (s - ty * a.sw) * kR;
-    const int oh = th0 + ty, ow0 = tw0 + tx;
-    const float* sbase = CL ? xs + static_cast<size_t>(ty * SW + tx) * kCG + lane : xs + ty * RS + tx + (a.pl - P);
-    float acc[kR];
+  const int nit = static_cast<int>(it1 - it0);  // <= ipb <= 32
+  for (int ji = 0; ji < nit; ++ji) {
+    const int64_t it = it0 + ji;
+    const Item item = item_at(it);
+    const int th0 = item.th0, tw0 = item.tw0;
+    const int64_t base = item.base;
+    // ---- stage x over the tile + halo ----
+    if (async) {
+      cp_async_wait_all();
+      __syncthreads();  // the previous item's strips are done with xs
+      convert(item);
+      __syncthreads();  // xs ready (and the weights, first time); raw free for the next item
+      if (ji + 1 < nit) issue(item_at(it + 1));
+    } else {
+      __syncthreads();  // the previous item's strips are done with xs
+      stage_direct(item);
+      __syncthreads();
+    }
+
+    // ---- strips ----
+    for (int s = s_begin; s < a.nstrips; s += s_step) {
+      const int ty = s / a.sw;
+      const int tx = (s - ty * a.sw) * kR;
+      const int oh = th0 + ty, ow0 = tw0 + tx;
+      const float* sbase = CL ? xs + static_cast<size_t>(ty * SW + tx) * kCG + lane : xs + ty * RS + tx + (a.pl - P);
+      float acc[kR];
 #pragma unroll
-    for (int i = 0; i < kR; ++i) acc[i] = 0.f;
-    if constexpr (kWReg) {
+      for (int i = 0; i < kR; ++i) acc[i] = 0.f;
+      if constexpr (kWReg) {
 #pragma unroll
-      for (int r = 0; r < K; ++r) {
-        const float* row = sbase + r * RS;
-        float v[NV];
+        for (int r = 0; r < K; ++r) {
+          const float* row = sbase + r * RS;
+          float v[NV];
 #pragma unroll
-        for (int j = 0; j < NV; ++j) v[j] = row[j * CS];
+          for (int j = 0; j < NV; ++j) v[j] = row[j * CS];
 #pragma unroll
-        for (int q = 0; q < K; ++q) {
-          const float wv = wreg[r * K + q];
+          for (int q = 0; q < K; ++q) {
+            const float wv = wreg[r * K + q];
 #pragma unroll
-          for (int i = 0; i < kR; ++i) acc[i] = fmaf(v[i + q], wv, acc[i]);
+            for (int i = 0; i < kR; ++i) acc[i] = fmaf(v[i + q], wv, acc[i]);
+          }
+        }
+      } else {
+#pragma unroll 1
+        for (int r = 0; r < K; ++r) {
+          const float* row = sbase + r * RS;
+          const float* wrow = CL ? ws + r * K * kCG + lane : ws + r * K;
+          float v[NV];
+#pragma unroll
+          for (int j = 0; j < NV; ++j) v[j] = row[j * CS];
+#pragma unroll
+          for (int q = 0; q < K; ++q) {
+            const float wv = wrow[q * CS];
+#pragma unroll
+            for (int i = 0; i < kR; ++i) acc[i] = fmaf(v[i + q], wv, acc[i]);
+          }
         }
       }
-    } else {
-#pragma unroll 1
-      for (int r = 0; r < K; ++r) {
-        const float* row = sbase + r * RS;
-        const float* wrow = CL ? ws + r * K * kCG + lane : ws + r * K;
-        float v[NV];
+
+      // ---- epilogue ----
+      int nvalid = 0;
+      if (oh < H && c_ok) nvalid = W - ow0 < kR ? (W - ow0 > 0 ? W - ow0 : 0) : kR;
+      float o[kR];
 #pragma unroll
-        for (int j = 0; j < NV; ++j) v[j] = row[j * CS];
+      for (int i = 0; i < kR; ++i) o[i] = round_to<T>(acc[i] + bias);  // pre
+      with_act(act, [&](auto A) {
+        constexpr int AC = decltype(A)::value;
+        if (!a.stats) {
 #pragma unroll
-        for (int q = 0; q < K; ++q) {
-          const float wv = wrow[q * CS];
+          for (int i = 0; i < kR; ++i) {
+            float y = act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<AC>(o[i])), shift)
+                                : act_fwd_t<AC>(affine(o[i], scale, shift));
+            if (residual) y = y + sbase[P * RS + (i + P) * CS];  // x(oh, ow0 + i), staged exactly
+            o[i] = y;
+          }
+        } else {
 #pragma unroll
-          for (int i = 0; i < kR; ++i) acc[i] = fmaf(v[i + q], wv, acc[i]);
+          for (int i = 0; i < kR; ++i) acc[i] = act_first ? act_fwd_t<AC>(o[i]) : o[i];  // u
+        }
+      });
+      float sum = 0.f;
+      if (a.stats) {
+#pragma unroll
+        for (int i = 0; i < kR; ++i)
+          if (i < nvalid) sum += acc[i];
+      }
+      if (nvalid > 0) {
+        if constexpr (!CL) {
+          T* op = out + base + static_cast<int64_t>(oh) * W + ow0;
+          if (a.vec && nvalid == kR) {
+#pragma unroll
+            for (int j = 0; j < kR; j += Vec<T>::N) store_vec<T>(op + j, o + j);
+          } else {
+#pragma unroll
+            for (int i = 0; i < kR; ++i)
+              if (i < nvalid) op[i] = from_f<T>(o[i]);
+          }
+        } else {
+          T* op = out + base + (static_cast<int64_t>(oh) * W + ow0) * a.C + c;
+#pragma unroll
+          for (int i = 0; i < kR; ++i)
+            if (i < nvalid) op[static_cast<int64_t>(i) * a.C] = from_f<T>(o[i]);
+        }
+        if (a.stats) {
+          // Two-pass summary of the strip from registers, then a Chan merge into the thread's.
+          const float cnt = static_cast<float>(nvalid);
+          const float ml = sum / cnt;
+          float m2 = 0.f;
+#pragma unroll
+          for (int i = 0; i < kR; ++i) {
+            const float d = acc[i] - ml;
+            if (i < nvalid) m2 = fmaf(d, d, m2);
+          }
+          chan_merge(st_n, st_m, st_M2, cnt, ml, m2);
         }
       }
     }
 
-    // ---- epilogue ----
-    int nvalid = 0;
-    if (oh < H && c_ok) nvalid = W - ow0 < kR ? (W - ow0 > 0 ? W - ow0 : 0) : kR;
-    float o[kR];
-#pragma unroll
-    for (int i = 0; i < kR; ++i) o[i] = round_to<T>(acc[i] + bias);  // pre
-    with_act(act, [&](auto A) {
-      constexpr int AC = decltype(A)::value;
-      if (!a.stats) {
-#pragma unroll
-        for (int i = 0; i < kR; ++i) {
-          float y = act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<AC>(o[i])), shift)
-                              : act_fwd_t<AC>(affine(o[i], scale, shift));
-          if (residual) y = y + sbase[P * RS + (i + P) * CS];  // x(oh, ow0 + i), staged exactly
-          o[i] = y;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kR; ++i) acc[i] = act_first ? act_fwd_t<AC>(o[i]) : o[i];  // u
-      }
-    });
-    float sum = 0.f;
-    if (a.stats) {
-#pragma unroll
-      for (int i = 0; i < kR; ++i)
-        if (i < nvalid) sum += acc[i];
-    }
-    if (nvalid > 0) {
-      if constexpr (!CL) {
-        T* op = out + base + static_cast<int64_t>(oh) * W + ow0;
-        if (a.vec && nvalid == kR) {
-#pragma unroll
-          for (int j = 0; j < kR; j += Vec<T>::N) store_vec<T>(op + j, o + j);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kR; ++i)
-            if (i < nvalid) op[i] = from_f<T>(o[i]);
-        }
-      } else {
-        T* op = out + base + (static_cast<int64_t>(oh) * W + ow0) * a.C + c;
-#pragma unroll
-        for (int i = 0; i < kR; ++i)
-          if (i < nvalid) op[static_cast<int64_t>(i) * a.C] = from_f<T>(o[i]);
-      }
-      if (a.stats) {
-        // Two-pass summary of the strip from registers, then a Chan merge into the thread's.
-        const float cnt = static_cast<float>(nvalid);
-        const float ml = sum / cnt;
-        float m2 = 0.f;
-#pragma unroll
-        for (int i = 0; i < kR; ++i) {
-          const float d = acc[i] - ml;
-          if (i < nvalid) m2 = fmaf(d, d, m2);
-        }
-        chan_merge(st_n, st_m, st_M2, cnt, ml, m2);
-      }
-    }
-  }
+  }  // items
 
   // ---- block statistics (fixed merge order) ----
   if (a.stats) {
-    const int64_t pidx = n * a.ntiles + tile;
+    const int64_t pidx = grp;
     if constexpr (!CL) {
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) {

@@ -8,6 +8,20 @@ namespace {
 
 constexpr int kRedThreads = 256;
 constexpr int kRedWarps = kRedThreads / 32;
+constexpr int kRedUnroll = 2;  // units (rows) a thread loads per step
+
+// V elements of pre (and of dy when with_dy) at off, as floats (a 16-byte vector when V > 1).
+template <typename T, int V>
+__device__ __forceinline__ void load_units(const T* pre, const T* dy, int64_t off, bool with_dy, float* pv,
+                                           float* gv) {
+  if constexpr (V > 1) {
+    load_vec<T>(pre + off, pv);
+    if (with_dy) load_vec<T>(dy + off, gv);
+  } else {
+    pv[0] = to_f<T>(pre[off]);
+    gv[0] = with_dy ? to_f<T>(dy[off]) : 0.f;
+  }
+}
 
 // Per-element accumulation.  mode 0: Welford of u = act(pre) | pre into (n, mean, M2).
 // mode 1: (sum g, sum g * (u - mean)) into (s0, s1).
@@ -68,21 +82,28 @@ __global__ void __launch_bounds__(kRedThreads) channel_reduce_nchw_kernel(const 
   const int64_t u1 = u0 + per < units ? u0 + per : units;
   Acc3 s;
   with_act(a.act, [&](auto A) {
-  for (int64_t u = u0 + tid; u < u1; u += kRedThreads) {
-    const int64_t n = u / upp;
-    const int64_t off = (n * a.C + c) * a.HW + (u - n * upp) * V;
-    float pv[V], gv[V];
-    if constexpr (V > 1) {
-      load_vec<T>(pre + off, pv);
-      if (mode == 1) load_vec<T>(dy + off, gv);
-    } else {
-      pv[0] = to_f<T>(pre[off]);
-      gv[0] = mode == 1 ? to_f<T>(dy[off]) : 0.f;
-    }
+    // kRedUnroll units per step, loaded before any is used (more loads in flight), used in order.
+    for (int64_t u = u0 + tid; u < u1; u += kRedUnroll * kRedThreads) {
+      float pv[kRedUnroll][V], gv[kRedUnroll][V];
 #pragma unroll
-    for (int j = 0; j < V; ++j)
-      acc_elem<decltype(A)::value>(s, mode == 1 ? gv[j] : 0.f, pv[j], scale, shift, mean, a.act_first, mode);
-  }
+      for (int r = 0; r < kRedUnroll; ++r) {
+        const int64_t ur = u + r * kRedThreads;
+        if (ur < u1) {
+          const int64_t n = ur / upp;
+          const int64_t off = (n * a.C + c) * a.HW + (ur - n * upp) * V;
+          load_units<T, V>(pre, dy, off, mode == 1, pv[r], gv[r]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRedUnroll; ++r) {
+        if (u + r * kRedThreads < u1) {
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            acc_elem<decltype(A)::value>(s, mode == 1 ? gv[r][j] : 0.f, pv[r][j], scale, shift, mean, a.act_first,
+                                         mode);
+        }
+      }
+    }
   });
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -132,20 +153,21 @@ __global__ void __launch_bounds__(kRedThreads) channel_reduce_nhwc_kernel(const 
   const int64_t m1 = m0 + per < rows ? m0 + per : rows;
   Acc3 s[V];
   if (ok) with_act(a.act, [&](auto A) {
-    for (int64_t m = m0 + warp; m < m1; m += kRedWarps) {
-      const int64_t off = m * a.C + c0;
-      float pv[V], gv[V];
-      if constexpr (V > 1) {
-        load_vec<T>(pre + off, pv);
-        if (mode == 1) load_vec<T>(dy + off, gv);
-      } else {
-        pv[0] = to_f<T>(pre[off]);
-        gv[0] = mode == 1 ? to_f<T>(dy[off]) : 0.f;
-      }
+    // kRedUnroll rows per step, loaded before any is used (more loads in flight), used in order.
+    for (int64_t m = m0 + warp; m < m1; m += kRedUnroll * kRedWarps) {
+      float pv[kRedUnroll][V], gv[kRedUnroll][V];
 #pragma unroll
-      for (int j = 0; j < V; ++j)
-        acc_elem<decltype(A)::value>(s[j], mode == 1 ? gv[j] : 0.f, pv[j], scale[j], shift[j], mean[j],
-                                     a.act_first, mode);
+      for (int r = 0; r < kRedUnroll; ++r)
+        if (m + r * kRedWarps < m1) load_units<T, V>(pre, dy, (m + r * kRedWarps) * a.C + c0, mode == 1, pv[r], gv[r]);
+#pragma unroll
+      for (int r = 0; r < kRedUnroll; ++r) {
+        if (m + r * kRedWarps < m1) {
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            acc_elem<decltype(A)::value>(s[j], mode == 1 ? gv[r][j] : 0.f, pv[r][j], scale[j], shift[j], mean[j],
+                                         a.act_first, mode);
+        }
+      }
     }
   });
 #pragma unroll

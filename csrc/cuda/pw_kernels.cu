@@ -154,6 +154,11 @@ template <Mode MODE>
 __device__ __forceinline__ bool writes_out(const ChannelParams& p) {
   return MODE != Mode::kStats || p.bias != nullptr;
 }
+// Rows (vectors) a thread loads together: more loads in flight per thread, within the registers.
+template <Mode MODE>
+constexpr int unroll() {
+  return MODE == Mode::kDpre ? 2 : 4;
+}
 template <Mode MODE>
 constexpr int num_sums() {
   return MODE == Mode::kStats ? 2 : MODE == Mode::kDpre ? 1 : 0;
@@ -188,17 +193,32 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
   const bool wr = writes_out<MODE>(p);
 
   if (active) {
-    for (int64_t m = m_begin + ty; m < m_end; m += kTY) {
-      const int64_t off = m * C + c0;
-      Pack<T, VEC> xi = *reinterpret_cast<const Pack<T, VEC>*>(in + off);
-      Pack<T, VEC> gi;
-      if constexpr (MODE == Mode::kDpre) gi = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
-      Pack<T, VEC> yo;
+    // U rows per step, their loads issued together (several 16-byte loads in flight per thread: the
+    // pass is bound by memory latency otherwise); the rows are applied in order, so sums are too.
+    constexpr int U = unroll<MODE>();
+    int64_t m = m_begin + ty;
+    for (; m < m_end; m += U * kTY) {
+      Pack<T, VEC> xi[U], gi[U];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        apply<T, MODE>(p, q[v], xi.v[v], MODE == Mode::kDpre ? gi.v[v] : xi.v[v], yo.v[v], a1[v], a2[v]);
+      for (int u = 0; u < U; ++u) {
+        if (m + u * kTY < m_end) {
+          const int64_t off = (m + u * kTY) * C + c0;
+          xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off);
+          if constexpr (MODE == Mode::kDpre) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
+        }
       }
-      if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + off) = yo;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (m + u * kTY < m_end) {
+          Pack<T, VEC> yo;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            apply<T, MODE>(p, q[v], xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], a1[v],
+                           a2[v]);
+          }
+          if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + (m + u * kTY) * C + c0) = yo;
+        }
+      }
     }
   }
 
@@ -250,23 +270,36 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
   T* outp = static_cast<T*>(p.out);
   const bool wr = writes_out<MODE>(p);
 
-  for (; qv < qv_end; qv += kThreads) {
-    const int64_t off = (n * p.C + c) * HW + hv * VEC;
-    const int64_t out_off = p.out_channel_major ? c * L + qv * VEC : off;
-    Pack<T, VEC> xi = *reinterpret_cast<const Pack<T, VEC>*>(in + off);
-    Pack<T, VEC> gi;
-    if constexpr (MODE == Mode::kDpre) gi = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
-    Pack<T, VEC> yo;
+  // U vectors per step, loads first (as in the channels_last kernel), applied in order.
+  constexpr int U = unroll<MODE>();
+  for (; qv < qv_end; qv += U * kThreads) {
+    int64_t off[U];
+    Pack<T, VEC> xi[U], gi[U];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      apply<T, MODE>(p, q, xi.v[v], MODE == Mode::kDpre ? gi.v[v] : xi.v[v], yo.v[v], a1, a2);
+    for (int u = 0; u < U; ++u) {
+      off[u] = (n * p.C + c) * HW + hv * VEC;
+      if (qv + u * kThreads < qv_end) {
+        xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off[u]);
+        if constexpr (MODE == Mode::kDpre) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off[u]);
+      }
+      hv += dh;
+      n += dn;
+      if (hv >= HWv) {
+        hv -= HWv;
+        ++n;
+      }
     }
-    if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
-    hv += dh;
-    n += dn;
-    if (hv >= HWv) {
-      hv -= HWv;
-      ++n;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (qv + u * kThreads < qv_end) {
+        Pack<T, VEC> yo;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          apply<T, MODE>(p, q, xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], a1, a2);
+        }
+        const int64_t out_off = p.out_channel_major ? c * L + (qv + u * kThreads) * VEC : off[u];
+        if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
+      }
     }
   }
 

@@ -88,6 +88,13 @@ T shfl_down(T v, int off) { return shfl(v, off, 0); }
 
 void launch_check();  // C10_CUDA_KERNEL_LAUNCH_CHECK: throws on a failed launch
 
+// cp.async of 16 bytes global -> shared (zero fill when !valid).  The destination reads as NaN
+// until the issuing thread waits (cp_async_wait_all); the copy lands then.  So a read before
+// the wait, or a new copy over data other threads still read, poisons the results; a copy still
+// pending when its thread exits raises.
+void cp_async16(void* smem_dst, const void* src, bool valid);
+void cp_async_wait_all();
+
 }  // namespace cmk_emu
 
 #define threadIdx (::cmk_emu::cur().thread_idx)

@@ -35,6 +35,12 @@ std::mt19937 g_rng(12345);
 cudaError_t g_last_error = cudaSuccess;
 int g_max_dyn_smem = 48 * 1024;  // last value set with cudaFuncSetAttribute (any kernel)
 
+struct PendingCopy {
+  void* dst;
+  unsigned char data[16];
+};
+std::vector<std::vector<PendingCopy>> g_pending;  // cp.async copies issued and not yet waited for [tid]
+
 void fiber_main() {
   (*g_body)();
   g_fibers[g_current].state = kDone;
@@ -65,6 +71,25 @@ void launch_check() {
 }
 float4* dynamic_smem() { return g_smem.data(); }
 void syncthreads() { yield_with(kAtBarrier); }
+
+void cp_async16(void* smem_dst, const void* src, bool valid) {
+  const char* lo = reinterpret_cast<const char*>(g_smem.data());
+  const char* d = reinterpret_cast<const char*>(smem_dst);
+  if (d < lo || d + 16 > lo + g_smem_bytes) fail("cp.async destination outside the dynamic shared memory");
+  if (reinterpret_cast<uintptr_t>(smem_dst) % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+    fail("cp.async of 16 bytes with a misaligned address");
+  PendingCopy c;
+  c.dst = smem_dst;
+  if (valid) std::memcpy(c.data, src, 16); else std::memset(c.data, 0, 16);
+  uint32_t nan[4] = {kNaNBits, kNaNBits, kNaNBits, kNaNBits};
+  std::memcpy(smem_dst, nan, 16);  // in flight
+  g_pending[g_current].push_back(c);
+}
+
+void cp_async_wait_all() {
+  for (const PendingCopy& c : g_pending[g_current]) std::memcpy(c.dst, c.data, 16);
+  g_pending[g_current].clear();
+}
 
 uint64_t warp_exchange(uint64_t mine, int src_lane) {
   const int tid = g_current;
@@ -123,6 +148,7 @@ void run_grid(const KernelBody& body, dim3 grid, dim3 block, size_t smem_bytes) 
   g_fibers.assign(nt, Fiber{});
   g_states.assign(nt, ThreadState{});
   g_slots.assign(nt, 0);
+  g_pending.assign(nt, {});
   g_body = &body;
   const size_t total = smem_bytes + kGuardBytes;
   g_smem.assign((total + 15) / 16, float4{});
@@ -167,7 +193,11 @@ void run_grid(const KernelBody& body, dim3 grid, dim3 block, size_t smem_bytes) 
         at_bar += g_fibers[t].state == kAtBarrier;
         at_warp += g_fibers[t].state == kAtWarp;
       }
-      if (done == nt) break;
+      if (done == nt) {
+        for (int t = 0; t < nt; ++t)
+          if (!g_pending[t].empty()) fail("a thread exited with cp.async copies it never waited for");
+        break;
+      }
       bool released = false;
       for (int w = 0; w < nt / 32; ++w) {
         int cnt = 0, alive = 0;
