@@ -33,7 +33,9 @@ over pixels into fp32 partials, summed in a fixed order by ``_sum_reduce_kernel`
 the weight's dtype.  S = x [+ t] (or the stem's patches) is recomputed in the operand load.
 
 Precision.  fp32 accumulation and statistics everywhere; fp32 GEMMs use ``input_precision="ieee"``
-(no TF32), so fp32 results match PyTorch's fp32 reference to fp32 rounding noise.
+(no TF32), so fp32 results match PyTorch's fp32 reference to fp32 rounding noise, and add each K
+block's dot to the accumulator rather than chaining it through every block (a product then waits
+behind BK + K/BK roundings, not K).
 """
 
 from __future__ import annotations
@@ -240,7 +242,10 @@ def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm
             b_row = kk.to(tl.int64) * b_sk
         b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if IEEE:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            # fp32: each K block's dot starts from zero and is then added, so no product waits behind
+            # more than BK + K/BK roundings (the chained form had K: 588 for the p=14 stem, N*H*W for the
+            # weight gradient), as PyTorch's own fp32 GEMMs and convolutions are nearer to.
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
 
@@ -336,8 +341,8 @@ def _wgrad_kernel(a_ptr, x_ptr, t_ptr, ws_ptr,
             if HAS_T:
                 t = tl.load(t_ptr + x_off, mask=x_mask, other=0.0)
                 b = (b.to(tl.float32) + t.to(tl.float32)).to(x_ptr.dtype.element_ty)
-            if IEEE:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            if IEEE:  # per-block dots added to acc, as in _gemm_kernel
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
         a_base += a_sb
