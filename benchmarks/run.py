@@ -2,7 +2,7 @@
 measured in the same run.  Writes <out>/bench_<device>.json and .md (device, versions, commit, date).
 
     python benchmarks/run.py --out benchmarks/results            # GPU suite if CUDA, else the CPU suite
-    python benchmarks/run.py --quick                             # fewer shapes (what gpu-check runs)
+    python benchmarks/run.py --quick                             # fewer shapes and providers (gpu-check)
 """
 
 from __future__ import annotations
@@ -39,21 +39,61 @@ def bench_gpu(fn, rotate: int = 1) -> tuple[float, float, float]:
     return tuple(float(v) for v in q)
 
 
-def bench_cpu(fn, rotate: int = 1) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds on the CPU, after warm-up, at least ~1 s of samples."""
-    for i in range(3):
-        fn(i % rotate)
-    times = []
-    t_end = time.perf_counter() + 1.0
-    i = 0
-    while time.perf_counter() < t_end or len(times) < 5:
-        t0 = time.perf_counter()
-        fn(i % rotate)
-        times.append((time.perf_counter() - t0) * 1e3)
-        i += 1
-    times.sort()
+def _quantiles(times):
+    times = sorted(times)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
     return pick(0.5), pick(0.2), pick(0.8)
+
+
+class CaseTimer:
+    """Times the providers of one case.  GPU: each in turn through bench_gpu, as it is added.  CPU: all of
+    them together in rounds (one call of each per round, about 1 s per provider in all), because this
+    project's CPU is a VM whose speed drifts by 10-50% over seconds: timed one after another, the ratios
+    between providers moved with the drift; timed in rounds, every provider sees the same machine.
+    add(fn, rotate, backend, done, fail): fn(i) runs under ck.backend(backend); done((median, p20, p80))
+    gets the times in ms, fail(exception) a failure."""
+
+    def __init__(self, device):
+        self.device = device
+        self.jobs = []
+
+    def add(self, fn, rotate, backend, done, fail):
+        if self.device == "cuda":
+            try:
+                with ck.backend(backend):
+                    t = bench_gpu(fn, rotate)
+            except Exception as e:  # a provider that fails is reported, not hidden
+                fail(e)
+                return
+            done(t)
+        else:
+            def under(i, fn=fn):
+                with ck.backend(backend):
+                    fn(i)
+
+            self.jobs.append((under, rotate, done, fail))
+
+    def run(self):
+        pending, self.jobs = self.jobs, []
+        jobs = []
+        for fn, rotate, done, fail in pending:
+            try:
+                for i in range(3):  # warm-up
+                    fn(i % rotate)
+            except Exception as e:
+                fail(e)
+                continue
+            jobs.append((fn, rotate, done, []))
+        t_end = time.perf_counter() + 1.0 * len(jobs)
+        rounds = 0
+        while jobs and (time.perf_counter() < t_end or rounds < 5):
+            for fn, rotate, _, times in jobs:
+                t0 = time.perf_counter()
+                fn(rounds % rotate)
+                times.append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+        for _, _, done, times in jobs:
+            done(_quantiles(times))
 
 
 # ----------------------------------------------------------------------------------------- ceilings
@@ -117,16 +157,19 @@ def _run_step(m, x, dy, training):
             m(x)
 
 
+def _step_fn(m, inputs, dys, training):
+    """fn(i): one step of m on inputs[i] (forward, plus backward of dys[i] when training)."""
+    return lambda i: _run_step(m, inputs[i], dys[i], training)
+
+
 def dw_suite(device, quick, res):
     if device == "cuda":
         dtype, N, H = torch.bfloat16, 64, 32
         shapes = [(768, 7), (768, 9), (1536, 7), (1536, 9)] if not quick else [(768, 7), (768, 9), (1536, 9)]
-        bench = bench_gpu
         providers = ["eager", "compile", "cuda", "triton"]
     else:
         dtype, N, H = torch.float32, 8, 32
         shapes = [(256, 5), (256, 9)]
-        bench = bench_cpu
         providers = ["eager", "cpu", "torch"]
     for C, k in shapes:
         for layout in ("nchw", "channels_last"):
@@ -138,36 +181,35 @@ def dw_suite(device, quick, res):
             xg = [x.clone().requires_grad_(True) for x in xs]
             for mode in ("eval", "train"):
                 training = mode == "train"
+                timer = CaseTimer(device)
                 for prov in providers:
-                    if prov == "compile" and (device != "cuda" or (quick and (C, k) != (768, 9))):
+                    if prov == "compile" and (device != "cuda" or (quick and ((C, k) != (768, 9) or layout != "nchw"))):
+                        continue
+                    if prov == "triton" and quick:  # measured in full runs; always slower than cuda so far
                         continue
                     blk, ref = _dw_modules(C, k, "gelu", dtype, device)
-                    if prov == "eager":
-                        m, ctx = ref, ck.backend("auto")
-                    elif prov == "compile":
-                        m, ctx = torch.compile(ref), ck.backend("auto")
-                    else:
-                        m, ctx = blk, ck.backend(prov)
                     if device != "cpu" and ck.backends.why_unavailable(prov, torch.device(device)) and \
                             prov not in ("eager", "compile"):
                         continue
+                    m = ref if prov == "eager" else torch.compile(ref) if prov == "compile" else blk
                     m.train(training)
-                    inputs = xg if training else xs
-                    try:
-                        with ctx:
-                            t = bench(lambda i: _run_step(m, inputs[i], dys[i], training), rotate)
-                    except Exception as e:  # a provider that fails is reported, not hidden
+                    step = _step_fn(m, xg if training else xs, dys, training)
+
+                    def done(t, prov=prov, mode=mode):
+                        elems = N * C * H * H
+                        res.append(dict(op="dw_block", N=N, C=C, H=H, W=H, k=k, dtype=str(dtype), layout=layout,
+                                        mode=mode, provider=prov, ms=t[0], p20=t[1], p80=t[2],
+                                        bytes=elems * xs[0].element_size() * (2 if mode == "eval" else 7),
+                                        flops=2 * k * k * elems * (1 if mode == "eval" else 4)))
+                        print(f"  dw C={C} k={k} {layout:13s} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
+
+                    def fail(e, prov=prov, mode=mode):  # a provider that fails is reported, not hidden
                         res.append(dict(op="dw_block", C=C, k=k, layout=layout, mode=mode, provider=prov,
                                         error=f"{type(e).__name__}: {str(e)[:200]}"))
                         print(f"  dw C={C} k={k} {layout} {mode} {prov}: FAILED {e}", flush=True)
-                        continue
-                    elems = N * C * H * H
-                    r = dict(op="dw_block", N=N, C=C, H=H, W=H, k=k, dtype=str(dtype), layout=layout, mode=mode,
-                             provider=prov, ms=t[0], p20=t[1], p80=t[2],
-                             bytes=elems * xs[0].element_size() * (2 if mode == "eval" else 7),
-                             flops=2 * k * k * elems * (1 if mode == "eval" else 4))
-                    res.append(r)
-                    print(f"  dw C={C} k={k} {layout:13s} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
+
+                    timer.add(step, rotate, "auto" if prov in ("eager", "compile") else prov, done, fail)
+                timer.run()
 
 
 def _gemm_modules(kind, C, dtype, device):
@@ -182,12 +224,12 @@ def _gemm_modules(kind, C, dtype, device):
 def gemm_suite(device, quick, res):
     """Pointwise block (1x1 conv GEMM) and stem, against eager, compile and the bare GEMMs."""
     if device == "cuda":
-        dtype, bench, providers = torch.bfloat16, bench_gpu, ["eager", "compile", "cuda", "triton"]
+        dtype, providers = torch.bfloat16, ["eager", "compile", "cuda", "triton"]
         cases = [("pw", 64, 768, 32), ("pw", 64, 1536, 32), ("stem", 64, 768, 224)]
         if quick:
             cases = [("pw", 64, 768, 32), ("stem", 64, 768, 224)]
     else:
-        dtype, bench, providers = torch.float32, bench_cpu, ["eager", "cpu", "torch"]
+        dtype, providers = torch.float32, ["eager", "cpu", "torch"]
         cases = [("pw", 8, 256, 32), ("stem", 8, 256, 64)]
     for kind, N, C, H in cases:
         fmt = torch.channels_last
@@ -201,35 +243,94 @@ def gemm_suite(device, quick, res):
         a = torch.randn(M, K, device=device, dtype=dtype)
         b = torch.randn(K, C, device=device, dtype=dtype)
         g = torch.randn(M, C, device=device, dtype=dtype)
-        t_mm = bench(lambda i: torch.mm(a, b))
-        t_3mm = bench(lambda i: (torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g)))
-        res.append(dict(op=kind, C=C, k=1 if kind == "pw" else 7, layout="channels_last", mode="eval",
-                        provider="bare_gemm", ms=t_mm[0], p20=t_mm[1], p80=t_mm[2]))
-        res.append(dict(op=kind, C=C, k=1 if kind == "pw" else 7, layout="channels_last", mode="train",
-                        provider="bare_gemm", ms=t_3mm[0], p20=t_3mm[1], p80=t_3mm[2]))
+        kk = 1 if kind == "pw" else 7
         for mode in ("eval", "train"):
             training = mode == "train"
+            timer = CaseTimer(device)
+
+            def gemm_done(t, mode=mode):
+                res.append(dict(op=kind, C=C, k=kk, layout="channels_last", mode=mode, provider="bare_gemm",
+                                ms=t[0], p20=t[1], p80=t[2]))
+
+            def gemm_fail(e, mode=mode):
+                print(f"  {kind} C={C} {mode} bare GEMM: FAILED {e}", flush=True)
+
+            if training:
+                timer.add(lambda i: (torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g)), 1, "auto", gemm_done,
+                          gemm_fail)
+            else:
+                timer.add(lambda i: torch.mm(a, b), 1, "auto", gemm_done, gemm_fail)
             for prov in providers:
-                if prov == "compile" and quick and kind != "pw":
+                if (prov == "compile" and quick and kind != "pw") or (prov == "triton" and quick):
                     continue
                 blk, ref = _gemm_modules(kind, C, dtype, device)
                 blk, ref = blk.to(memory_format=fmt), ref.to(memory_format=fmt)
-                m, ctx = (ref, ck.backend("auto")) if prov == "eager" else \
-                    (torch.compile(ref), ck.backend("auto")) if prov == "compile" else (blk, ck.backend(prov))
+                m = ref if prov == "eager" else torch.compile(ref) if prov == "compile" else blk
                 m.train(training)
-                inputs = xg if training else xs
-                try:
-                    with ctx:
-                        t = bench(lambda i: _run_step(m, inputs[i], dys[i], training), 2)
-                except Exception as e:  # a provider that fails is reported, not hidden
+
+                def done(t, prov=prov, mode=mode):
+                    res.append(dict(op=kind, N=N, C=C, H=H, W=H, k=kk, dtype=str(dtype), layout="channels_last",
+                                    mode=mode, provider=prov, ms=t[0], p20=t[1], p80=t[2], bytes=0,
+                                    flops=2 * M * K * C * (1 if mode == "eval" else 3)))
+                    print(f"  {kind} C={C} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
+
+                def fail(e, prov=prov, mode=mode):  # a provider that fails is reported, not hidden
                     res.append(dict(op=kind, C=C, k=0, layout="channels_last", mode=mode, provider=prov,
                                     error=f"{type(e).__name__}: {str(e)[:200]}"))
                     print(f"  {kind} C={C} {mode} {prov}: FAILED {e}", flush=True)
-                    continue
-                res.append(dict(op=kind, N=N, C=C, H=H, W=H, k=1 if kind == "pw" else 7, dtype=str(dtype),
-                                layout="channels_last", mode=mode, provider=prov, ms=t[0], p20=t[1], p80=t[2],
-                                bytes=0, flops=2 * M * K * C * (1 if mode == "eval" else 3)))
-                print(f"  {kind} C={C} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
+
+                timer.add(_step_fn(m, xg if training else xs, dys, training), 2,
+                          "auto" if prov in ("eager", "compile") else prov, done, fail)
+            timer.run()
+
+
+class _ResidualPair(torch.nn.Module):
+    """A fused depthwise block then a fused pointwise block, with ConvMixer's residual fused into the
+    depthwise epilogue (in_pw False) or into the pointwise GEMM's operand load (in_pw True)."""
+
+    def __init__(self, C, k, in_pw):
+        super().__init__()
+        self.dw = ck.FusedDepthwiseBlock(C, k, residual=not in_pw)
+        self.pw = ck.FusedPointwiseBlock(C, C)
+        self.in_pw = in_pw
+
+    def forward(self, x):
+        return self.pw(x, residual=self.dw(x)) if self.in_pw else self.pw(self.dw(x))
+
+
+def residual_suite(device, quick, res):
+    """Where the ConvMixer residual `x + t` feeding the 1x1 conv is fused (issue 4): in the depthwise
+    kernel's epilogue (dw_block(x) = x + t, then pw_block(y): what the fused ConvMixer does), or in the
+    pointwise GEMM's operand load (dw_block without the residual gives t, then pw_block(x, residual=t)).
+    One depthwise + pointwise pair, channels_last, with the fused backend of the device."""
+    if device == "cuda":
+        dtype, N, C, H, k, be = torch.bfloat16, 64, 768, 32, 9, "cuda"
+    else:
+        dtype, N, C, H, k, be = torch.float32, 8, 256, 32, 9, "cpu"
+    fmt = torch.channels_last
+    torch.manual_seed(0)
+    xs = [torch.randn(N, C, H, H, device=device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
+    dys = [torch.randn_like(x) for x in xs]
+    xg = [x.clone().requires_grad_(True) for x in xs]
+    for mode in ("eval", "train"):
+        training = mode == "train"
+        timer = CaseTimer(device)
+        for where in ("dw_epilogue", "pw_operand"):
+            m = _ResidualPair(C, k, where == "pw_operand").to(device=device, dtype=dtype, memory_format=fmt)
+            m.train(training)
+
+            def done(t, where=where, mode=mode):
+                res.append(dict(op="residual", N=N, C=C, H=H, W=H, k=k, dtype=str(dtype), layout="channels_last",
+                                mode=mode, provider=where, ms=t[0], p20=t[1], p80=t[2]))
+                print(f"  residual C={C} k={k} {mode:5s} {where:12s} {t[0]:8.3f} ms", flush=True)
+
+            def fail(e, where=where, mode=mode):
+                res.append(dict(op="residual", C=C, k=k, layout="channels_last", mode=mode, provider=where,
+                                error=f"{type(e).__name__}: {str(e)[:200]}"))
+                print(f"  residual {mode} {where}: FAILED {e}", flush=True)
+
+            timer.add(_step_fn(m, xg if training else xs, dys, training), 2, be, done, fail)
+        timer.run()
 
 
 def profile_steps(device, quick):
@@ -355,6 +456,7 @@ def main(argv=None):
     try:
         dw_suite(device, args.quick, res)
         gemm_suite(device, args.quick, res)
+        residual_suite(device, args.quick, res)
     finally:
         rows = summarize(res, ceilings)
         meta = dict(device=dev_name, commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
