@@ -13,8 +13,8 @@
 //   no BatchNorm-statistics epilogue; CUTLASS epilogue visitors would blow the build-time budget.
 //   So one light per-channel pass follows the GEMM and reads its output once:
 //     pw_fwd/stem_fwd: y = bn_act(pre) in place over the GEMM output;
-//     *_gemm_stats: per-channel sums of u in per-block partials, reduced in a fixed order, in two
-//       passes (shifted by the first value, then by the mean: an accurate variance).
+//     *_gemm_stats: per-block (count, mean, M2) of u (Chan merges: no cancellation), merged per
+//       channel in a fixed order.
 // * Rounding.  The GEMM computes in the storage dtype with fp32 accumulation and rounds its output
 //   once to storage.  channels_last: the bias rides in the GEMM epilogue, pre = round(acc + bias),
 //   with the bias itself rounded to storage first (at::addmm wants one dtype; exact in fp32).
@@ -160,12 +160,10 @@ void run_stats(Tensor& pre, const OptTensor& bias, int64_t act, bool act_first, 
   }
   auto p = channel_params(pre, cl, act, act_first);
   const auto fopts = pre.options().dtype(at::kFloat);
-  Tensor shift_k = at::empty({p.C}, fopts);
-  Tensor partial = at::empty({p.R * 2 * p.C}, fopts);
+  Tensor partial = at::empty({p.R * 3 * p.C}, fopts);
   p.in = pre.data_ptr();
   p.out = bias.has_value() ? pre.data_ptr() : nullptr;
   p.bias = fptr(bias);
-  p.shift_k = shift_k.data_ptr<float>();
   p.partial = partial.data_ptr<float>();
   pw::launch_stats(p, dtype_of(pre), mean.data_ptr<float>(), var.data_ptr<float>(),
                    c10::cuda::getCurrentCUDAStream().stream());

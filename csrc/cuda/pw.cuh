@@ -18,7 +18,7 @@ enum class Mode : int {
   // out = bn_act(in [+ bias, rounded]): scale*act(v)+shift (act_first) or act(scale*v+shift).
   kBnAct = 0,
   // v = in [+ bias, rounded and written back to out]; u = act(v) if act_first else v;
-  // per-channel shifted sums of u -> mean, biased var (two passes: pw_kernels.cu stats_impl).
+  // per-block (count, mean, M2) of u, merged per channel -> mean, biased var (one pass).
   kStats = 1,
   // out = dpre (bn_act_bwd formula, rounded to storage) from dy and pre; optional per-channel sum.
   kDpre = 2,
@@ -45,9 +45,8 @@ struct ChannelParams {
   const float* ca = nullptr;
   const float* cb = nullptr;
   const float* cd = nullptr;
-  // Workspaces (ATen tensors allocated by the caller, sizes from plan_channels):
-  float* shift_k = nullptr;  // kStats: (C,) per-channel shift of the sums
-  float* partial = nullptr;  // kStats: (R, 2, C); kDpre with a sum: (R, 1, C); else nullptr
+  // Workspace (an ATen tensor allocated by the caller, size from plan_channels):
+  float* partial = nullptr;  // kStats: (R, C, 3); kDpre with a sum: (R, C); else nullptr
   int64_t chunk = 0;         // from plan_channels
   int64_t R = 0;             // from plan_channels
 };
@@ -79,7 +78,7 @@ inline ChannelPlan plan_channels(int64_t N, int64_t C, int64_t HW, bool cl) {
 
 // Each launcher checks its launches (C10_CUDA_KERNEL_LAUNCH_CHECK) and runs on `stream`.
 // kBnAct and kDpre (with or without `dsum`, the per-channel sum of dpre in float) and kStats
-// (mean, var in float; needs p.shift_k and p.partial).
+// (mean, var in float; needs p.partial).
 void launch_bn_act(const ChannelParams& p, DType dt, cudaStream_t stream);
 void launch_stats(const ChannelParams& p, DType dt, float* mean, float* var, cudaStream_t stream);
 void launch_dpre(const ChannelParams& p, DType dt, float* dsum, cudaStream_t stream);

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "dw_common.cuh"  // chan_merge, launch_stats_finalize (shared with the depthwise statistics)
 #include "launch.cuh"
 #include "pw.cuh"
 
@@ -96,7 +97,7 @@ __device__ __forceinline__ float act_grad(float v, int act) {
 // ----------------------------------------------------------------------------------------------
 // The per-element work of each mode.  Per-channel constants are loaded once per thread.
 struct ChanConsts {
-  float bias, scale, shift, mean, ca, cb, cd, k;
+  float bias, scale, shift, mean, ca, cb, cd;
 };
 
 __device__ __forceinline__ ChanConsts load_consts(const ChannelParams& p, int64_t c) {
@@ -108,7 +109,6 @@ __device__ __forceinline__ ChanConsts load_consts(const ChannelParams& p, int64_
   q.ca = p.ca ? p.ca[c] : 0.f;
   q.cb = p.cb ? p.cb[c] : 0.f;
   q.cd = p.cd ? p.cd[c] : 0.f;
-  q.k = p.shift_k ? p.shift_k[c] : 0.f;
   return q;
 }
 
@@ -118,9 +118,9 @@ __device__ __forceinline__ T pre_of(const ChannelParams& p, const ChanConsts& q,
   return p.bias ? from_f<T>(to_f<T>(in) + q.bias) : in;
 }
 
+// out = the mode's output element; s = what the mode reduces: u (kStats), the rounded dpre (kDpre).
 template <typename T, Mode MODE>
-__device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& q, T in, T dy, T& out,
-                                      float& a1, float& a2) {
+__device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& q, T in, T dy, T& out, float& s) {
   if constexpr (MODE == Mode::kBnAct) {
     const float v = to_f<T>(pre_of<T>(p, q, in));
     const float y = p.act_first ? q.scale * act_fwd(v, p.act) + q.shift : act_fwd(q.scale * v + q.shift, p.act);
@@ -129,9 +129,7 @@ __device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& 
     const T pre = pre_of<T>(p, q, in);
     out = pre;
     const float v = to_f<T>(pre);
-    const float d = (p.act_first ? act_fwd(v, p.act) : v) - q.k;
-    a1 += d;
-    a2 += d * d;
+    s = p.act_first ? act_fwd(v, p.act) : v;
   } else {  // kDpre: the gradient at pre, as torch_ops.bn_act_bwd
     const float v = to_f<T>(in);
     float g = to_f<T>(dy);
@@ -145,7 +143,7 @@ __device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& 
     float d = q.ca * g + q.cb * (u - q.mean) + q.cd;
     if (p.act_first) d *= act_grad(v, p.act);
     out = from_f<T>(d);
-    a1 += to_f<T>(out);  // dbias sums the rounded dpre, the GEMM operand
+    s = to_f<T>(out);  // dbias sums the rounded dpre, the GEMM operand
   }
 }
 
@@ -157,11 +155,68 @@ __device__ __forceinline__ bool writes_out(const ChannelParams& p) {
 // Rows (vectors) a thread loads together: more loads in flight per thread, within the registers.
 template <Mode MODE>
 constexpr int unroll() {
-  return MODE == Mode::kDpre ? 2 : 4;
+  return MODE == Mode::kBnAct ? 4 : 2;
 }
+// Values a thread keeps per channel: kStats the (count, mean, M2) of u, kDpre the sum of dpre.
 template <Mode MODE>
 constexpr int num_sums() {
-  return MODE == Mode::kStats ? 2 : MODE == Mode::kDpre ? 1 : 0;
+  return MODE == Mode::kStats ? 3 : MODE == Mode::kDpre ? 1 : 0;
+}
+
+// Per-channel accumulation of one thread.  kStats: each step's values (up to unroll() rows, or
+// vectors, already in registers) are summarised by two passes (mean, then squared deviations) and
+// Chan-merged into (n, m, M2): one pass over pre and no cancellation, whatever the mean.  kDpre:
+// plain sum in order.
+struct Acc {
+  float n, m, M2;  // plain (no initialisers): it also lives in __shared__ arrays
+};
+constexpr Acc kAcc0{0.f, 0.f, 0.f};
+template <Mode MODE, int CNT>
+__device__ __forceinline__ void accumulate(Acc& a, const float (&v)[CNT], const bool (&ok)[CNT]) {
+  if constexpr (MODE == Mode::kDpre) {
+#pragma unroll
+    for (int i = 0; i < CNT; ++i)
+      if (ok[i]) a.n += v[i];
+  } else if constexpr (MODE == Mode::kStats) {
+    float cnt = 0.f, sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < CNT; ++i)
+      if (ok[i]) {
+        cnt += 1.f;
+        sum += v[i];
+      }
+    if (cnt == 0.f) return;
+    const float ml = sum / cnt;
+    float m2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < CNT; ++i)
+      if (ok[i]) m2 = fmaf(v[i] - ml, v[i] - ml, m2);
+    dwcuda::chan_merge(a.n, a.m, a.M2, cnt, ml, m2);
+  }
+}
+
+// b into a (kStats: Chan merge; kDpre: sum).
+template <Mode MODE>
+__device__ __forceinline__ void merge(Acc& a, const Acc& b) {
+  if constexpr (MODE == Mode::kStats) {
+    dwcuda::chan_merge(a.n, a.m, a.M2, b.n, b.m, b.M2);
+  } else {
+    a.n += b.n;
+  }
+}
+
+// The block's result for channel c: kStats (n, mean, M2) at partial[(chunk * C + c) * 3] (the layout
+// of dwcuda::launch_stats_finalize); kDpre the sum at partial[chunk * C + c].
+template <Mode MODE>
+__device__ __forceinline__ void store_partial(const ChannelParams& p, int64_t chunk, int64_t c, const Acc& a) {
+  if constexpr (MODE == Mode::kStats) {
+    float* q = p.partial + (chunk * p.C + c) * 3;
+    q[0] = a.n;
+    q[1] = a.m;
+    q[2] = a.M2;
+  } else {
+    p.partial[chunk * p.C + c] = a.n;
+  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -180,11 +235,10 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
   const int64_t m_end = m_begin + p.chunk < M ? m_begin + p.chunk : M;
 
   ChanConsts q[VEC];
-  float a1[VEC], a2[VEC];
+  Acc acc[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    a1[v] = 0.f;
-    a2[v] = 0.f;
+    acc[v] = kAcc0;
     if (active) q[v] = load_consts(p, c0 + v);
   }
   const T* in = static_cast<const T*>(p.in);
@@ -194,10 +248,9 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
 
   if (active) {
     // U rows per step, their loads issued together (several 16-byte loads in flight per thread: the
-    // pass is bound by memory latency otherwise); the rows are applied in order, so sums are too.
+    // pass is bound by memory latency otherwise), then applied and accumulated in order.
     constexpr int U = unroll<MODE>();
-    int64_t m = m_begin + ty;
-    for (; m < m_end; m += U * kTY) {
+    for (int64_t m = m_begin + ty; m < m_end; m += U * kTY) {
       Pack<T, VEC> xi[U], gi[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -207,39 +260,40 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
           if constexpr (MODE == Mode::kDpre) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
         }
       }
+      float sv[VEC][U];
+      bool ok[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (m + u * kTY < m_end) {
+        ok[u] = m + u * kTY < m_end;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) sv[v][u] = 0.f;
+        if (ok[u]) {
           Pack<T, VEC> yo;
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            apply<T, MODE>(p, q[v], xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], a1[v],
-                           a2[v]);
-          }
+          for (int v = 0; v < VEC; ++v)
+            apply<T, MODE>(p, q[v], xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
           if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + (m + u * kTY) * C + c0) = yo;
         }
+      }
+      if constexpr (NS > 0) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) accumulate<MODE>(acc[v], sv[v], ok);
       }
     }
   }
 
   if constexpr (NS > 0) {
     if (p.partial == nullptr) return;  // uniform over the block
-    __shared__ float red[NS][kTY][kTX * VEC];
+    __shared__ Acc red[kTY][kTX * VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      red[0][ty][tx * VEC + v] = a1[v];
-      if constexpr (NS == 2) red[1][ty][tx * VEC + v] = a2[v];
-    }
+    for (int v = 0; v < VEC; ++v) red[ty][tx * VEC + v] = acc[v];
     __syncthreads();
     if (ty == 0 && active) {
 #pragma unroll
-      for (int s = 0; s < NS; ++s) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          float acc = 0.f;
-          for (int y = 0; y < kTY; ++y) acc += red[s][y][tx * VEC + v];
-          p.partial[(int64_t(blockIdx.y) * NS + s) * C + c0 + v] = acc;
-        }
+      for (int v = 0; v < VEC; ++v) {
+        Acc t = red[0][tx * VEC + v];
+        for (int y = 1; y < kTY; ++y) merge<MODE>(t, red[y][tx * VEC + v]);
+        store_partial<MODE>(p, blockIdx.y, c0 + v, t);
       }
     }
   }
@@ -264,13 +318,13 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
   const int64_t dn = kThreads / HWv, dh = kThreads % HWv;
 
   const ChanConsts q = load_consts(p, c);
-  float a1 = 0.f, a2 = 0.f;
+  Acc acc = kAcc0;
   const T* in = static_cast<const T*>(p.in);
   const T* dyp = static_cast<const T*>(p.dy);
   T* outp = static_cast<T*>(p.out);
   const bool wr = writes_out<MODE>(p);
 
-  // U vectors per step, loads first (as in the channels_last kernel), applied in order.
+  // U vectors per step, loads first (as in the channels_last kernel), then applied and accumulated in order.
   constexpr int U = unroll<MODE>();
   for (; qv < qv_end; qv += U * kThreads) {
     int64_t off[U];
@@ -289,84 +343,60 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
         ++n;
       }
     }
+    float sv[U * VEC];
+    bool ok[U * VEC];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (qv + u * kThreads < qv_end) {
+      const bool here = qv + u * kThreads < qv_end;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        ok[u * VEC + v] = here;
+        sv[u * VEC + v] = 0.f;
+      }
+      if (here) {
         Pack<T, VEC> yo;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          apply<T, MODE>(p, q, xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], a1, a2);
-        }
+        for (int v = 0; v < VEC; ++v)
+          apply<T, MODE>(p, q, xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[u * VEC + v]);
         const int64_t out_off = p.out_channel_major ? c * L + (qv + u * kThreads) * VEC : off[u];
         if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
       }
     }
+    if constexpr (NS > 0) accumulate<MODE>(acc, sv, ok);
   }
 
   if constexpr (NS > 0) {
     if (p.partial == nullptr) return;  // uniform over the block
-    __shared__ float red[NS][kThreads / 32];
+    __shared__ Acc red[kThreads / 32];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-      a1 += __shfl_down_sync(0xffffffffu, a1, o);
-      if constexpr (NS == 2) a2 += __shfl_down_sync(0xffffffffu, a2, o);
+      const Acc b{__shfl_down_sync(0xffffffffu, acc.n, o), __shfl_down_sync(0xffffffffu, acc.m, o),
+                  __shfl_down_sync(0xffffffffu, acc.M2, o)};
+      merge<MODE>(acc, b);
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-      red[0][warp] = a1;
-      if constexpr (NS == 2) red[1][warp] = a2;
-    }
+    if (lane == 0) red[warp] = acc;
     __syncthreads();
     if (threadIdx.x == 0) {
-#pragma unroll
-      for (int s = 0; s < NS; ++s) {
-        float acc = 0.f;
-        for (int w = 0; w < kThreads / 32; ++w) acc += red[s][w];
-        p.partial[(int64_t(blockIdx.y) * NS + s) * p.C + c] = acc;
-      }
+      Acc t = red[0];
+      for (int w = 1; w < kThreads / 32; ++w) merge<MODE>(t, red[w]);
+      store_partial<MODE>(p, blockIdx.y, c, t);
     }
   }
 }
 
-// Shift of the stats sums: u at the first position (n = 0, h = 0, w = 0) of each channel, the
-// same value for every block, close enough to the mean that the sums do not cancel.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) shift_kernel(const ChannelParams p) {
-  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= p.C) return;
-  const T* in = static_cast<const T*>(p.in);
-  const ChanConsts q = load_consts(p, c);
-  const float v = to_f<T>(pre_of<T>(p, q, in[p.cl ? c : c * p.HW]));
-  p.shift_k[c] = p.act_first ? act_fwd(v, p.act) : v;
-}
-
-// One warp per channel: fixed-order sum of the R partials (strided by lane, then a butterfly),
-// then mean/var (NS == 2: mean = k + S1/count, var = S2/count - (S1/count)^2) or the sum (NS == 1).
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const float* partial, int64_t R, int NS, int64_t C, int64_t count, const float* shift_k,
-                    float* out0, float* out1) {
+// One warp per channel: fixed-order sum of the R partial sums of dpre (strided by lane, then a
+// butterfly).
+__global__ void __launch_bounds__(kThreads) sum_finalize_kernel(const float* partial, int64_t R, int64_t C,
+                                                                float* out) {
   const int64_t c = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (c >= C) return;  // the whole warp leaves together
-  float s1 = 0.f, s2 = 0.f;
-  for (int64_t r = lane; r < R; r += 32) {
-    s1 += partial[(r * NS) * C + c];
-    if (NS == 2) s2 += partial[(r * NS + 1) * C + c];
-  }
+  float s = 0.f;
+  for (int64_t r = lane; r < R; r += 32) s += partial[r * C + c];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    s1 += __shfl_xor_sync(0xffffffffu, s1, o);
-    s2 += __shfl_xor_sync(0xffffffffu, s2, o);
-  }
-  if (lane != 0) return;
-  if (NS == 1) {
-    out0[c] = s1;
-  } else {
-    const float inv = 1.f / static_cast<float>(count);
-    const float md = s1 * inv;
-    out0[c] = shift_k[c] + md;
-    out1[c] = fmaxf(s2 * inv - md * md, 0.f);
-  }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) out[c] = s;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -405,38 +435,23 @@ void launch_channel(const ChannelParams& p, cudaStream_t stream) {
   }
 }
 
-// Two passes over u.  The first, shifted by u at the channel's first position, writes pre (with
-// the bias) and gives the mean; the second is shifted by that mean, so var = S2/n - (S1/n)^2 no
-// longer cancels.  A single shifted pass lost several bits of var when the first value sat a few
-// standard deviations from the mean, and every gradient of the block inherits invstd's error
-// coherently (the fp32 weight/bias gradients of the pointwise and stem blocks failed the 2x rule on
-// an H200 in gpu-check, 2026-11-26).  The second pass reads pre once more and writes nothing.
+// One pass over pre: per-block (n, mean, M2) of u (written back to pre with the bias when it was not
+// fused into the GEMM), merged per channel in a fixed order in double by the depthwise statistics'
+// finalize.  (The first version summed u - k with k the channel's first value: that cancelled when
+// the first value sat far from the mean, and every gradient of the block inherited invstd's error;
+// the fp32 weight/bias gradients of the pointwise and stem blocks failed the 2x rule on an H200.)
 template <typename T>
 void stats_impl(const ChannelParams& p, float* mean, float* var, cudaStream_t stream) {
-  const unsigned fin_blocks = static_cast<unsigned>(ceil_div(p.C, kThreads / 32));
-  auto shift = shift_kernel<T>;
-  CMK_LAUNCH(shift, static_cast<unsigned>(ceil_div(p.C, kThreads)), kThreads, 0, stream)(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_channel<T, Mode::kStats>(p, stream);
-  CMK_LAUNCH(finalize_kernel, fin_blocks, kThreads, 0, stream)(p.partial, p.R, 2, p.C, p.N * p.HW, p.shift_k, mean,
-                                                             var);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ChannelParams q = p;
-  q.bias = nullptr;  // pre already holds the bias (written back by the first pass)
-  q.out = nullptr;   // kStats without a bias writes nothing
-  q.shift_k = mean;  // finalize reads shift_k[c] before it writes mean[c], in the same thread
-  launch_channel<T, Mode::kStats>(q, stream);
-  CMK_LAUNCH(finalize_kernel, fin_blocks, kThreads, 0, stream)(q.partial, q.R, 2, q.C, q.N * q.HW, q.shift_k, mean,
-                                                             var);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(dwcuda::launch_stats_finalize(p.partial, p.R, p.C, mean, var, stream));
 }
 
 template <typename T>
 void dpre_impl(const ChannelParams& p, float* dsum, cudaStream_t stream) {
   launch_channel<T, Mode::kDpre>(p, stream);
   if (dsum != nullptr) {
-    CMK_LAUNCH(finalize_kernel, static_cast<unsigned>(ceil_div(p.C, kThreads / 32)), kThreads, 0, stream)(
-        p.partial, p.R, 1, p.C, p.N * p.HW, nullptr, dsum, nullptr);
+    CMK_LAUNCH(sum_finalize_kernel, static_cast<unsigned>(ceil_div(p.C, kThreads / 32)), kThreads, 0, stream)(
+        p.partial, p.R, p.C, dsum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

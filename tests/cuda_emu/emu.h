@@ -105,6 +105,10 @@ void cp_async_wait_all();
 #define __shfl_down_sync(mask, v, off) ::cmk_emu::shfl_down((v), (off))
 #define __shfl_xor_sync(mask, v, off) ::cmk_emu::shfl((v), (off), 1)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ::cmk_emu::launch_check()
+#define C10_CUDA_CHECK(expr)                                                                              \
+  do {                                                                                                    \
+    if ((expr) != cudaSuccess) throw std::runtime_error("cuda_emu: C10_CUDA_CHECK(" #expr ") failed");  \
+  } while (0)
 #define CMK_LAUNCH(kern, grid, block, smem, stream) ::cmk_emu::launch((kern), (grid), (block), (smem))
 #define CMK_DYNAMIC_SMEM(name) float4* name = ::cmk_emu::dynamic_smem()
 #define cudaGetLastError() ::cmk_emu::get_last_error()

@@ -190,11 +190,10 @@ std::vector<Tensor> pw_stats(const Tensor& g, const std::optional<Tensor>& bias,
   auto p = pw_params(g, act, act_first);
   Tensor pre = guarded_clone(g, offset);
   Tensor mean = vecout(p.C), var = vecout(p.C);
-  Tensor shift_k = ws(p.C), partial = ws(p.R * 2 * p.C);
+  Tensor partial = ws(p.R * 3 * p.C);
   p.in = pre.data_ptr();
   p.out = bias ? pre.data_ptr() : nullptr;
   p.bias = bias ? fp(*bias) : nullptr;
-  p.shift_k = shift_k.data_ptr<float>();
   p.partial = partial.data_ptr<float>();
   pwk::launch_stats(p, pw_dtype(pre), mean.data_ptr<float>(), var.data_ptr<float>(), nullptr);
   return {pre, mean, var};

@@ -4,7 +4,8 @@ the CPU through tests/cuda_emu/emu.h and compare them with convmixer_kernels.tor
 
     PYTHONPATH=. python tests/cuda_emu/run_emu.py [--quick]
 
-Development tool: it builds a separate CPU module (a few minutes with g++), never the extension.
+It builds a separate CPU module (a minute or more with g++), never the extension.  CI runs the quick
+list on 3 emulated SMs through tests/test_cuda_emu.py; the full list is a development check.
 """
 
 from __future__ import annotations
