@@ -8,6 +8,7 @@ measured in the same run.  Writes <out>/bench_<device>.json and .md (device, ver
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -157,6 +158,22 @@ def _run_step(m, x, dy, training):
             m(x)
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    """Environment variable `name` set to value (None: left alone) inside the block."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 def _step_fn(m, inputs, dys, training):
     """fn(i): one step of m on inputs[i] (forward, plus backward of dys[i] when training)."""
     return lambda i: _run_step(m, inputs[i], dys[i], training)
@@ -166,7 +183,9 @@ def dw_suite(device, quick, res):
     if device == "cuda":
         dtype, N, H = torch.bfloat16, 64, 32
         shapes = [(768, 7), (768, 9), (1536, 7), (1536, 9)] if not quick else [(768, 7), (768, 9), (1536, 9)]
-        providers = ["eager", "compile", "cuda", "triton"]
+        # cuda_ipb1: the CUDA kernels with one item per forward block (no next tile to copy in while
+        # computing): the same run then shows what the forward kernels' cp.async pipeline gains
+        providers = ["eager", "compile", "cuda", "cuda_ipb1", "triton"]
     else:
         dtype, N, H = torch.float32, 8, 32
         shapes = [(256, 5), (256, 9)]
@@ -188,7 +207,8 @@ def dw_suite(device, quick, res):
                     if prov == "triton" and quick:  # measured in full runs; always slower than cuda so far
                         continue
                     blk, ref = _dw_modules(C, k, "gelu", dtype, device)
-                    if device != "cpu" and ck.backends.why_unavailable(prov, torch.device(device)) and \
+                    backend = "auto" if prov in ("eager", "compile") else prov.split("_")[0]
+                    if device != "cpu" and ck.backends.why_unavailable(backend, torch.device(device)) and \
                             prov not in ("eager", "compile"):
                         continue
                     m = ref if prov == "eager" else torch.compile(ref) if prov == "compile" else blk
@@ -208,7 +228,8 @@ def dw_suite(device, quick, res):
                                         error=f"{type(e).__name__}: {str(e)[:200]}"))
                         print(f"  dw C={C} k={k} {layout} {mode} {prov}: FAILED {e}", flush=True)
 
-                    timer.add(step, rotate, "auto" if prov in ("eager", "compile") else prov, done, fail)
+                    with _env("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1" if prov == "cuda_ipb1" else None):
+                        timer.add(step, rotate, backend, done, fail)  # GPU: timed here, inside the context
                 timer.run()
 
 

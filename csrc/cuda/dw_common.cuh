@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 
 #include "dw.cuh"
@@ -410,6 +411,14 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
     const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
     int64_t ipb = (p.items * p.cgroups) / target;
     ipb = ipb < 1 ? 1 : (ipb > 32 ? 32 : ipb);
+    // Measurement knob (benchmarks only): CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK=1 makes every forward
+    // block one item, i.e. no next tile to copy in while computing (the forward kernel as it was
+    // before the cp.async pipeline).  The backward always walked several items; it is left alone.
+    const char* env = bwd ? nullptr : std::getenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK");
+    if (env != nullptr) {
+      const long v = std::strtol(env, nullptr, 10);
+      if (v >= 1 && v <= 32) ipb = v;
+    }
     p.ipb = ipb;
   }
   p.groups = ceil_div(p.items, p.ipb);
