@@ -1,6 +1,6 @@
 # make test       create .venv if missing, install pinned dev requirements, build, run the tests (what CI runs)
 # make demo       same set-up, then `python -m convmixer_kernels demo`
-# make gpu-check  on the lent GPU machine (nothing installed there): build for sm_90, test, benchmark -> $(OUT)
+# make gpu-check  on the lent GPU machine (nothing installed there): build for sm_90a, test, benchmark -> $(OUT)
 # make bench      benchmarks on this machine -> benchmarks/results/
 
 VENV   ?= .venv

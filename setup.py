@@ -75,6 +75,22 @@ def nvidia_wheel_includes() -> list[str]:
     return found
 
 
+def cutlass_includes() -> list[str]:
+    """CUTLASS's header folders: CONVMIXER_KERNELS_CUTLASS_INCLUDE (a folder holding cutlass/ and cute/), or the
+    `nvidia-cutlass` package from PyPI (its cutlass_library/source/include and tools/util/include)."""
+    inc = os.environ.get("CONVMIXER_KERNELS_CUTLASS_INCLUDE")
+    if not inc:
+        try:
+            import cutlass_library
+        except ImportError:
+            return []
+        inc = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    util = os.path.join(os.path.dirname(inc), "tools", "util", "include")
+    if not os.path.isfile(os.path.join(inc, "cutlass", "cutlass.h")):
+        return []
+    return [inc] + ([util] if os.path.isdir(util) else [])
+
+
 def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
@@ -119,6 +135,11 @@ def extension():
         "-DCONVMIXER_KERNELS_WITH_CUDA",
     ]
     wheel_inc = nvidia_wheel_includes()
+    # The CUTLASS pointwise kernels (csrc/cuda/pw_cutlass.cu) need its headers and an sm_90a target
+    # (TORCH_CUDA_ARCH_LIST with 9.0a, as gpu-check builds); otherwise that file builds stubs.
+    cutlass_inc = cutlass_includes()
+    if cutlass_inc and "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";"):
+        nvcc_flags += ["-DCONVMIXER_KERNELS_WITH_CUTLASS"] + [f"-isystem={d}" for d in cutlass_inc]
     ext = CUDAExtension(
         name="convmixer_kernels._C",
         sources=srcs,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-check`: run on the lent GPU machine, where nothing can be installed.  Uses that machine's
-# python3 (torch with CUDA, triton, ninja, pytest), builds in place for sm_90 with 16 jobs, runs the
+# python3 (torch with CUDA, triton, ninja, pytest), builds in place for sm_90a with 16 jobs, runs the
 # whole test suite on the GPU, then the demo and the benchmarks.  Logs and results go to $OUT (<= 8 files).
 # Stage limits (BUILD/TEST/DEMO/BENCH_TIMEOUT: 120 + 260 + 90 + 130 s; the build took 53 s on an H200)
 # keep one call inside the device tool's 10-minute command limit; a stage stopped by its limit still
@@ -30,9 +30,21 @@ if [ -n "$CXX_PICK" ]; then
 fi
 echo "host compiler: CC=${CC:-default} CXX=${CXX:-default} ($(${CXX:-g++} --version | head -1))" | tee -a "$OUT/machine.txt"
 
-echo "== build (sm_90, 16 jobs)"
+# CUTLASS's headers for csrc/cuda/pw_cutlass.cu: the nvidia-cutlass wheel from PyPI, carried in .whl/
+# (pip download nvidia-cutlass==4.2.0.0 --no-deps -d .whl; nothing can be installed there), unpacked.
+if [ -z "${CONVMIXER_KERNELS_CUTLASS_INCLUDE:-}" ] && ! $PY -c "import cutlass_library" 2>/dev/null; then
+  whl=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ]; then
+    cdir=$(mktemp -d)
+    $PY -m zipfile -e "$whl" "$cdir" && export CONVMIXER_KERNELS_CUTLASS_INCLUDE="$cdir/cutlass_library/source/include"
+  fi
+fi
+echo "cutlass headers: ${CONVMIXER_KERNELS_CUTLASS_INCLUDE:-$($PY -c 'import cutlass_library' 2>/dev/null && echo package || echo none)}" | tee -a "$OUT/machine.txt"
+
+# sm_90a (not sm_90): the same code for every kernel, and what CUTLASS's Hopper GEMMs need (TMA, WGMMA).
+echo "== build (sm_90a, 16 jobs)"
 t0=$(date +%s)
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} \
   timeout ${BUILD_TIMEOUT:-120} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
 echo "build took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.log"
 $PY -m convmixer_kernels info | tee -a "$OUT/machine.txt"

@@ -245,7 +245,8 @@ def _gemm_modules(kind, C, dtype, device):
 def gemm_suite(device, quick, res):
     """Pointwise block (1x1 conv GEMM) and stem, against eager, compile and the bare GEMMs."""
     if device == "cuda":
-        dtype, providers = torch.bfloat16, ["eager", "compile", "cuda", "triton"]
+        # cuda_cutlass: pw eval as one CUTLASS GEMM with the epilogue fused (opt-in while unmeasured)
+        dtype, providers = torch.bfloat16, ["eager", "compile", "cuda", "cuda_cutlass", "triton"]
         cases = [("pw", 64, 768, 32), ("pw", 64, 1536, 32), ("stem", 64, 768, 224)]
         if quick:
             cases = [("pw", 64, 768, 32), ("stem", 64, 768, 224)]
@@ -284,6 +285,8 @@ def gemm_suite(device, quick, res):
             for prov in providers:
                 if (prov == "compile" and quick and kind != "pw") or (prov == "triton" and quick):
                     continue
+                if prov == "cuda_cutlass" and (kind != "pw" or training):  # it serves pw_fwd (eval) only
+                    continue
                 blk, ref = _gemm_modules(kind, C, dtype, device)
                 blk, ref = blk.to(memory_format=fmt), ref.to(memory_format=fmt)
                 m = ref if prov == "eager" else torch.compile(ref) if prov == "compile" else blk
@@ -300,8 +303,9 @@ def gemm_suite(device, quick, res):
                                     error=f"{type(e).__name__}: {str(e)[:200]}"))
                     print(f"  {kind} C={C} {mode} {prov}: FAILED {e}", flush=True)
 
-                timer.add(_step_fn(m, xg if training else xs, dys, training), 2,
-                          "auto" if prov in ("eager", "compile") else prov, done, fail)
+                with _env("CONVMIXER_KERNELS_PW_CUTLASS", "require" if prov == "cuda_cutlass" else None):
+                    timer.add(_step_fn(m, xg if training else xs, dys, training), 2,
+                              "auto" if prov in ("eager", "compile") else prov.split("_")[0], done, fail)
             timer.run()
 
 

@@ -55,7 +55,8 @@ def info(file=None) -> dict:
         "extension: " + ("loaded" if d["extension_loaded"] else f"NOT loaded: {d['extension_error']}"),
     ]
     if b:
-        cuda = f"yes (nvcc {b.get('nvcc')}, archs {b.get('archs', '?')})" if b.get("cuda") == "1" else "no"
+        cuda = (f"yes (nvcc {b.get('nvcc')}, archs {b.get('archs', '?')}, CUTLASS pointwise GEMM "
+                f"{'built' if b.get('cutlass') == '1' else 'not built'})" if b.get("cuda") == "1" else "no")
         lines.append(f"  built against torch {b.get('torch')}; CUDA kernels compiled: {cuda}")
     lines.append(f"gpu: {d['gpu'] or 'none'}")
     lines.append(f"backends usable on cpu tensors:  {', '.join(d['backends']['cpu'])}")

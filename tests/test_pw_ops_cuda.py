@@ -155,3 +155,21 @@ def test_bad_inputs():
         OPS.stem_fwd(sx["x"], sx["weight"][:, :, :, :3], None, sx["scale"], sx["shift"], 1, True)
     with pytest.raises(RuntimeError, match="weight: expected shape \\(C_out, C_img, p, p\\)"):
         OPS.stem_gemm_stats(sx["x"][:, :2], sx["weight"], None, 1, True)
+
+
+def _cutlass_runs_here():
+    return _ext.build_info().get("cutlass") == "1" and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _ext.built_with_cuda() or not _cutlass_runs_here(),
+                    reason="the CUTLASS pointwise GEMM needs a build with it (9.0a) and a compute capability 9.0 GPU")
+@pytest.mark.parametrize("shape,bias", [(pytest.param((3, 64, 72, 17, 23), True, id="odd_M")),
+                                        (pytest.param((2, 256, 128, 32, 32), False, id="no_bias"))])
+@pytest.mark.parametrize("act_first", ORDERS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_pw_fwd_cutlass(poison, monkeypatch, dtype, act, act_first, shape, bias):
+    """pw_fwd as one CUTLASS GEMM with the epilogue fused (=require: it runs, or the op raises)."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
+    inp = make_pw_inputs(*shape, dtype, "cuda", channels_last=True, residual=False, bias=bias, seed=act)
+    check_pw_ops(OPS, inp, act, act_first, dtype, True)

@@ -43,17 +43,22 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common.h"
 #include "pw.cuh"
+#include "pw_cutlass.cuh"
 
 namespace convmixer_kernels {
 namespace {
@@ -283,6 +288,51 @@ Tensor3 pw_gemm_stats_cuda(const Tensor& x, const OptTensor& t, const Tensor& we
   return {pre, mean, var};
 }
 
+// The eval forward as one CUTLASS GEMM whose epilogue does bias, rounding, activation and the BN
+// affine (pw_cutlass.cu), instead of cuBLAS and a bn_act pass over its output.  Opt-in until a GPU
+// run has measured and tested it: CONVMIXER_KERNELS_PW_CUTLASS=1 uses it where it applies (a build
+// with it, compute capability 9.0, channels_last fp16/bf16, C_in and C_out multiples of 8, 16-byte
+// aligned operands), =require raises where it does not (tests).  Returns false when it did not run
+// (the caller takes the usual path).
+bool pw_fwd_cutlass(const Tensor& s, const Tensor& w2d, Tensor& y, const OptTensor& bias, const Tensor& scale,
+                    const Tensor& shift, int64_t act, bool act_first, bool cl) {
+  const char* env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS");
+  const std::string mode = env == nullptr ? "" : env;
+  if (mode != "1" && mode != "require") return false;
+  const bool require = mode == "require";
+  auto skip = [&](const char* why) {
+    TORCH_CHECK(!require, "CONVMIXER_KERNELS_PW_CUTLASS=require: the CUTLASS pointwise GEMM does not apply: ", why);
+    return false;
+  };
+  if (!pwcutlass::built()) return skip("not in this build (needs CUTLASS headers and TORCH_CUDA_ARCH_LIST with 9.0a)");
+  if (!cl) return skip("x is not channels_last");
+  const auto dt = s.scalar_type();
+  if (dt != at::kHalf && dt != at::kBFloat16) return skip("dtype is not float16 or bfloat16");
+  int dev = 0, major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  if (major != 9 || minor != 0) return skip("the GPU is not compute capability 9.0");
+  const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w2d.size(0);
+  if (M == 0 || K % 8 != 0 || N % 8 != 0) return skip("C_in and C_out must be multiples of 8");
+  const Tensor w = w2d.contiguous();
+  for (const void* p : {s.data_ptr(), w.data_ptr(), y.data_ptr()})
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return skip("an operand is not 16-byte aligned");
+  const bool bf16 = dt == at::kBFloat16;
+  const size_t ws_bytes = pwcutlass::workspace_bytes(bf16, M, N, K);
+  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, s.options().dtype(at::kByte));
+  const cudaError_t e =
+      pwcutlass::bn_act_gemm(bf16, s.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias), scale.data_ptr<float>(),
+                             shift.data_ptr<float>(), static_cast<int>(act), act_first, M, N, K, ws.data_ptr(),
+                             c10::cuda::getCurrentCUDAStream().stream());
+  if (e == cudaErrorNotSupported) {
+    (void)cudaGetLastError();
+    return skip("CUTLASS cannot implement this problem");
+  }
+  C10_CUDA_CHECK(e);
+  return true;
+}
+
 Tensor pw_fwd_cuda(const Tensor& x, const OptTensor& t, const Tensor& weight, const OptTensor& bias,
                    const Tensor& scale, const Tensor& shift, int64_t act, bool act_first) {
   const bool cl = check_anchor(x, "x");
@@ -298,6 +348,7 @@ Tensor pw_fwd_cuda(const Tensor& x, const OptTensor& t, const Tensor& weight, co
   Tensor y = new_output({N, C_out, H, W}, x.options(), format_of(cl));
   const Tensor s = pw_input(x, t, cl);
   const Tensor w2d = weight.reshape({C_out, C_in});
+  if (pw_fwd_cutlass(s, w2d, y, bias, scale, shift, act, act_first, cl)) return y;
   const bool bias_left = gemm_fwd(y, cl ? rows_view(s) : Tensor(), cl ? Tensor() : s.view({N, C_in, H * W}), w2d,
                                   bias, cl);
   run_bn_act(y, y, bias_left ? bias : OptTensor(), scale, shift, act, act_first, cl);

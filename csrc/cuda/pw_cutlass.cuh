@@ -1,0 +1,28 @@
+// The pointwise block's eval forward as one CUTLASS GEMM with the whole epilogue in its epilogue
+// visitor tree (pw_cutlass.cu).  Host-only declarations, no CUTLASS or ATen, for pw.cpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace convmixer_kernels {
+namespace pwcutlass {
+
+// Whether this build holds the kernels: CUTLASS headers were found and sm_90a was a target
+// (TORCH_CUDA_ARCH_LIST with 9.0a).  They run on compute capability 9.0 only.
+bool built();
+
+// y (M, N) row-major = bn_act(round(x @ w^T + bias)) in the storage dtype T (half: is_bf16 false,
+// bfloat16: true): x (M, K) row-major, w (N, K) row-major, bias/scale/shift float (N,) (bias may be
+// nullptr), act/act_first as in pw.cuh.  K and N multiples of 8, every pointer 16-byte aligned.
+// workspace: workspace_bytes(...) bytes (may be 0).  Returns cudaErrorNotSupported when the
+// problem cannot run here (the caller falls back).
+size_t workspace_bytes(bool is_bf16, int64_t M, int64_t N, int64_t K);
+cudaError_t bn_act_gemm(bool is_bf16, const void* x, const void* w, void* y, const float* bias, const float* scale,
+                        const float* shift, int act, bool act_first, int64_t M, int64_t N, int64_t K, void* workspace,
+                        cudaStream_t stream);
+
+}  // namespace pwcutlass
+}  // namespace convmixer_kernels
