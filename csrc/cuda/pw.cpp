@@ -50,6 +50,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -316,7 +317,9 @@ bool pw_fwd_cutlass(const Tensor& s, const Tensor& w2d, Tensor& y, const OptTens
   const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w2d.size(0);
   if (M == 0 || K % 8 != 0 || N % 8 != 0) return skip("C_in and C_out must be multiples of 8");
   const Tensor w = w2d.contiguous();
-  for (const void* p : {s.data_ptr(), w.data_ptr(), y.data_ptr()})
+  // (the per-channel vectors too: the epilogue reads them 4 floats at a time)
+  for (const void* p : std::initializer_list<const void*>{s.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias),
+                                                          scale.data_ptr(), shift.data_ptr()})
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return skip("an operand is not 16-byte aligned");
   const bool bf16 = dt == at::kBFloat16;
   const size_t ws_bytes = pwcutlass::workspace_bytes(bf16, M, N, K);
