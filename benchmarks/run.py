@@ -51,17 +51,17 @@ class CaseTimer:
     them together in rounds (one call of each per round, about 1 s per provider in all), because this
     project's CPU is a VM whose speed drifts by 10-50% over seconds: timed one after another, the ratios
     between providers moved with the drift; timed in rounds, every provider sees the same machine.
-    add(fn, rotate, backend, done, fail): fn(i) runs under ck.backend(backend); done((median, p20, p80))
-    gets the times in ms, fail(exception) a failure."""
+    add(fn, rotate, prov, done, fail): fn(i) runs as provider `prov` (_PROVIDERS: its backend and
+    environment); done((median, p20, p80)) gets the times in ms, fail(exception) a failure."""
 
     def __init__(self, device):
         self.device = device
         self.jobs = []
 
-    def add(self, fn, rotate, backend, done, fail):
+    def add(self, fn, rotate, prov, done, fail):
         if self.device == "cuda":
             try:
-                with ck.backend(backend):
+                with _as_provider(prov):
                     t = bench_gpu(fn, rotate)
             except Exception as e:  # a provider that fails is reported, not hidden
                 fail(e)
@@ -69,7 +69,7 @@ class CaseTimer:
             done(t)
         else:
             def under(i, fn=fn):
-                with ck.backend(backend):
+                with _as_provider(prov):
                     fn(i)
 
             self.jobs.append((under, rotate, done, fail))
@@ -158,20 +158,55 @@ def _run_step(m, x, dy, training):
             m(x)
 
 
+# Providers: name -> (backend of the fused modules, environment variable and value to run under).
+# eager / compile run the unfused reference modules.  cuda_ipb1: the CUDA kernels with one item per
+# forward depthwise block (no next tile to copy in while computing), so the same run shows what the
+# cp.async pipeline gains.  cuda_cutlass: the pointwise eval forward as one CUTLASS GEMM with the
+# epilogue fused (opt-in while unmeasured; =require raises where it does not apply).
+_PROVIDERS = {
+    "eager": ("auto", None), "compile": ("auto", None), "cpu": ("cpu", None), "torch": ("torch", None),
+    "cuda": ("cuda", None), "triton": ("triton", None),
+    "cuda_ipb1": ("cuda", ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1")),
+    "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require")),
+}
+
+
 @contextlib.contextmanager
-def _env(name, value):
-    """Environment variable `name` set to value (None: left alone) inside the block."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
+def _as_provider(prov):
+    """Run as provider `prov`: its backend, and its environment variable set inside the block."""
+    backend, env = _PROVIDERS[prov]
+    old = None if env is None else os.environ.get(env[0])
+    if env is not None:
+        os.environ[env[0]] = env[1]
     try:
-        yield
+        with ck.backend(backend):
+            yield
     finally:
-        if value is not None:
+        if env is not None:
             if old is None:
-                os.environ.pop(name, None)
+                os.environ.pop(env[0], None)
             else:
-                os.environ[name] = old
+                os.environ[env[0]] = old
+
+
+def _module_of(prov, blk, ref):
+    """The module provider `prov` times: the reference (eager), the compiled reference, or the fused one."""
+    return ref if prov == "eager" else torch.compile(ref) if prov == "compile" else blk
+
+
+def _recorder(res, label, row):
+    """CaseTimer callbacks (done, fail) appending `row` with the times, or with the error, to res."""
+
+    def done(t):
+        res.append(dict(row, ms=t[0], p20=t[1], p80=t[2]))
+        print(f"  {label} {t[0]:8.3f} ms", flush=True)
+
+    def fail(e):  # a provider that fails is reported, not hidden
+        res.append({k: row[k] for k in ("op", "C", "k", "layout", "mode", "provider")} |
+                   {"error": f"{type(e).__name__}: {str(e)[:200]}"})
+        print(f"  {label}: FAILED {e}", flush=True)
+
+    return done, fail
 
 
 def _step_fn(m, inputs, dys, training):
@@ -183,8 +218,6 @@ def dw_suite(device, quick, res):
     if device == "cuda":
         dtype, N, H = torch.bfloat16, 64, 32
         shapes = [(768, 7), (768, 9), (1536, 7), (1536, 9)] if not quick else [(768, 7), (768, 9), (1536, 9)]
-        # cuda_ipb1: the CUDA kernels with one item per forward block (no next tile to copy in while
-        # computing): the same run then shows what the forward kernels' cp.async pipeline gains
         providers = ["eager", "compile", "cuda", "cuda_ipb1", "triton"]
     else:
         dtype, N, H = torch.float32, 8, 32
@@ -207,29 +240,17 @@ def dw_suite(device, quick, res):
                     if prov == "triton" and quick:  # measured in full runs; always slower than cuda so far
                         continue
                     blk, ref = _dw_modules(C, k, "gelu", dtype, device)
-                    backend = "auto" if prov in ("eager", "compile") else prov.split("_")[0]
-                    if device != "cpu" and ck.backends.why_unavailable(backend, torch.device(device)) and \
-                            prov not in ("eager", "compile"):
+                    if device != "cpu" and ck.backends.why_unavailable(_PROVIDERS[prov][0], torch.device(device)) \
+                            and prov not in ("eager", "compile"):
                         continue
-                    m = ref if prov == "eager" else torch.compile(ref) if prov == "compile" else blk
+                    m = _module_of(prov, blk, ref)
                     m.train(training)
-                    step = _step_fn(m, xg if training else xs, dys, training)
-
-                    def done(t, prov=prov, mode=mode):
-                        elems = N * C * H * H
-                        res.append(dict(op="dw_block", N=N, C=C, H=H, W=H, k=k, dtype=str(dtype), layout=layout,
-                                        mode=mode, provider=prov, ms=t[0], p20=t[1], p80=t[2],
-                                        bytes=elems * xs[0].element_size() * (2 if mode == "eval" else 7),
-                                        flops=2 * k * k * elems * (1 if mode == "eval" else 4)))
-                        print(f"  dw C={C} k={k} {layout:13s} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
-
-                    def fail(e, prov=prov, mode=mode):  # a provider that fails is reported, not hidden
-                        res.append(dict(op="dw_block", C=C, k=k, layout=layout, mode=mode, provider=prov,
-                                        error=f"{type(e).__name__}: {str(e)[:200]}"))
-                        print(f"  dw C={C} k={k} {layout} {mode} {prov}: FAILED {e}", flush=True)
-
-                    with _env("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1" if prov == "cuda_ipb1" else None):
-                        timer.add(step, rotate, backend, done, fail)  # GPU: timed here, inside the context
+                    elems = N * C * H * H
+                    row = dict(op="dw_block", N=N, C=C, H=H, W=H, k=k, dtype=str(dtype), layout=layout, mode=mode,
+                               provider=prov, bytes=elems * xs[0].element_size() * (2 if mode == "eval" else 7),
+                               flops=2 * k * k * elems * (1 if mode == "eval" else 4))
+                    timer.add(_step_fn(m, xg if training else xs, dys, training), rotate, prov,
+                              *_recorder(res, f"dw C={C} k={k} {layout:13s} {mode:5s} {prov:8s}", row))
                 timer.run()
 
 
@@ -245,7 +266,6 @@ def _gemm_modules(kind, C, dtype, device):
 def gemm_suite(device, quick, res):
     """Pointwise block (1x1 conv GEMM) and stem, against eager, compile and the bare GEMMs."""
     if device == "cuda":
-        # cuda_cutlass: pw eval as one CUTLASS GEMM with the epilogue fused (opt-in while unmeasured)
         dtype, providers = torch.bfloat16, ["eager", "compile", "cuda", "cuda_cutlass", "triton"]
         cases = [("pw", 64, 768, 32), ("pw", 64, 1536, 32), ("stem", 64, 768, 224)]
         if quick:
@@ -269,43 +289,22 @@ def gemm_suite(device, quick, res):
         for mode in ("eval", "train"):
             training = mode == "train"
             timer = CaseTimer(device)
-
-            def gemm_done(t, mode=mode):
-                res.append(dict(op=kind, C=C, k=kk, layout="channels_last", mode=mode, provider="bare_gemm",
-                                ms=t[0], p20=t[1], p80=t[2]))
-
-            def gemm_fail(e, mode=mode):
-                print(f"  {kind} C={C} {mode} bare GEMM: FAILED {e}", flush=True)
-
-            if training:
-                timer.add(lambda i: (torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g)), 1, "auto", gemm_done,
-                          gemm_fail)
-            else:
-                timer.add(lambda i: torch.mm(a, b), 1, "auto", gemm_done, gemm_fail)
+            gemm_row = dict(op=kind, C=C, k=kk, layout="channels_last", mode=mode, provider="bare_gemm")
+            bare = (lambda i: (torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g))) if training else \
+                (lambda i: torch.mm(a, b))
+            timer.add(bare, 1, "eager", *_recorder(res, f"{kind} C={C} {mode:5s} bare GEMM", gemm_row))
             for prov in providers:
                 if (prov == "compile" and quick and kind != "pw") or (prov == "triton" and quick):
                     continue
                 if prov == "cuda_cutlass" and (kind != "pw" or training):  # it serves pw_fwd (eval) only
                     continue
                 blk, ref = _gemm_modules(kind, C, dtype, device)
-                blk, ref = blk.to(memory_format=fmt), ref.to(memory_format=fmt)
-                m = ref if prov == "eager" else torch.compile(ref) if prov == "compile" else blk
+                m = _module_of(prov, blk.to(memory_format=fmt), ref.to(memory_format=fmt))
                 m.train(training)
-
-                def done(t, prov=prov, mode=mode):
-                    res.append(dict(op=kind, N=N, C=C, H=H, W=H, k=kk, dtype=str(dtype), layout="channels_last",
-                                    mode=mode, provider=prov, ms=t[0], p20=t[1], p80=t[2], bytes=0,
-                                    flops=2 * M * K * C * (1 if mode == "eval" else 3)))
-                    print(f"  {kind} C={C} {mode:5s} {prov:8s} {t[0]:8.3f} ms", flush=True)
-
-                def fail(e, prov=prov, mode=mode):  # a provider that fails is reported, not hidden
-                    res.append(dict(op=kind, C=C, k=0, layout="channels_last", mode=mode, provider=prov,
-                                    error=f"{type(e).__name__}: {str(e)[:200]}"))
-                    print(f"  {kind} C={C} {mode} {prov}: FAILED {e}", flush=True)
-
-                with _env("CONVMIXER_KERNELS_PW_CUTLASS", "require" if prov == "cuda_cutlass" else None):
-                    timer.add(_step_fn(m, xg if training else xs, dys, training), 2,
-                              "auto" if prov in ("eager", "compile") else prov.split("_")[0], done, fail)
+                row = dict(op=kind, N=N, C=C, H=H, W=H, k=kk, dtype=str(dtype), layout="channels_last", mode=mode,
+                           provider=prov, bytes=0, flops=2 * M * K * C * (1 if mode == "eval" else 3))
+                timer.add(_step_fn(m, xg if training else xs, dys, training), 2, prov,
+                          *_recorder(res, f"{kind} C={C} {mode:5s} {prov:8s}", row))
             timer.run()
 
 
@@ -343,24 +342,16 @@ def residual_suite(device, quick, res):
         for where in ("dw_epilogue", "pw_operand"):
             m = _ResidualPair(C, k, where == "pw_operand").to(device=device, dtype=dtype, memory_format=fmt)
             m.train(training)
-
-            def done(t, where=where, mode=mode):
-                res.append(dict(op="residual", N=N, C=C, H=H, W=H, k=k, dtype=str(dtype), layout="channels_last",
-                                mode=mode, provider=where, ms=t[0], p20=t[1], p80=t[2]))
-                print(f"  residual C={C} k={k} {mode:5s} {where:12s} {t[0]:8.3f} ms", flush=True)
-
-            def fail(e, where=where, mode=mode):
-                res.append(dict(op="residual", C=C, k=k, layout="channels_last", mode=mode, provider=where,
-                                error=f"{type(e).__name__}: {str(e)[:200]}"))
-                print(f"  residual {mode} {where}: FAILED {e}", flush=True)
-
-            timer.add(_step_fn(m, xg if training else xs, dys, training), 2, be, done, fail)
+            row = dict(op="residual", N=N, C=C, H=H, W=H, k=k, dtype=str(dtype), layout="channels_last", mode=mode,
+                       provider=where)
+            timer.add(_step_fn(m, xg if training else xs, dys, training), 2, be,
+                      *_recorder(res, f"residual C={C} k={k} {mode:5s} {where:12s}", row))
         timer.run()
 
 
 def profile_steps(device, quick):
     """Where a fused training step spends its time: torch.profiler over a few steps of each fused block
-    (dw k=7 both layouts, pw, stem) with the backend `auto` would pick and with `cuda`, printed as a
+    (dw k=7 both layouts, pw, stem) with the fused backend of the device (cuda, or cpu), printed as a
     table of ops/kernels by device (or CPU) time.  Goes to stdout (bench.log), not to a result file."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -49,7 +49,6 @@ bool check_x(const Tensor& x, const char* name, dwcuda::DwGeom& g) {
   return cl;
 }
 
-
 const float* fptr(const Tensor& t) { return t.data_ptr<float>(); }
 
 Tensor workspace(int64_t floats, const Tensor& x) {

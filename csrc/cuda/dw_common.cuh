@@ -452,20 +452,20 @@ struct TileArgs {
   bool act_first, residual, stats;
 };
 
-// Item `it` of a tiled kernel's block (channel group cg): image n, tile origin (th0, tw0), and the
-// offset of element (n, cg | 0, 0, 0) (NCHW: the channel's plane; channels_last: the image).
+// Item `it` of a tiled kernel's block (channel group cg): the tile origin (th0, tw0) and the offset
+// of element (n, cg | 0, 0, 0) of its image n (NCHW: the channel's plane; channels_last: the image).
 struct TileItem {
-  int64_t n, base;
+  int64_t base;
   int th0, tw0;
 };
 template <bool CL>
 __device__ __forceinline__ TileItem tile_item(const TileArgs& a, int64_t it, int64_t cg) {
+  const int64_t n = it / a.ntiles;
+  const int tile = static_cast<int>(it - n * a.ntiles);
   TileItem m;
-  m.n = it / a.ntiles;
-  const int tile = static_cast<int>(it - m.n * a.ntiles);
   m.th0 = (tile / a.tiles_w) * a.tile_h;
   m.tw0 = (tile % a.tiles_w) * a.tile_w;
-  m.base = CL ? m.n * a.H * a.W * a.C : (m.n * a.C + cg) * a.H * a.W;
+  m.base = CL ? n * a.H * a.W * a.C : (n * a.C + cg) * a.H * a.W;
   return m;
 }
 

@@ -54,17 +54,14 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
   const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
   const bool async = a.vec;
 
-  using Item = TileItem;
-  auto item_at = [&](int64_t it) { return tile_item<CL>(a, it, cg); };
-
   // Issue the cp.async copies of item m's tile + halo into raw.
-  auto issue = [&](const Item& m) {
+  auto issue = [&](const TileItem& m) {
     const auto tv = tile_vecs<T, K, CL>(a, m, RS, c0);
     for (int e = tid; e < tv.count(); e += nthreads) tv.copy(e, x, raw);
     cp_async_commit();
   };
   // raw (complete: each thread converts the vectors it copied itself) -> the fp32 tile xs.
-  auto convert = [&](const Item& m) {
+  auto convert = [&](const TileItem& m) {
     const auto tv = tile_vecs<T, K, CL>(a, m, RS, c0);
     for (int e = tid; e < tv.count(); e += nthreads) {
       int ro, fo;
@@ -75,7 +72,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
     }
   };
   // Scalar path: load item m's tile + halo straight into xs.
-  auto stage_direct = [&](const Item& m) {
+  auto stage_direct = [&](const TileItem& m) {
     const int gh0 = m.th0 - P;
     const int gw0 = m.tw0 - a.pl;
     if constexpr (!CL) {
@@ -99,7 +96,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
     }
   };
 
-  if (async && it0 < it1) issue(item_at(it0));
+  if (async && it0 < it1) issue(tile_item<CL>(a, it0, cg));
 
   // ---- weights and per-channel values ----
   float wreg[kWReg ? KK : 1];
@@ -129,7 +126,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
   const int nit = static_cast<int>(it1 - it0);  // <= ipb <= 32
   for (int ji = 0; ji < nit; ++ji) {
     const int64_t it = it0 + ji;
-    const Item item = item_at(it);
+    const TileItem item = tile_item<CL>(a, it, cg);
     const int th0 = item.th0, tw0 = item.tw0;
     const int64_t base = item.base;
     // ---- stage x over the tile + halo ----
@@ -138,7 +135,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
       __syncthreads();  // the previous item's strips are done with xs
       convert(item);
       __syncthreads();  // xs ready (and the weights, first time); raw free for the next item
-      if (ji + 1 < nit) issue(item_at(it + 1));
+      if (ji + 1 < nit) issue(tile_item<CL>(a, it + 1, cg));
     } else {
       __syncthreads();  // the previous item's strips are done with xs
       stage_direct(item);
