@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include "dw_common.cuh"  // chan_merge, launch_stats_finalize (shared with the depthwise statistics)
+#include "dw_common.cuh"  // conversions, activations, chan_merge, launch_stats_finalize (shared)
 #include "launch.cuh"
 #include "pw.cuh"
 
@@ -26,73 +26,17 @@ constexpr int kThreads = 256;
 constexpr int kTX = 32;             // channels_last: channel vectors per block (one warp wide)
 constexpr int kTY = kThreads / kTX;  // channels_last: rows per block iteration
 
-// ----------------------------------------------------------------------------------------------
-// Storage <-> float
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// Storage <-> float and the activations (codes as in torch_ops.ACTIVATIONS, run-time dispatch): the
+// depthwise kernels' (dw_common.cuh), so both paths compute the same values.
+using dwcuda::act_fwd;
+using dwcuda::act_grad;
+using dwcuda::from_f;
+using dwcuda::to_f;
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
-
-// ----------------------------------------------------------------------------------------------
-// Activations (codes as in torch_ops.ACTIVATIONS) and their derivatives, in float, the formulas
-// of torch_ops.act_fwd / act_grad.  relu'(0) = 0.
-__device__ __forceinline__ float act_fwd(float v, int act) {
-  switch (act) {
-    case 1:
-      return v < 0.f ? 0.f : v;  // NaN stays NaN, as in PyTorch
-    case 2:
-      return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-    case 3: {
-      const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-      return 0.5f * v * (1.f + tanhf(inner));
-    }
-    case 4:
-      return v / (1.f + expf(-v));
-    default:
-      return v;
-  }
-}
-
-__device__ __forceinline__ float act_grad(float v, int act) {
-  switch (act) {
-    case 1:
-      return v > 0.f ? 1.f : 0.f;
-    case 2: {
-      const float cdf = 0.5f * (1.f + erff(v * 0.7071067811865476f));
-      const float pdf = expf(-0.5f * v * v) * 0.3989422804014327f;
-      return cdf + v * pdf;
-    }
-    case 3: {
-      constexpr float k0 = 0.7978845608028654f, k1 = 0.044715f;
-      const float t = tanhf(k0 * (v + k1 * v * v * v));
-      return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * k0 * (1.f + 3.f * k1 * v * v);
-    }
-    case 4: {
-      const float s = 1.f / (1.f + expf(-v));
-      return s * (1.f + v * (1.f - s));
-    }
-    default:
-      return 1.f;
-  }
-}
 
 // ----------------------------------------------------------------------------------------------
 // The per-element work of each mode.  Per-channel constants are loaded once per thread.
