@@ -1,7 +1,7 @@
 # make test       create .venv if missing, install pinned dev requirements, build, run the tests (what CI runs)
 # make demo       same set-up, then `python -m convmixer_kernels demo`
 # make gpu-check  on the lent GPU machine (nothing installed there): build for sm_90a, test, benchmark -> $(OUT)
-# make bench      benchmarks on this machine -> benchmarks/results/
+# make bench      every benchmark suite on this machine -> benchmarks/results/<device>-<date>.{csv,md,png}
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -28,7 +28,8 @@ demo: build
 	$(PY) -m convmixer_kernels demo
 
 bench: build
-	$(PY) benchmarks/run.py --out benchmarks/results
+	$(PY) -m benchmarks.run --out benchmarks/results
+	$(PY) -m benchmarks.plot $$(ls -t benchmarks/results/*.csv | head -1)
 
 gpu-check:
 	OUT=$(OUT) bash benchmarks/gpu_check.sh

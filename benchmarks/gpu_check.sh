@@ -83,7 +83,7 @@ fi
 
 if [ "${GPU_CHECK_BENCH:-1}" = 1 ]; then
 echo "== benchmarks"
-timeout ${BENCH_TIMEOUT:-130} $PY benchmarks/run.py --quick --profile --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
+timeout ${BENCH_TIMEOUT:-130} $PY -m benchmarks.run --quick --profile --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 tail -30 "$OUT/bench.log"
 fi
 exit $status

@@ -1,0 +1,1 @@
+"""convmixer-kernels benchmarks: `python -m benchmarks.run --help`."""

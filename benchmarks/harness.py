@@ -1,0 +1,268 @@
+"""Timing, providers and the machine's ceilings, shared by every suite (benchmarks/suites.py).
+
+GPU: CUDA-event timing through triton.testing.do_bench (median with p20/p80, L2 flushed between calls),
+inputs rotated over several buffers.  CPU: every provider of a case timed together in rounds (CaseTimer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import torch
+
+import convmixer_kernels as ck
+
+
+# ----------------------------------------------------------------------------------------- timing
+def bench_gpu(fn, rotate: int = 1) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of fn(i) through triton.testing.do_bench (L2 flushed)."""
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def call():
+        fn(state["i"] % rotate)
+        state["i"] += 1
+
+    q = do_bench(call, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+    return tuple(float(v) for v in q)
+
+
+def quantiles(times):
+    """(median, p20, p80) of a list of times."""
+    times = sorted(times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+def rotation(device, bytes_per_set: int) -> int:
+    """How many input sets to rotate through so that together they are at least twice the L2 cache
+    (do_bench also flushes L2 before every call; rotating keeps small shapes honest without it)."""
+    if device != "cuda":
+        return 2
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(2, min(16, math.ceil(2 * l2 / max(bytes_per_set, 1))))
+
+
+def peak_memory_mb(device, fn) -> float | None:
+    """Peak bytes allocated on the GPU during one call of fn, in MB (weights and inputs included).
+    None on the CPU: PyTorch keeps no peak statistics for CPU tensors."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+class CaseTimer:
+    """Times the providers of one case.  GPU: each in turn through bench_gpu, as it is added.  CPU: all of
+    them together in rounds (one call of each per round, about `seconds` per provider in all), because this
+    project's CPU is a VM whose speed drifts by 10-50% over seconds: timed one after another, the ratios
+    between providers moved with the drift; timed in rounds, every provider sees the same machine.
+    add(fn, rotate, prov, done, fail): fn(i) runs as provider `prov` (PROVIDERS: its backend and
+    environment); done((median, p20, p80), peak_mb) gets the times in ms, fail(exception) a failure."""
+
+    def __init__(self, device, seconds=1.0, min_rounds=5):
+        self.device, self.seconds, self.min_rounds = device, seconds, min_rounds
+        self.jobs = []
+
+    def add(self, fn, rotate, prov, done, fail):
+        if self.device == "cuda":
+            try:
+                with as_provider(prov):
+                    t = bench_gpu(fn, rotate)
+                    peak = peak_memory_mb(self.device, lambda: fn(0))
+            except Exception as e:  # a provider that fails is reported, not hidden
+                fail(e)
+                return
+            done(t, peak)
+        else:
+            def under(i, fn=fn):
+                with as_provider(prov):
+                    return fn(i)
+
+            self.jobs.append((under, rotate, done, fail))
+
+    def run(self):
+        pending, self.jobs = self.jobs, []
+        jobs = []
+        for fn, rotate, done, fail in pending:
+            try:
+                for i in range(2):  # warm-up (and compilation, for the compile providers)
+                    fn(i % rotate)
+            except Exception as e:
+                fail(e)
+                continue
+            jobs.append((fn, rotate, done, []))
+        t_end = time.perf_counter() + self.seconds * len(jobs)
+        rounds = 0
+        while jobs and (time.perf_counter() < t_end or rounds < self.min_rounds):
+            for fn, rotate, _, times in jobs:
+                t0 = time.perf_counter()
+                fn(rounds % rotate)
+                times.append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+        for _, _, done, times in jobs:
+            done(quantiles(times), None)
+
+
+# ----------------------------------------------------------------------------------------- providers
+# name -> (backend of the fused modules, environment variable and value to run under).  The eager and
+# compile providers run the unfused reference modules (their backend does not matter); *_graph run
+# the step captured in one CUDA graph.  cuda_ipb1: the CUDA kernels with one item per forward depthwise
+# block (no next tile to copy in while computing), so the same run shows what the cp.async pipeline
+# gains.  cuda_cutlass: the pointwise eval forward as one CUTLASS GEMM with the epilogue fused (opt-in
+# while unmeasured; =require raises where it does not apply).
+PROVIDERS = {
+    "eager": ("auto", None), "compile": ("auto", None), "compile_max": ("auto", None),
+    "eager_graph": ("auto", None),
+    "cpu": ("cpu", None), "torch": ("torch", None), "cuda": ("cuda", None), "triton": ("triton", None),
+    "cuda_graph": ("cuda", None),
+    "cuda_ipb1": ("cuda", ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1")),
+    "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require")),
+}
+# The providers that run the original (unfused) modules: the baselines every target is measured against.
+BASELINES = ("eager", "compile", "compile_max", "eager_graph")
+
+
+@contextlib.contextmanager
+def as_provider(prov):
+    """Run as provider `prov`: its backend, and its environment variable set inside the block."""
+    backend, env = PROVIDERS[prov]
+    old = None if env is None else os.environ.get(env[0])
+    if env is not None:
+        os.environ[env[0]] = env[1]
+    try:
+        with ck.backend(backend):
+            yield
+    finally:
+        if env is not None:
+            if old is None:
+                os.environ.pop(env[0], None)
+            else:
+                os.environ[env[0]] = old
+
+
+def unavailable(prov, device) -> str | None:
+    """Why provider `prov` cannot run on `device` in this process (None when it can)."""
+    if prov.endswith("_graph") and device != "cuda":
+        return "CUDA graphs need a GPU"
+    if prov in ("compile", "compile_max", "eager", "eager_graph"):
+        return None
+    return ck.backends.why_unavailable(PROVIDERS[prov][0], torch.device(device))
+
+
+def module_of(prov, fused, ref):
+    """The module provider `prov` times: the reference (eager), the compiled reference, or the fused one."""
+    if prov in ("eager", "eager_graph"):
+        return ref
+    if prov == "compile":
+        return torch.compile(ref)
+    if prov == "compile_max":
+        return torch.compile(ref, mode="max-autotune")
+    return fused
+
+
+def graphed(step, example):
+    """fn(i) replaying `step(example)` captured in one CUDA graph (after warm-up on a side stream, as
+    torch.cuda.graphs documents), so the step costs no host time: the small-shape variant."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step(example)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step(example)
+    return lambda i: g.replay()
+
+
+# ----------------------------------------------------------------------------------------- ceilings
+def measure_bandwidth(device) -> float:
+    """Bytes/s of a large copy on `device`, counting bytes read plus bytes written."""
+    n = (1 << 30) if device == "cuda" else (1 << 28)
+    a = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    b = torch.empty_like(a)
+    if device == "cuda":
+        ms = bench_gpu(lambda i: b.copy_(a))[0]
+    else:
+        b.copy_(a)
+        ms = min(_cpu_ms(lambda: b.copy_(a)) for _ in range(5))
+    return 2 * n / (ms * 1e-3)
+
+
+def _cpu_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_fp32_fma_rate(device) -> float:
+    """fp32 FLOP/s without tensor cores.  GPU: a Triton kernel of independent FMA chains on the CUDA cores.
+    CPU: a large fp32 matrix product (oneDNN/MKL run it at the FMA units' peak, so it stands for it)."""
+    if device != "cuda":
+        return measure_mm_rate(device, torch.float32)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fma_kernel(out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        a = offs.to(tl.float32) * 1e-9
+        b = a + 1.0
+        c = a + 2.0
+        d = a + 3.0
+        for _ in range(ITERS):
+            a = a * 0.999 + 0.001
+            b = b * 0.999 + 0.001
+            c = c * 0.999 + 0.001
+            d = d * 0.999 + 0.001
+        tl.store(out_ptr + offs, a + b + c + d)
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block, iters = 1024, 4096
+    grid = sms * 16
+    out = torch.empty(grid * block, device="cuda")
+    ms = bench_gpu(lambda i: _fma_kernel[(grid,)](out, ITERS=iters, BLOCK=block, num_warps=8))[0]
+    return grid * block * iters * 4 * 2 / (ms * 1e-3)
+
+
+def measure_mm_rate(device, dtype) -> float:
+    """FLOP/s of a large square matrix product in `dtype` (tensor cores on the GPU for bf16/fp16; fp32
+    follows PyTorch's default, which does not allow TF32 for matmul)."""
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    if device == "cuda":
+        ms = bench_gpu(lambda i: torch.mm(a, b))[0]
+    else:
+        torch.mm(a, b)
+        ms = min(_cpu_ms(lambda: torch.mm(a, b)) for _ in range(3))
+    return 2 * n**3 / (ms * 1e-3)
+
+
+class Ceilings:
+    """The machine's ceilings, measured in this run when first asked for (and kept)."""
+
+    def __init__(self, device):
+        self.device, self.values = device, {}
+
+    def get(self, name):
+        if name not in self.values:
+            if name == "bandwidth":
+                v = measure_bandwidth(self.device)
+            elif name == "fp32_fma":
+                v = measure_fp32_fma_rate(self.device)
+            elif name.startswith("mm_"):
+                v = measure_mm_rate(self.device, getattr(torch, name[3:]))
+            else:
+                raise KeyError(name)
+            self.values[name] = v
+        return self.values[name]
