@@ -121,7 +121,7 @@ class CaseTimer:
 PROVIDERS = {
     "eager": ("auto", None), "compile": ("auto", None), "compile_max": ("auto", None),
     "eager_graph": ("auto", None),
-    "cpu": ("cpu", None), "torch": ("torch", None), "cuda": ("cuda", None), "triton": ("triton", None),
+    "auto": ("auto", None), "cpu": ("cpu", None), "torch": ("torch", None), "cuda": ("cuda", None), "triton": ("triton", None),
     "cuda_graph": ("cuda", None),
     "cuda_ipb1": ("cuda", ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1")),
     "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require")),

@@ -34,7 +34,7 @@ def test_quick_cpu_run_writes_every_suite(tmp_path):
     provs = {(r["suite"], r["provider"]) for r in rows}
     # every kind of provider of the CPU run: the baselines, the fused backends, the bare GEMM line
     assert {("dw", "eager"), ("dw", "compile"), ("dw", "cpu"), ("dw", "torch"), ("pw", "bare_gemm"),
-            ("model", "eager"), ("model", "cpu")} <= provs
+            ("model", "eager"), ("model", "auto")} <= provs
     assert {r["mode"] for r in rows if r["suite"] == "dw"} == {"eval", "train_fwd", "train"}
     dw = [r for r in rows if r["suite"] == "dw" and r["provider"] == "cpu"]
     assert all(r["vs_eager_same_layout"] and r["roofline_pct"] and r["gb_per_s"] for r in dw)
