@@ -152,7 +152,7 @@ def unavailable(prov, device) -> str | None:
     """Why provider `prov` cannot run on `device` in this process (None when it can)."""
     if prov.endswith("_graph") and device != "cuda":
         return "CUDA graphs need a GPU"
-    if prov in ("compile", "compile_max", "eager", "eager_graph"):
+    if prov in ("compile", "compile_max", "eager", "eager_graph", "auto"):
         return None
     return ck.backends.why_unavailable(PROVIDERS[prov][0], torch.device(device))
 
