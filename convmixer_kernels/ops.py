@@ -78,7 +78,7 @@ def _fake_stem_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act, act_
     return (_like_x(x) if need_dx else x.new_empty((0,))), torch.empty_like(weight), _vec_like(x, weight.shape[0])
 
 
-def _fake_bn_act_fwd(pre, scale, shift, act, act_first):
+def _fake_bn_act_fwd(pre, scale, shift, act, act_first, residual=None):
     return _like_x(pre)
 
 
@@ -112,7 +112,8 @@ OPS = {
     "stem_bwd": ("(Tensor dy, Tensor x, Tensor pre, Tensor weight, Tensor scale, Tensor shift,"
                  " Tensor mean, Tensor ca, Tensor cb, Tensor cd, int act, bool act_first, bool need_dx)"
                  " -> (Tensor dx, Tensor dweight, Tensor dbias)", _fake_stem_bwd, "pw"),
-    "bn_act_fwd": ("(Tensor pre, Tensor scale, Tensor shift, int act, bool act_first) -> Tensor",
+    "bn_act_fwd": ("(Tensor pre, Tensor scale, Tensor shift, int act, bool act_first, Tensor? residual=None)"
+                   " -> Tensor",
                    _fake_bn_act_fwd, "pw"),
     "bn_act_bwd": ("(Tensor dy, Tensor pre, Tensor scale, Tensor shift, Tensor mean, Tensor ca,"
                    " Tensor cb, Tensor cd, int act, bool act_first) -> Tensor", _fake_bn_act_bwd, "pw"),
@@ -267,7 +268,12 @@ def dw_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps
                                         running_mean, running_var, batch_stats, need_pre,
                                         x.shape[0] * x.shape[2] * x.shape[3], sync_group)
     _g, _i, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
-    y = ops.dw_fwd(x, w, b, scale, shift, act, act_first, residual)
+    if batch_stats or need_pre:
+        # pre is at hand (training): y from it in one elementwise pass (read pre and x, write y) instead
+        # of computing the convolution again; the same values (pre is the rounded conv output both use).
+        y = ops.bn_act_fwd(pre, scale, shift, act, act_first, x if residual else None)
+    else:
+        y = ops.dw_fwd(x, w, b, scale, shift, act, act_first, residual)
     return y, pre, mean, var, count
 
 

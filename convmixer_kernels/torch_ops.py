@@ -222,10 +222,15 @@ def stem_fwd(x, weight, bias, scale, shift, act: int, act_first: bool):
     return _bn_act(pre, scale, shift, act, act_first).to(x.dtype).contiguous(memory_format=_fmt(x))
 
 
-def bn_act_fwd(pre, scale, shift, act: int, act_first: bool):
-    """Elementwise: y = scale*act(pre)+shift (act_first) or act(scale*pre+shift), pre's dtype and format."""
+def bn_act_fwd(pre, scale, shift, act: int, act_first: bool, residual=None):
+    """Elementwise: y = scale*act(pre)+shift (act_first) or act(scale*pre+shift), plus the residual (pre's
+    dtype, shape and format; the depthwise block's training forward) if given, rounded once to pre's dtype,
+    in pre's format."""
     acc = acc_dtype(pre.dtype)
-    return _bn_act(pre.to(acc), scale, shift, act, act_first).to(pre.dtype).contiguous(memory_format=_fmt(pre))
+    y = _bn_act(pre.to(acc), scale, shift, act, act_first)
+    if residual is not None:
+        y = y + residual.to(acc)
+    return y.to(pre.dtype).contiguous(memory_format=_fmt(pre))
 
 
 def bn_act_bwd(dy, pre, scale, shift, mean, ca, cb, cd, act: int, act_first: bool):

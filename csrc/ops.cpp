@@ -54,7 +54,8 @@ TORCH_LIBRARY(convmixer_kernels, m) {
         " Tensor mean, Tensor ca, Tensor cb, Tensor cd, int act, bool act_first, bool need_dx)"
         " -> (Tensor dx, Tensor dweight, Tensor dbias)");
   // Elementwise BatchNorm + activation, forward and backward (the light passes of training).
-  m.def("bn_act_fwd(Tensor pre, Tensor scale, Tensor shift, int act, bool act_first) -> Tensor");
+  m.def("bn_act_fwd(Tensor pre, Tensor scale, Tensor shift, int act, bool act_first, Tensor? residual=None)"
+        " -> Tensor");
   m.def("bn_act_bwd(Tensor dy, Tensor pre, Tensor scale, Tensor shift, Tensor mean, Tensor ca,"
         " Tensor cb, Tensor cd, int act, bool act_first) -> Tensor");
   m.def("build_info() -> str", &convmixer_kernels::build_info);

@@ -92,6 +92,9 @@ def check_bn_act_ops(ops, inp, act, act_first, dtype, channels_last):
     n1 = ("pre", "scale", "shift")
     _cmp("bn_act_fwd", ops.bn_act_fwd(*A(inp, n1), act, act_first),
          torch_ops.bn_act_fwd(*A(c, n1), act, act_first), dtype, channels_last)
+    # with a residual (the depthwise block's training forward): dy stands in, it has pre's shape and layout
+    _cmp("bn_act_fwd+residual", ops.bn_act_fwd(*A(inp, n1), act, act_first, inp["dy"]),
+         torch_ops.bn_act_fwd(*A(c, n1), act, act_first, c["dy"]), dtype, channels_last)
     n2 = ("dy", "pre", "scale", "shift", "mean", "ca", "cb", "cd")
     _cmp("bn_act_bwd", ops.bn_act_bwd(*A(inp, n2), act, act_first),
          torch_ops.bn_act_bwd(*A(c, n2), act, act_first), dtype, channels_last)

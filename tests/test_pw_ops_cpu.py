@@ -217,6 +217,10 @@ def test_bad_inputs_stem_and_bn_act():
     i = _pw_args()
     _expect("pre: expected dtype", lambda: o.bn_act_fwd(i["pre"].int(), i["scale"], i["shift"], 2, True))
     _expect(r"scale: expected shape \(5,\)", lambda: o.bn_act_fwd(i["pre"], i["scale"][:3], i["shift"], 2, True))
+    _expect("residual: expected the memory format",
+            lambda: o.bn_act_fwd(i["pre"], i["scale"], i["shift"], 2, True,
+                                 i["dy"].contiguous(memory_format=torch.channels_last)))
+    _expect("residual: expected dtype", lambda: o.bn_act_fwd(i["pre"], i["scale"], i["shift"], 2, True, i["dy"].double()))
     _expect("dy: expected the memory format",
             lambda: o.bn_act_bwd(i["dy"].contiguous(memory_format=torch.channels_last), i["pre"], i["scale"],
                                  i["shift"], i["mean"], i["ca"], i["cb"], i["cd"], 2, True))

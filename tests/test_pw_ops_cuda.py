@@ -150,6 +150,8 @@ def test_bad_inputs():
                        1, True)
     with pytest.raises(RuntimeError, match="pre: expected a CUDA tensor"):
         OPS.bn_act_fwd(inp["pre"].cpu(), inp["scale"], inp["shift"], 1, True)
+    with pytest.raises(RuntimeError, match="residual: expected shape"):
+        OPS.bn_act_fwd(inp["pre"], inp["scale"], inp["shift"], 1, True, inp["dy"][:, :, :1])
     sx = make_pw_inputs(1, 3, 4, 14, 14, torch.float32, "cuda", stem_p=7)
     with pytest.raises(RuntimeError, match="weight: expected shape \\(C_out, C_img, p, p\\)"):
         OPS.stem_fwd(sx["x"], sx["weight"][:, :, :, :3], None, sx["scale"], sx["shift"], 1, True)

@@ -184,6 +184,7 @@ def test_bad_inputs_stem_and_bn_act():
     _bad(lambda: pw.stem_bwd(*bad, 0, True, True), "^dy:")
     _bad(lambda: pw.bn_act_fwd(st["pre"].double(), st["scale"], st["shift"], 0, True), "^pre:")
     _bad(lambda: pw.bn_act_fwd(st["pre"], st["scale"][:2], st["shift"], 0, True), "^scale:")
+    _bad(lambda: pw.bn_act_fwd(st["pre"], st["scale"], st["shift"], 0, True, st["dy"][:, :, :1]), "^residual:")
     _bad(lambda: pw.bn_act_bwd(st["dy"].half(), st["pre"], st["scale"], st["shift"], st["mean"], st["ca"],
                                st["cb"], st["cd"], 0, True), "^dy:")
     _bad(lambda: pw.bn_act_bwd(st["dy"], st["pre"], st["scale"], st["shift"], st["mean"], st["ca"],

@@ -409,8 +409,8 @@ def _stats_reduce_kernel(wsm_ptr, wsv_ptr, mean_ptr, var_ptr, R, C, n_mt, Mb, BM
 
 
 @triton.jit(do_not_specialize=["act", "act_first"])
-def _bn_act_fwd_kernel(pre_ptr, y_ptr, scale_ptr, shift_ptr, C, L, s_b, s_l, s_c, act, act_first,
-                       BL: tl.constexpr, BC: tl.constexpr):
+def _bn_act_fwd_kernel(pre_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, C, L, s_b, s_l, s_c, act, act_first,
+                       HAS_RES: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
     rl = tl.program_id(0) * BL + tl.arange(0, BL)
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = rc < C
@@ -421,6 +421,8 @@ def _bn_act_fwd_kernel(pre_ptr, y_ptr, scale_ptr, shift_ptr, C, L, s_b, s_l, s_c
     scale = tl.load(scale_ptr + rc, mask=c_ok, other=1.0)[None, :]
     shift = tl.load(shift_ptr + rc, mask=c_ok, other=0.0)[None, :]
     y = _bn_act(pre, scale, shift, act, act_first)
+    if HAS_RES:  # the residual (the depthwise block's training forward), before the one rounding
+        y += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -867,21 +869,25 @@ def stem_bwd(dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act: int, act_f
 # ----------------------------------------------------------------------------------------------
 
 
-def bn_act_fwd(pre, scale, shift, act: int, act_first: bool):
-    """y = scale*act(pre)+shift (act_first) or act(scale*pre+shift), elementwise; pre's dtype/format."""
+def bn_act_fwd(pre, scale, shift, act: int, act_first: bool, residual=None):
+    """y = scale*act(pre)+shift (act_first) or act(scale*pre+shift) [+ residual], elementwise; pre's
+    dtype/format (the residual in both too)."""
     _check_act(act, act_first)
     fmt = _check_x(pre, "pre")
     N, C, H, W = pre.shape
     scale = _check_vec(scale, "scale", C, pre)
     shift = _check_vec(shift, "shift", C, pre)
+    if residual is not None:
+        _check_like(residual, "residual", pre, pre.shape, fmt)
     y = new_output(pre.shape, dtype=pre.dtype, device=pre.device, memory_format=fmt)
     if y.numel() == 0:
         return y
     lay = _Layout(N, C, H, W, fmt)
     _check_grid(lay)
     BL, BC, grid = _elementwise_grid(lay, C)
-    _bn_act_fwd_kernel[grid](pre, y, scale, shift, C, lay.rows, lay.s_batch, lay.s_row, lay.s_col,
-                             int(act), int(bool(act_first)), BL=BL, BC=BC, num_warps=4)
+    _bn_act_fwd_kernel[grid](pre, pre if residual is None else residual, y, scale, shift, C, lay.rows, lay.s_batch,
+                             lay.s_row, lay.s_col, int(act), int(bool(act_first)), HAS_RES=residual is not None,
+                             BL=BL, BC=BC, num_warps=4)
     return y
 
 

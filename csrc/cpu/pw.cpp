@@ -8,7 +8,7 @@
 //   stem_gemm_stats_cpu (pre, mean, var), pre = round(conv2d(x, weight, bias, stride=p))
 //   stem_fwd_cpu        y = bn_act(pre)
 //   stem_bwd_cpu        (dx | empty, dweight, dbias)
-//   bn_act_fwd_cpu      y = scale*act(pre)+shift (act_first) or act(scale*pre+shift)
+//   bn_act_fwd_cpu      y = scale*act(pre)+shift (act_first) or act(scale*pre+shift), [+ residual]
 //   bn_act_bwd_cpu      dpre = (ca*g + cb*(u - mean) + cd) [* act'(pre) if act_first]
 //
 // How: the GEMM is ATen's (at::mm / at::bmm into preallocated tensors, on views of the
@@ -344,17 +344,18 @@ void run_stats(const Tensor& G, const Tensor* bias, const Tensor& pre, bool cl, 
   pre.copy_(v);
 }
 
-// y = bn_act(v), v = round(in + bias) (in: a GEMM result in the acc dtype; may be y itself) or
-// v = in (in: pre, y's dtype).
+// y = bn_act(v) [+ residual], v = round(in + bias) (in: a GEMM result in the acc dtype; may be y
+// itself) or v = in (in: pre, y's dtype); residual (nullable): y's dtype and layout.
 void run_fwd(const Tensor& in, const Tensor* bias, const Tensor& scale, const Tensor& shift, const Tensor& y,
-             bool cl, int64_t act, bool act_first) {
+             bool cl, int64_t act, bool act_first, const Tensor* residual = nullptr) {
   if (const PwVecKernels* k = vec_kernels()) {
-    k->fwd(geo_of(y, cl), in, bias, scale, shift, y, static_cast<int>(act), act_first);
+    k->fwd(geo_of(y, cl), in, bias, scale, shift, residual, y, static_cast<int>(act), act_first);
     return;
   }
   const auto acc = acc_type_for(y.scalar_type());
   const Tensor v = ref::rounded(bias ? in.to(acc) + ref::per_channel(*bias) : in.to(acc), y.scalar_type());
-  y.copy_(ref::bn_act(v, scale, shift, act, act_first));
+  const Tensor o = ref::bn_act(v, scale, shift, act, act_first);
+  y.copy_(residual ? o + residual->to(acc) : o);
 }
 
 // dpre into `out` (pre's dtype, or the acc dtype with values rounded to pre's: the GEMM
@@ -556,13 +557,15 @@ std::tuple<Tensor, Tensor, Tensor> stem_bwd_cpu(const Tensor& dy, const Tensor& 
   return {dx, dweight, dbias};
 }
 
-Tensor bn_act_fwd_cpu(const Tensor& pre, const Tensor& scale, const Tensor& shift, int64_t act, bool act_first) {
+Tensor bn_act_fwd_cpu(const Tensor& pre, const Tensor& scale, const Tensor& shift, int64_t act, bool act_first,
+                      const std::optional<Tensor>& residual) {
   const bool cl = check_x(pre, "pre");
   check_cvec(scale, "scale", pre, pre.size(1));
   check_cvec(shift, "shift", pre, pre.size(1));
   check_act(act);
+  if (residual) check_like_x(*residual, "residual", pre, cl);
   Tensor y = new_output(pre.sizes(), pre.options(), format_of(cl));
-  run_fwd(pre, nullptr, scale, shift, y, cl, act, act_first);
+  run_fwd(pre, nullptr, scale, shift, y, cl, act, act_first, residual ? &*residual : nullptr);
   return y;
 }
 

@@ -274,7 +274,7 @@ void operand_kernel(const T* x, const T* t, Out* out, int64_t numel) {
 // y may alias in (same element read before written).
 template <typename T, typename In>
 void fwd_kernel(const Geo& g, const In* in, const at::opmath_type<T>* bias, const at::opmath_type<T>* scale,
-                const at::opmath_type<T>* shift, int act, bool act_first, T* y) {
+                const at::opmath_type<T>* shift, const T* res, int act, bool act_first, T* y) {
   using A = at::opmath_type<T>;
   using V = Vectorized<A>;
   constexpr int64_t kW = Block<T>::kW;
@@ -305,6 +305,15 @@ void fwd_kernel(const Geo& g, const In* in, const at::opmath_type<T>* bias, cons
         vh.get(i, n, ha, hb);
         a = bn_act(a, sa, ha, act, act_first);
         b = bn_act(b, sb2, hb, act, act_first);
+        if (res) {  // the block's residual, added before the one rounding to T
+          V ra, rb;
+          if (n == kW)
+            Block<T>::load(res + off + i, ra, rb);
+          else
+            Block<T>::load(res + off + i, n, ra, rb);
+          a = a + ra;
+          b = b + rb;
+        }
         if (n == kW)
           Block<T>::store(y + off + i, a, b);
         else
@@ -538,19 +547,20 @@ void stats_vec(const Geo& g, const Tensor& G, const Tensor* bias, const Tensor& 
   });
 }
 
-// y = bn_act(v): v = round(in + bias) when `in` is in the acc dtype (a GEMM result), v = in when
-// `in` has y's dtype (pre: bn_act_fwd).
+// y = bn_act(v) [+ residual]: v = round(in + bias) when `in` is in the acc dtype (a GEMM result),
+// v = in when `in` has y's dtype (pre: bn_act_fwd).
 void fwd_vec(const Geo& g, const Tensor& in, const Tensor* bias, const Tensor& scale, const Tensor& shift,
-             const Tensor& y, int act, bool act_first) {
+             const Tensor* residual, const Tensor& y, int act, bool act_first) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const A* b = bias ? bias->const_data_ptr<A>() : nullptr;
+    const scalar_t* r = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     if (in.scalar_type() == y.scalar_type())
       fwd_kernel<scalar_t, scalar_t>(g, in.const_data_ptr<scalar_t>(), b, scale.const_data_ptr<A>(),
-                                     shift.const_data_ptr<A>(), act, act_first, y.data_ptr<scalar_t>());
+                                     shift.const_data_ptr<A>(), r, act, act_first, y.data_ptr<scalar_t>());
     else
       fwd_kernel<scalar_t, A>(g, in.const_data_ptr<A>(), b, scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-                              act, act_first, y.data_ptr<scalar_t>());
+                              r, act, act_first, y.data_ptr<scalar_t>());
   });
 }
 

@@ -50,9 +50,10 @@ struct PwVecKernels {
   // pre = round(G + bias) (G may be pre), per-channel mean and biased var of u.
   void (*stats)(const Geo& g, const at::Tensor& G, const at::Tensor* bias, const at::Tensor& pre, int act,
                 bool act_first, const at::Tensor& mean, const at::Tensor& var);
-  // y = bn_act(v): v = round(in + bias) for an acc-dtype `in` (a GEMM result), v = in for y's dtype.
+  // y = bn_act(v) [+ residual]: v = round(in + bias) for an acc-dtype `in` (a GEMM result), v = in for
+  // y's dtype; residual (nullable) has y's dtype and layout.
   void (*fwd)(const Geo& g, const at::Tensor& in, const at::Tensor* bias, const at::Tensor& scale,
-              const at::Tensor& shift, const at::Tensor& y, int act, bool act_first);
+              const at::Tensor& shift, const at::Tensor* residual, const at::Tensor& y, int act, bool act_first);
   // dpre into `out` (pre's dtype or the acc dtype); per-channel sum into dbias (nullable).
   void (*dpre)(const Geo& g, const at::Tensor& dy, const at::Tensor& pre, const BwdVecs& P, int act,
                bool act_first, const at::Tensor& out, const at::Tensor* dbias);

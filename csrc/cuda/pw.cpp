@@ -144,10 +144,11 @@ const float* fptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float
 
 // out = bn_act(in [+ bias]) (out may be in).
 void run_bn_act(const Tensor& in, Tensor& out, const OptTensor& bias, const Tensor& scale, const Tensor& shift,
-                int64_t act, bool act_first, bool cl) {
+                int64_t act, bool act_first, bool cl, const OptTensor& residual = OptTensor()) {
   if (in.numel() == 0) return;
   auto p = channel_params(in, cl, act, act_first);
   p.in = in.data_ptr();
+  p.dy = residual.has_value() ? residual->data_ptr() : nullptr;  // kBnAct's residual
   p.out = out.data_ptr();
   p.bias = fptr(bias);
   p.scale = scale.data_ptr<float>();
@@ -511,15 +512,17 @@ Tensor3 stem_bwd_cuda(const Tensor& dy, const Tensor& x, const Tensor& pre, cons
   return {dx, dweight, dbias};
 }
 
-Tensor bn_act_fwd_cuda(const Tensor& pre, const Tensor& scale, const Tensor& shift, int64_t act, bool act_first) {
+Tensor bn_act_fwd_cuda(const Tensor& pre, const Tensor& scale, const Tensor& shift, int64_t act, bool act_first,
+                       const OptTensor& residual) {
   const bool cl = check_anchor(pre, "pre");
   const int64_t C = pre.size(1);
   check_cvec(scale, "scale", pre, C);
   check_cvec(shift, "shift", pre, C);
   check_act(act);
+  if (residual.has_value()) check_act_tensor(*residual, "residual", pre, pre.sizes(), cl);
   const c10::cuda::CUDAGuard guard(pre.device());
   Tensor y = new_output(pre.sizes(), pre.options(), format_of(cl));
-  run_bn_act(pre, y, OptTensor(), scale, shift, act, act_first, cl);
+  run_bn_act(pre, y, OptTensor(), scale, shift, act, act_first, cl, residual);
   return y;
 }
 

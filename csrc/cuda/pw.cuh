@@ -15,7 +15,8 @@ enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
 // What one pass over an activation-shaped tensor (N, C, H, W) does per element.
 enum class Mode : int {
-  // out = bn_act(in [+ bias, rounded]): scale*act(v)+shift (act_first) or act(scale*v+shift).
+  // out = bn_act(in [+ bias, rounded]) [+ residual]: scale*act(v)+shift (act_first) or
+  // act(scale*v+shift), plus `dy` (the residual, nullable) before the one rounding.
   kBnAct = 0,
   // v = in [+ bias, rounded and written back to out]; u = act(v) if act_first else v;
   // per-block (count, mean, M2) of u, merged per channel -> mean, biased var (one pass).
@@ -32,7 +33,7 @@ struct ChannelParams {
   int act = 0;
   bool act_first = true;
   const void* in = nullptr;  // kBnAct/kStats: GEMM output or pre; kDpre: pre
-  const void* dy = nullptr;  // kDpre
+  const void* dy = nullptr;  // kDpre: dy; kBnAct: the residual (nullable), same layout as `in`
   void* out = nullptr;       // kBnAct: y (may be `in`); kStats: pre (written only with bias,
                              // may be `in`); kDpre: dpre
   // kDpre with NCHW input only: write dpre channel-major, (C, N*HW) row-major, the layout the

@@ -65,10 +65,10 @@ __device__ __forceinline__ T pre_of(const ChannelParams& p, const ChanConsts& q,
 // out = the mode's output element; s = what the mode reduces: u (kStats), the rounded dpre (kDpre).
 template <typename T, Mode MODE>
 __device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& q, T in, T dy, T& out, float& s) {
-  if constexpr (MODE == Mode::kBnAct) {
+  if constexpr (MODE == Mode::kBnAct) {  // dy: the residual when p.dy is set
     const float v = to_f<T>(pre_of<T>(p, q, in));
     const float y = p.act_first ? q.scale * act_fwd(v, p.act) + q.shift : act_fwd(q.scale * v + q.shift, p.act);
-    out = from_f<T>(y);
+    out = from_f<T>(p.dy ? y + to_f<T>(dy) : y);
   } else if constexpr (MODE == Mode::kStats) {
     const T pre = pre_of<T>(p, q, in);
     out = pre;
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
         if (m + u * kTY < m_end) {
           const int64_t off = (m + u * kTY) * C + c0;
           xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off);
-          if constexpr (MODE == Mode::kDpre) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
+          if (MODE != Mode::kStats && dyp) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
         }
       }
       float sv[VEC][U];
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
           Pack<T, VEC> yo;
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
-            apply<T, MODE>(p, q[v], xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
+            apply<T, MODE>(p, q[v], xi[u].v[v], dyp ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
           if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + (m + u * kTY) * C + c0) = yo;
         }
       }
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
       off[u] = (n * p.C + c) * HW + hv * VEC;
       if (qv + u * kThreads < qv_end) {
         xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off[u]);
-        if constexpr (MODE == Mode::kDpre) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off[u]);
+        if (MODE != Mode::kStats && dyp) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off[u]);
       }
       hv += dh;
       n += dn;
@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
         Pack<T, VEC> yo;
 #pragma unroll
         for (int v = 0; v < VEC; ++v)
-          apply<T, MODE>(p, q, xi[u].v[v], MODE == Mode::kDpre ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[u * VEC + v]);
+          apply<T, MODE>(p, q, xi[u].v[v], dyp ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[u * VEC + v]);
         const int64_t out_off = p.out_channel_major ? c * L + (qv + u * kThreads) * VEC : off[u];
         if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
       }

@@ -200,10 +200,11 @@ std::vector<Tensor> pw_stats(const Tensor& g, const std::optional<Tensor>& bias,
 }
 
 Tensor pw_bn_act(const Tensor& in, const std::optional<Tensor>& bias, const Tensor& scale, const Tensor& shift,
-                 int64_t act, bool act_first, int64_t offset) {
+                 int64_t act, bool act_first, int64_t offset, const std::optional<Tensor>& residual) {
   auto p = pw_params(in, act, act_first);
   Tensor y = guarded_empty(in.sizes(), in.scalar_type(), p.cl, offset);
   p.in = in.data_ptr();
+  p.dy = residual ? residual->data_ptr() : nullptr;
   p.out = y.data_ptr();
   p.bias = bias ? fp(*bias) : nullptr;
   p.scale = fp(scale);

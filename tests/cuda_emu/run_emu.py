@@ -145,11 +145,15 @@ def check_pw(mod, case, seed):
     assert rel <= 2e-6, f"var off by {rel:.3g} (relative)"
     scale = torch.rand(C, generator=g) + 0.5
     shift = torch.randn(C, generator=g)
-    y = mod.pw_bn_act(mod.guarded_clone(pre, off), None, scale, shift, act, af, off)
-    mod.check_guards()
-    # the 2x rule (tests/oracle.py): the spec in dtype D (ATen's own kernels) against the spec in fp64
-    check_2x("bn_act", y, T.bn_act_fwd(pre, scale, shift, act, af),
-             T.bn_act_fwd(pre.double(), scale.double(), shift.double(), act, af), dt)
+    res = torch.randn(N, C, H, W, generator=g).to(dt).contiguous(memory_format=fmt)
+    for r in (None, res):  # without and with the residual (the depthwise block's training forward)
+        y = mod.pw_bn_act(mod.guarded_clone(pre, off), None, scale, shift, act, af, off,
+                          None if r is None else mod.guarded_clone(r, off))
+        mod.check_guards()
+        # the 2x rule (tests/oracle.py): the spec in dtype D (ATen's own kernels) against the spec in fp64
+        check_2x(f"bn_act (residual={r is not None})", y, T.bn_act_fwd(pre, scale, shift, act, af, r),
+                 T.bn_act_fwd(pre.double(), scale.double(), shift.double(), act, af,
+                              None if r is None else r.double()), dt)
     dy = torch.randn(N, C, H, W, generator=g).to(dt).contiguous(memory_format=fmt)
     ca, cb, cd = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.1, torch.randn(C, generator=g) * 0.1
     want = T.bn_act_bwd(dy, pre, scale, shift, mean, ca, cb, cd, act, af)
