@@ -54,16 +54,26 @@ inline int64_t round_up(int64_t a, int64_t b) { return div_up(a, b) * b; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Zero-initialised, 64-byte aligned scratch memory (internal linkage: no std::vector
-// instantiation shared with translation units compiled for another CPU).
+// 64-byte aligned scratch memory (internal linkage: no std::vector instantiation shared with
+// translation units compiled for another CPU).  Zero-initialised, or (kUninit: for staging rings
+// and row buffers that are written before they are read, where zeroing a few hundred KB per call
+// was 3-4% of the eval forward) left as it is, or all-NaN under CONVMIXER_KERNELS_POISON_OUTPUTS=1
+// so that a read before a write fails the tests.
+enum class Init { kZero, kUninit };
+inline bool poison_scratch() {
+  const char* v = std::getenv("CONVMIXER_KERNELS_POISON_OUTPUTS");
+  return v != nullptr && v[0] == '1';
+}
 template <typename E>
 class Buf {
  public:
-  explicit Buf(int64_t n) {
-    raw_ = std::calloc(static_cast<size_t>(n > 0 ? n : 1) * sizeof(E) + 128, 1);
+  explicit Buf(int64_t n, Init init = Init::kZero) {
+    const size_t bytes = static_cast<size_t>(n > 0 ? n : 1) * sizeof(E);
+    raw_ = init == Init::kZero ? std::calloc(bytes + 128, 1) : std::malloc(bytes + 128);
     TORCH_CHECK(raw_ != nullptr, "convmixer_kernels: out of memory allocating CPU scratch");
     const uintptr_t a = (reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t(63);  // cache-line aligned
     p_ = reinterpret_cast<E*>(a);
+    if (init == Init::kUninit && poison_scratch()) std::memset(p_, 0xFF, bytes);  // NaN in float and double
   }
   ~Buf() { std::free(raw_); }
   Buf(const Buf&) = delete;
@@ -185,19 +195,42 @@ inline Vectorized<A> vexp(const Vectorized<A>& v) {
     return v.exp();
 }
 
+// 1 / v.  float with AVX-512 or AVX2: the hardware estimate (2^-14, 1.5 * 2^-12 relative) refined
+// by Newton steps r' = r (2 - v r) (one, two) to within about an ulp, instead of a division (the
+// divider's throughput is low).  v must be finite and nonzero (an inf gives NaN).
+template <typename A>
+inline Vectorized<A> vrecip(const Vectorized<A>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m512 x = v;
+    const __m512 r = _mm512_rcp14_ps(x);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 x = v, two = _mm256_set1_ps(2.f);
+    __m256 r = _mm256_rcp_ps(x);
+    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, two));
+    return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, two));
+  }
+#endif
+  return Vectorized<A>(A(1)) / v;
+}
+
 template <typename A>
 inline Vectorized<A> verf(const Vectorized<A>& v) {
   if constexpr (std::is_same_v<A, float>) {
     using Vec = Vectorized<float>;
     const Vec one(1.f);
-    const Vec ax = v.abs();
-    const Vec t = one / at::vec::fmadd(Vec(0.3275911f), ax, one);
+    // |v| capped at 6 (erf is 1.0f from 3.92 on) so vrecip never sees inf; a NaN stays NaN
+    const Vec ax = at::vec::minimum(v.abs(), Vec(6.f));
+    const Vec t = vrecip<float>(at::vec::fmadd(Vec(0.3275911f), ax, one));  // in (0, 1]
     Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
     r = at::vec::fmadd(r, t, Vec(1.421413741f));
     r = at::vec::fmadd(r, t, Vec(-0.284496736f));
     r = at::vec::fmadd(r, t, Vec(0.254829592f));
-    const Vec e = one - r * t * vexp<float>((ax * ax).neg());  // erf(|v|)
-    return Vec::blendv(e, e.neg(), v < Vec(0.f));
+    const Vec e = one - r * t * vexp<float>((ax * ax).neg());  // erf(|v|) >= 0
+    return e | (v & Vec(-0.f));  // with v's sign (a bit operation; a compare and blend cost more)
   } else {
     return v.erf();
   }
@@ -208,7 +241,8 @@ inline Vectorized<A> vtanh(const Vectorized<A>& v) {
   if constexpr (std::is_same_v<A, float>) {
     using Vec = Vectorized<float>;
     const Vec one(1.f);
-    return one - Vec(2.f) / (vexp<float>(v + v) + one);
+    const Vec vc = at::vec::minimum(v, Vec(9.f));  // tanh is 1.0f from 9 on; keeps e^2v finite for vrecip
+    return one - Vec(2.f) * vrecip<float>(vexp<float>(vc + vc) + one);
   } else {
     return v.tanh();
   }
@@ -352,7 +386,12 @@ struct Geom {
     Gn = imax(1, imin(N, div_up(64, ncg)));
     RC = imax(1, imin(div_up(16, ncg * Gn), H / min_rows));
     G = Gn * RC;
-    nch = imax(1, imin(div_up(16, imax(1, N * ncg)), H / min_rows));
+    // dw_fwd items: fewest row chunks (each chunk stages k - 1 halo rows again) that give every
+    // thread the same number of items, or at least 4 each.  dw_fwd has no reduction, so its
+    // results do not depend on the split.
+    const int64_t threads = imax(1, at::get_num_threads()), per = imax(1, N * ncg);
+    nch = 1;
+    while (nch < H / min_rows && (per * nch) % threads != 0 && per * nch < 4 * threads) ++nch;
   }
   int64_t ring_el() const { return nv * S * row_el; }
   // Images and rows of the reduction part gb (< G).
@@ -788,7 +827,7 @@ void fwd_t(const DwParams& P) {
   // Item (n, cg, ch): image n, channel group cg, row chunk ch.
   const int64_t nitems = g.N * g.ncg * g.nch;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> ring_buf(g.ring_el()), crow(kMaxRows * g.out_el);
+    Buf<A> ring_buf(g.ring_el(), Init::kUninit), crow(kMaxRows * g.out_el, Init::kUninit);
     Ring<A> ring{ring_buf.get(), g.S, g.row_el, 0};
     LaneParams<A> lp;
     for (int64_t it = begin; it < end; ++it) {
@@ -811,13 +850,13 @@ void fwd_t(const DwParams& P) {
                 const A* cr = crow.get() + rr * g.out_el;
                 const A* xr = rows[rr + g.p];  // staged image row r + rr
                 T* yr = y + act_offset(g, n, c0, r + rr);
-                for (int64_t vb = 0; vb < g.nv; ++vb) {
-                  const Vec bias = Vec::loadu(lp[0] + vb * V), s = Vec::loadu(lp[1] + vb * V),
-                            b = Vec::loadu(lp[2] + vb * V);
-                  for (int64_t q = 0; q < rm.nq(); ++q) {
-                    const Vec pre = round_vec<T>(Vec::loadu(cr + rm.b_off(q, vb)) + bias);
-                    Vec o = fwd_vec<ACT>(pre, s, b, P.act_first);
-                    if (P.residual) o = o + Vec::loadu(xr + rm.r_off(q, vb));
+                // pixel by pixel (CL: its nv vectors of channels), so y is written in address order
+                const bool act_first = P.act_first, residual = P.residual;
+                for (int64_t q = 0; q < rm.nq(); ++q) {
+                  for (int64_t vb = 0; vb < g.nv; ++vb) {
+                    const Vec pre = round_vec<T>(Vec::loadu(cr + rm.b_off(q, vb)) + Vec::loadu(lp[0] + vb * V));
+                    Vec o = fwd_vec<ACT>(pre, Vec::loadu(lp[1] + vb * V), Vec::loadu(lp[2] + vb * V), act_first);
+                    if (residual) o = o + Vec::loadu(xr + rm.r_off(q, vb));
                     store_vec(o, yr + rm.t_off(q, vb), rm.cnt(q, vb));
                   }
                 }
@@ -851,7 +890,7 @@ void conv_stats_t(const DwParams& P) {
   Buf<double> part_mean(g.G * g.Cpad), part_m2(g.G * g.Cpad);
   const int64_t nitems = g.ncg * g.G;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
-    Buf<A> ring_buf(g.ring_el()), crow(kMaxRows * g.out_el);
+    Buf<A> ring_buf(g.ring_el(), Init::kUninit), crow(kMaxRows * g.out_el, Init::kUninit);
     Buf<double> mean(g.CB), m2(g.CB);
     Ring<A> ring{ring_buf.get(), g.S, g.row_el, 0};
     LaneParams<A> lp;
