@@ -66,15 +66,22 @@ def plot(csv_path) -> list[str]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     models = [r for r in rows if r["suite"] == "model" and r.get("images_per_s")]
-    if models:
-        fig, ax = plt.subplots(figsize=(12, 4))
-        cases = sorted({(r["shape"], r["dtype"], r["mode"]) for r in models})
-        provs = sorted({(r["provider"], r["layout"]) for r in models})
-        val = {(r["shape"], r["dtype"], r["mode"], r["provider"], r["layout"]): r["images_per_s"] for r in models}
-        _bars(ax, [f"{s} {dt} {m}" for s, dt, m in cases],
-              {f"{p} ({'CL' if lay == 'channels_last' else lay})": [val.get(c + (p, lay)) for c in cases]
-               for p, lay in provs}, "images/s")
-        ax.set_title(f"whole models: {device}, {date}", fontsize=9)
+    if models:  # one panel per model and dtype (their images/s differ by orders of magnitude)
+        panels = sorted({(r["shape"], r["dtype"]) for r in models})
+        cols = min(3, len(panels))
+        nrows = (len(panels) + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+        for ax, (shape, dt) in zip(axes.flat, panels):
+            rs = [r for r in models if r["shape"] == shape and r["dtype"] == dt]
+            modes = sorted({r["mode"] for r in rs}, key=lambda m: MODE_ORDER.get(m, 9))
+            provs = sorted({(r["provider"], r["layout"]) for r in rs})
+            val = {(r["mode"], r["provider"], r["layout"]): r["images_per_s"] for r in rs}
+            _bars(ax, modes, {f"{p} ({'CL' if lay == 'channels_last' else lay})": [val.get((m, p, lay)) for m in modes]
+                              for p, lay in provs}, "images/s")
+            ax.set_title(f"{shape} {dt}", fontsize=8)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.suptitle(f"whole models: {device}, {date}", fontsize=9)
         fig.tight_layout()
         written.append(stem + "-models.png")
         fig.savefig(written[-1], dpi=110)
