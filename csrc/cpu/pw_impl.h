@@ -85,50 +85,31 @@ template <>
 struct Block<at::Half> : BlockReduced<at::Half> {};
 
 // ---------------------------------------------------------------------------------------------
-// Activations (codes as in common.h), forward and derivative, in the accumulation dtype.
+// Activations (codes as in common.h), forward and derivative, in the accumulation dtype: the
+// depthwise kernels' (act_vec.h; see there why both must use the same), chosen at run time.
+#include "cpu/act_vec.h"
 
 template <typename V>
 inline V act_fwd(const V& v, int act) {
   using A = typename V::value_type;
   switch (act) {
-    case kRelu:
-      return at::vec::maximum(v, V(A(0)));
-    case kGelu:
-      return V(A(0.5)) * v * (V(A(1)) + (v * V(A(M_SQRT1_2))).erf());
-    case kGeluTanh: {
-      const V inner = V(A(M_2_SQRTPI * M_SQRT1_2)) * (v + V(A(0.044715)) * v * v * v);
-      return V(A(0.5)) * v * (V(A(1)) + inner.tanh());
-    }
-    case kSilu:
-      return v / (V(A(1)) + v.neg().exp());
-    default:
-      return v;
+    case kRelu: return act_fwd<1, A>(v);
+    case kGelu: return act_fwd<2, A>(v);
+    case kGeluTanh: return act_fwd<3, A>(v);
+    case kSilu: return act_fwd<4, A>(v);
+    default: return v;
   }
 }
 
 template <typename V>
 inline V act_grad(const V& v, int act) {  // d act(v) / dv, relu'(0) = 0
   using A = typename V::value_type;
-  const V one(A(1));
   switch (act) {
-    case kRelu:
-      return v.gt(V(A(0)));
-    case kGelu: {
-      const V cdf = V(A(0.5)) * (one + (v * V(A(M_SQRT1_2))).erf());
-      const V pdf = (V(A(-0.5)) * v * v).exp() * V(A(M_2_SQRTPI * M_SQRT1_2 * 0.5));
-      return cdf + v * pdf;
-    }
-    case kGeluTanh: {
-      const A k0 = A(M_2_SQRTPI * M_SQRT1_2), k1 = A(0.044715);
-      const V t = (V(k0) * (v + V(k1) * v * v * v)).tanh();
-      return V(A(0.5)) * (one + t) + V(A(0.5)) * v * (one - t * t) * V(k0) * (one + V(A(3) * k1) * v * v);
-    }
-    case kSilu: {
-      const V s = one / (one + v.neg().exp());
-      return s * (one + v * (one - s));
-    }
-    default:
-      return one;
+    case kRelu: return act_grad<1, A>(v);
+    case kGelu: return act_grad<2, A>(v);
+    case kGeluTanh: return act_grad<3, A>(v);
+    case kSilu: return act_grad<4, A>(v);
+    default: return V(A(1));
   }
 }
 
