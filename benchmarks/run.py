@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import convmixer_kernels as ck  # noqa: E402
-from benchmarks.harness import Ceilings  # noqa: E402
+from benchmarks.harness import PROVIDERS, Ceilings  # noqa: E402
 from benchmarks.report import derive, slug, write_csv, write_markdown  # noqa: E402
 from benchmarks.suites import DTYPES, SUITES, Bench, run_step  # noqa: E402
 
@@ -129,6 +129,10 @@ def main(argv=None):
     if any(n not in DTYPES for n in names):
         ap.error(f"--dtype: expected a comma list of {','.join(DTYPES)}, got {args.dtype!r}")
     dtypes = [DTYPES[n] for n in names]
+    only = args.providers.split(",") if args.providers else None
+    if only and any(p not in PROVIDERS for p in only):
+        ap.error(f"--providers: unknown {[p for p in only if p not in PROVIDERS]}; expected a comma list of "
+                 f"{','.join(PROVIDERS)}")
     device = args.device
     name, tag, meta = machine(device)
     print(f"{name}: torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}", flush=True)
@@ -149,7 +153,7 @@ def main(argv=None):
             profile_steps(device, args.quick)
         except Exception as e:  # a failing profile must not cost the benchmarks
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
-    bench = Bench(device, dtypes, args.quick, args.providers.split(",") if args.providers else None)
+    bench = Bench(device, dtypes, args.quick, only)
     try:
         for s in suites:
             print(f"== suite {s}", flush=True)

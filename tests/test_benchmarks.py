@@ -50,6 +50,15 @@ def test_quick_cpu_run_writes_every_suite(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("args,message", [(["--suite", "dw,bogus"], "--suite: unknown ['bogus']"),
+                                          (["--dtype", "fp8"], "--dtype: expected a comma list"),
+                                          (["--providers", "eager,cuda_grpah"], "--providers: unknown ['cuda_grpah']")])
+def test_bad_arguments(args, message):
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cpu"] + args, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+
+
 def _row(provider, ms, layout="nchw", mode="eval", suite="dw", **kw):
     r = dict(suite=suite, op=suite, N=64, C=768, H=32, k=9, dtype="bf16", mode=mode, layout=layout, provider=provider,
              shape="N=64 C=768 32x32 k=9", ms=ms, bytes=2e9, flops=1e12)
