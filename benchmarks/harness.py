@@ -248,6 +248,14 @@ def measure_mm_rate(device, dtype) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names runs use
+
+
+def mm_ceiling(dtype_name: str) -> str:
+    """The Ceilings name of the matrix-product rate in a dtype ("bf16" -> "mm_bfloat16")."""
+    return "mm_" + str(DTYPES[dtype_name]).replace("torch.", "")
+
+
 class Ceilings:
     """The machine's ceilings, measured in this run when first asked for (and kept)."""
 

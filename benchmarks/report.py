@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import re
 
-from .harness import BASELINES
+from .harness import BASELINES, DTYPES, mm_ceiling
 
 CSV_COLUMNS = ["device", "torch", "triton", "cuda", "commit", "date", "threads", "suite", "op", "provider", "mode",
                "dtype", "layout", "shape", "N", "C", "H", "W", "k", "median_ms", "p20_ms", "p80_ms", "gb_per_s",
@@ -14,7 +14,6 @@ CSV_COLUMNS = ["device", "torch", "triton", "cuda", "commit", "date", "threads",
                "vs_eager_same_layout", "vs_compile_best", "vs_baseline_best", "x_bare_gemm", "error"]
 # Diagnostic variants of a fused provider, kept out of the targets (cuda_ipb1 turns the pipeline off).
 DIAGNOSTIC = ("cuda_ipb1",)
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _group_key(r):
@@ -48,7 +47,8 @@ def derive(rows, ceilings):
             r["gb_per_s"] = r["bytes"] / (ms * 1e-3) / 1e9 if r.get("bytes") else None
             r["tflop_per_s"] = r["flops"] / (ms * 1e-3) / 1e12 if r.get("flops") else None
             r["roofline_pct"] = None
-            rate = ceilings.get("fp32_fma" if r["suite"] == "dw" else "mm_" + DTYPE_NAMES.get(r["dtype"], ""))
+            rate = ceilings.get("fp32_fma" if r["suite"] == "dw" else
+                                mm_ceiling(r["dtype"]) if r["dtype"] in DTYPES else "")
             if r.get("bytes") and r.get("flops") and rate and ceilings.get("bandwidth"):
                 floor_s = max(r["bytes"] / ceilings["bandwidth"], r["flops"] / rate)
                 r["roofline_pct"] = 100 * floor_s / (ms * 1e-3)

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import convmixer_kernels as ck  # noqa: E402
-from benchmarks.harness import PROVIDERS, Ceilings  # noqa: E402
+from benchmarks.harness import DTYPES, PROVIDERS, Ceilings, mm_ceiling  # noqa: E402
 from benchmarks.report import derive, slug, write_csv, write_markdown  # noqa: E402
-from benchmarks.suites import DTYPES, SUITES, Bench, run_step  # noqa: E402
+from benchmarks.suites import SUITES, Bench, dw_modules, gemm_modules, run_step  # noqa: E402
 
 
 def profile_steps(device, quick):
@@ -46,13 +46,9 @@ def profile_steps(device, quick):
     be = "cuda" if device == "cuda" else "cpu"
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     for kind, fmt in cases:
-        if kind == "dw":
-            blk = ck.FusedDepthwiseBlock(C, 7, activation="gelu")
-        elif kind == "pw":
-            blk = ck.FusedPointwiseBlock(C, C, activation="gelu")
-        else:
-            blk = ck.FusedPatchEmbed(C, 7, activation="gelu")
-        blk = blk.to(device=device, dtype=dtype, memory_format=fmt).train()
+        layout = "channels_last" if fmt == torch.channels_last else "nchw"
+        blk = (dw_modules(C, 7, dtype, device)[0].to(memory_format=fmt) if kind == "dw" else
+               gemm_modules(kind, C, 7, dtype, device, layout)[0]).train()  # the suites' modules
         H = 224 if kind == "stem" else 32
         x = torch.randn(N, 3 if kind == "stem" else C, H, H, device=device, dtype=dtype)
         x = x.contiguous(memory_format=fmt).requires_grad_(kind != "stem")
@@ -67,7 +63,6 @@ def profile_steps(device, quick):
                     run_step(blk, x, dy, "train")
                 if device == "cuda":
                     torch.cuda.synchronize()
-        layout = "channels_last" if fmt == torch.channels_last else "nchw"
         print(f"\n== profile: {kind} C={C} {layout} training step, backend {be}, {dtype}", flush=True)
         print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60), flush=True)
 
@@ -143,8 +138,8 @@ def main(argv=None):
         if "dw" in suites:
             ceil.get("fp32_fma")
         if "pw" in suites or "stem" in suites:
-            for dt in dtypes:
-                ceil.get("mm_" + str(dt).replace("torch.", ""))
+            for n in names:
+                ceil.get(mm_ceiling(n))
         print("ceilings: " + ", ".join(f"{k} {v:.4g}" for k, v in ceil.values.items()), flush=True)
     # A run stopped by a time limit (SIGTERM from `timeout`) still writes what it measured.
     signal.signal(signal.SIGTERM, lambda *a: sys.exit("stopped by SIGTERM: partial results written"))

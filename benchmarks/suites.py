@@ -15,10 +15,9 @@ import torch
 
 import convmixer_kernels as ck
 
-from .harness import BASELINES, CaseTimer, as_provider, graphed, module_of, rotation, unavailable
+from .harness import BASELINES, DTYPES, CaseTimer, as_provider, graphed, module_of, rotation, unavailable
 
 MODES = ("eval", "train_fwd", "train")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Bench:
@@ -107,7 +106,7 @@ def _inputs(bench, shape, out_shape, dtype, layout, cin_grad=True):
 
 
 # ----------------------------------------------------------------------------------------- depthwise
-def _dw_modules(C, k, dtype, device):
+def dw_modules(C, k, dtype, device):
     torch.manual_seed(0)
     blk = ck.FusedDepthwiseBlock(C, k, activation="gelu").to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -151,7 +150,7 @@ def dw_suite(bench):
                     for prov in providers:
                         if not bench.wants(prov) or (bench.quick and prov.startswith("compile") and mode == "train_fwd"):
                             continue
-                        fused, ref = _dw_modules(C, k, dtype, bench.device)
+                        fused, ref = dw_modules(C, k, dtype, bench.device)
                         # bytes: eval x -> y; train_fwd x -> y, pre (saved); train adds dy, x, pre -> dx
                         nb = {"eval": 2, "train_fwd": 3, "train": 7}[mode]
                         nf = {"eval": 1, "train_fwd": 1, "train": 3}[mode]
@@ -163,7 +162,7 @@ def dw_suite(bench):
 
 
 # ----------------------------------------------------------------------------------------- GEMMs
-def _gemm_modules(kind, C, p, dtype, device, layout):
+def gemm_modules(kind, C, p, dtype, device, layout):
     torch.manual_seed(0)
     if kind == "pw":
         blk = ck.FusedPointwiseBlock(C, C, activation="gelu")
@@ -229,7 +228,7 @@ def gemm_suite(bench, kind):
                             continue  # the CUTLASS GEMM serves the eval forward only
                         if bench.quick and prov.startswith("compile") and mode == "train_fwd":
                             continue
-                        fused, ref = _gemm_modules(kind, C, p, dtype, bench.device, layout)
+                        fused, ref = gemm_modules(kind, C, p, dtype, bench.device, layout)
                         _block_case(bench, timer, prov, fused, ref, xsets, dys, mode, dict(base, provider=prov))
                     timer.run()
 

@@ -60,10 +60,6 @@ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 // was 3-4% of the eval forward) left as it is, or all-NaN under CONVMIXER_KERNELS_POISON_OUTPUTS=1
 // so that a read before a write fails the tests.
 enum class Init { kZero, kUninit };
-inline bool poison_scratch() {
-  const char* v = std::getenv("CONVMIXER_KERNELS_POISON_OUTPUTS");
-  return v != nullptr && v[0] == '1';
-}
 template <typename E>
 class Buf {
  public:
@@ -73,7 +69,7 @@ class Buf {
     TORCH_CHECK(raw_ != nullptr, "convmixer_kernels: out of memory allocating CPU scratch");
     const uintptr_t a = (reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t(63);  // cache-line aligned
     p_ = reinterpret_cast<E*>(a);
-    if (init == Init::kUninit && poison_scratch()) std::memset(p_, 0xFF, bytes);  // NaN in float and double
+    if (init == Init::kUninit && poison_outputs()) std::memset(p_, 0xFF, bytes);  // (common.h)  // NaN in float and double
   }
   ~Buf() { std::free(raw_); }
   Buf(const Buf&) = delete;
@@ -221,7 +217,6 @@ struct Geom {
   int64_t Gn;      // batch groups of the reduction items
   int64_t RC;      // row chunks of the reduction items
   int64_t G;       // Gn * RC: the (batch group, row chunk) part of a reduction item
-  int64_t nch;     // row chunks per image of the dw_fwd items
 
   // rings: staging rings an item keeps (dw_bwd: x and dpre).
   explicit Geom(const DwParams& P, int rings = 1)
@@ -261,21 +256,15 @@ struct Geom {
       S = k + kMaxRows - 1;
     }
     row_el = Wp * lane;
-    // Work items: enough to keep the threads busy, few enough that partial results stay
-    // small and halo rows (staged twice) rare.  Shapes only, never the thread count.
-    // Reduction items are (channel group, batch group, row chunk); dw_fwd items are
-    // (image, channel group, row chunk).
-    const int64_t min_rows = imax(k, 4);
+    // Reduction items: enough to keep the threads busy, few enough that partial results
+    // stay small and halo rows (staged twice) rare.  Shapes only, never the thread count.
+    // Reduction items are (channel group, batch group, row chunk); dw_fwd's are (image,
+    // channel group, row chunk), see fwd_row_chunks.
     Gn = imax(1, imin(N, div_up(64, ncg)));
-    RC = imax(1, imin(div_up(16, ncg * Gn), H / min_rows));
+    RC = imax(1, imin(div_up(16, ncg * Gn), H / min_rows()));
     G = Gn * RC;
-    // dw_fwd items: fewest row chunks (each chunk stages k - 1 halo rows again) that give every
-    // thread the same number of items, or at least 4 each.  dw_fwd has no reduction, so its
-    // results do not depend on the split.
-    const int64_t threads = imax(1, at::get_num_threads()), per = imax(1, N * ncg);
-    nch = 1;
-    while (nch < H / min_rows && (per * nch) % threads != 0 && per * nch < 4 * threads) ++nch;
   }
+  int64_t min_rows() const { return imax(k, 4); }
   int64_t ring_el() const { return nv * S * row_el; }
   // Images and rows of the reduction part gb (< G).
   int64_t n_begin(int64_t gb) const { return (gb / RC) * N / Gn; }
@@ -696,6 +685,17 @@ struct Weights {
 
 // ---------------------------------------------------------------- dw_fwd
 
+// Row chunks per image of the dw_fwd items: the fewest (each chunk stages k - 1 halo rows again)
+// that give every thread the same number of items, or at least 4 each.  dw_fwd has no reduction,
+// so unlike the reductions' split this one may depend on the thread count.
+template <typename A>
+int64_t fwd_row_chunks(const Geom<A>& g) {
+  const int64_t threads = imax(1, at::get_num_threads()), per = imax(1, g.N * g.ncg);
+  int64_t nch = 1;
+  while (nch < g.H / g.min_rows() && (per * nch) % threads != 0 && per * nch < 4 * threads) ++nch;
+  return nch;
+}
+
 template <typename T>
 void fwd_t(const DwParams& P) {
   using A = typename AccOf<T>::type;
@@ -708,15 +708,16 @@ void fwd_t(const DwParams& P) {
   const Weights<A> wts(g, static_cast<const A*>(P.weight), false);
   const ChanParams<A> cp(g, {P.bias, P.scale, P.shift});
   // Item (n, cg, ch): image n, channel group cg, row chunk ch.
-  const int64_t nitems = g.N * g.ncg * g.nch;
+  const int64_t nch = fwd_row_chunks(g);
+  const int64_t nitems = g.N * g.ncg * nch;
   at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
     Buf<A> ring_buf(g.ring_el(), Init::kUninit), crow(kMaxRows * g.out_el, Init::kUninit);
     Ring<A> ring{ring_buf.get(), g.S, g.row_el, 0};
     LaneParams<A> lp;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t ch = it % g.nch;
-      const int64_t cg = (it / g.nch) % g.ncg;
-      const int64_t n = it / (g.nch * g.ncg);
+      const int64_t ch = it % nch;
+      const int64_t cg = (it / nch) % g.ncg;
+      const int64_t n = it / (nch * g.ncg);
       const int64_t c0 = cg * g.CB;
       const RowMap<A> rm{g, imin(g.CB, g.C - c0)};
       lp.set(cp, c0);
@@ -725,7 +726,7 @@ void fwd_t(const DwParams& P) {
       with_act(P.act, [&](auto a) {
         constexpr int ACT = decltype(a)::value;
         stream_rows(
-            g, ring, ch * g.H / g.nch, (ch + 1) * g.H / g.nch,
+            g, ring, ch * g.H / nch, (ch + 1) * g.H / nch,
             [&](int64_t yy) { stage_row(ring.slot(yy), img, yy, rm.cb_len, g); },
             [&](int64_t r, int64_t nr, const A* const* rows) {
               conv_rows(rows, nr, wt, g, crow.get());

@@ -47,4 +47,5 @@
 #include <x86intrin.h>
 #endif
 
+#include "common.h"  // poison_outputs
 #include "cpu/dw_kernels.h"

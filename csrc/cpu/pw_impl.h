@@ -91,26 +91,16 @@ struct Block<at::Half> : BlockReduced<at::Half> {};
 
 template <typename V>
 inline V act_fwd(const V& v, int act) {
-  using A = typename V::value_type;
-  switch (act) {
-    case kRelu: return act_fwd<1, A>(v);
-    case kGelu: return act_fwd<2, A>(v);
-    case kGeluTanh: return act_fwd<3, A>(v);
-    case kSilu: return act_fwd<4, A>(v);
-    default: return v;
-  }
+  V r;
+  with_act(act, [&](auto a) { r = act_fwd<decltype(a)::value, typename V::value_type>(v); });
+  return r;
 }
 
 template <typename V>
 inline V act_grad(const V& v, int act) {  // d act(v) / dv, relu'(0) = 0
-  using A = typename V::value_type;
-  switch (act) {
-    case kRelu: return act_grad<1, A>(v);
-    case kGelu: return act_grad<2, A>(v);
-    case kGeluTanh: return act_grad<3, A>(v);
-    case kSilu: return act_grad<4, A>(v);
-    default: return V(A(1));
-  }
+  V r;
+  with_act(act, [&](auto a) { r = act_grad<decltype(a)::value, typename V::value_type>(v); });
+  return r;
 }
 
 template <typename V>
