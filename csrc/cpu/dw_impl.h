@@ -308,7 +308,17 @@ template <typename A>
 struct Ring {
   A* base;
   int64_t S, row_el, origin;
-  A* slot(int64_t y) const { return base + ((y - origin) % S) * row_el; }
+  // stream_rows keeps every row it asks for within 2S rows of origin (it advances origin by S as the
+  // window moves): one compare instead of an integer division per row (idiv was 3% of the NCHW eval
+  // forward's samples, 16 of them per 8 output rows).
+  A* slot(int64_t y) const {
+    int64_t d = y - origin;
+    if (d >= 2 * S)
+      d %= S;
+    else if (d >= S)
+      d -= S;
+    return base + d * row_el;
+  }
 };
 
 // Stages image row y (any y; rows outside the image are zero) of the image at `img`
@@ -548,6 +558,7 @@ inline void stream_rows(const Geom<A>& g, Ring<A>& ring, int64_t h0, int64_t h1,
   int64_t next = h0 - g.p;
   for (int64_t r = h0; r < h1;) {
     const int64_t nr = g.step_rows(h1 - r);
+    if (r - g.p - ring.origin >= g.S) ring.origin += g.S;  // same slots, smaller offsets (see Ring::slot)
     for (; next <= r + nr - 1 + g.p; ++next) stage(next);
     for (int64_t ii = 0; ii < nr + g.k - 1; ++ii) rows[ii] = ring.slot(r - g.p + ii);
     body(r, nr, static_cast<const A* const*>(rows));
@@ -1066,10 +1077,12 @@ void bwd_t(const DwParams& P) {
           stream_rows(
               g, xr, g.h_begin(gb), g.h_end(gb),
               [&](int64_t yy) {
+                dr.origin = xr.origin;  // stream_rows advances xr's; dr uses the same slots
                 stage_row(xr.slot(yy), img, yy, rm.cb_len, g);
                 stage_d(dr.slot(yy), n, yy);
               },
               [&](int64_t r, int64_t nr, const A* const* xrows) {
+                dr.origin = xr.origin;
                 const A* drows[kMaxK + kMaxRows];
                 for (int64_t ii = 0; ii < nr + k - 1; ++ii) drows[ii] = dr.slot(r - g.p + ii);
                 // dx = conv(dpre, flipped weight) [+ dy]
