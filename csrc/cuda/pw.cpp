@@ -148,7 +148,7 @@ void run_bn_act(const Tensor& in, Tensor& out, const OptTensor& bias, const Tens
   if (in.numel() == 0) return;
   auto p = channel_params(in, cl, act, act_first);
   p.in = in.data_ptr();
-  p.dy = residual.has_value() ? residual->data_ptr() : nullptr;  // kBnAct's residual
+  p.in2 = residual.has_value() ? residual->data_ptr() : nullptr;  // kBnAct's residual
   p.out = out.data_ptr();
   p.bias = fptr(bias);
   p.scale = scale.data_ptr<float>();
@@ -187,7 +187,7 @@ void run_dpre(const Tensor& dy, const Tensor& pre, Tensor& out, bool channel_maj
   Tensor partial;
   if (dsum != nullptr) partial = at::empty({p.R * p.C}, pre.options().dtype(at::kFloat));
   p.in = pre.data_ptr();
-  p.dy = dy.data_ptr();
+  p.in2 = dy.data_ptr();
   p.out = out.data_ptr();
   p.out_channel_major = channel_major;
   p.scale = scale.data_ptr<float>();

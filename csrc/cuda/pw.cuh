@@ -33,7 +33,8 @@ struct ChannelParams {
   int act = 0;
   bool act_first = true;
   const void* in = nullptr;  // kBnAct/kStats: GEMM output or pre; kDpre: pre
-  const void* dy = nullptr;  // kDpre: dy; kBnAct: the residual (nullable), same layout as `in`
+  const void* in2 = nullptr;  // the second input, same layout as `in`: kDpre dy; kBnAct the
+                             // residual (nullable)
   void* out = nullptr;       // kBnAct: y (may be `in`); kStats: pre (written only with bias,
                              // may be `in`); kDpre: dpre
   // kDpre with NCHW input only: write dpre channel-major, (C, N*HW) row-major, the layout the

@@ -64,11 +64,11 @@ __device__ __forceinline__ T pre_of(const ChannelParams& p, const ChanConsts& q,
 
 // out = the mode's output element; s = what the mode reduces: u (kStats), the rounded dpre (kDpre).
 template <typename T, Mode MODE>
-__device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& q, T in, T dy, T& out, float& s) {
-  if constexpr (MODE == Mode::kBnAct) {  // dy: the residual when p.dy is set
+__device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& q, T in, T in2, T& out, float& s) {
+  if constexpr (MODE == Mode::kBnAct) {  // in2: the residual when p.in2 is set
     const float v = to_f<T>(pre_of<T>(p, q, in));
     const float y = p.act_first ? q.scale * act_fwd(v, p.act) + q.shift : act_fwd(q.scale * v + q.shift, p.act);
-    out = from_f<T>(p.dy ? y + to_f<T>(dy) : y);
+    out = from_f<T>(p.in2 ? y + to_f<T>(in2) : y);
   } else if constexpr (MODE == Mode::kStats) {
     const T pre = pre_of<T>(p, q, in);
     out = pre;
@@ -76,7 +76,7 @@ __device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& 
     s = p.act_first ? act_fwd(v, p.act) : v;
   } else {  // kDpre: the gradient at pre, as torch_ops.bn_act_bwd
     const float v = to_f<T>(in);
-    float g = to_f<T>(dy);
+    float g = to_f<T>(in2);  // dy
     float u;
     if (p.act_first) {
       u = act_fwd(v, p.act);
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
     if (active) q[v] = load_consts(p, c0 + v);
   }
   const T* in = static_cast<const T*>(p.in);
-  const T* dyp = static_cast<const T*>(p.dy);
+  const T* in2p = static_cast<const T*>(p.in2);
   T* outp = static_cast<T*>(p.out);
   const bool wr = writes_out<MODE>(p);
 
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
         if (m + u * kTY < m_end) {
           const int64_t off = (m + u * kTY) * C + c0;
           xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off);
-          if (MODE != Mode::kStats && dyp) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off);
+          if (MODE != Mode::kStats && in2p) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in2p + off);
         }
       }
       float sv[VEC][U];
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
           Pack<T, VEC> yo;
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
-            apply<T, MODE>(p, q[v], xi[u].v[v], dyp ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
+            apply<T, MODE>(p, q[v], xi[u].v[v], in2p ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
           if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + (m + u * kTY) * C + c0) = yo;
         }
       }
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
   const ChanConsts q = load_consts(p, c);
   Acc acc = kAcc0;
   const T* in = static_cast<const T*>(p.in);
-  const T* dyp = static_cast<const T*>(p.dy);
+  const T* in2p = static_cast<const T*>(p.in2);
   T* outp = static_cast<T*>(p.out);
   const bool wr = writes_out<MODE>(p);
 
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
       off[u] = (n * p.C + c) * HW + hv * VEC;
       if (qv + u * kThreads < qv_end) {
         xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off[u]);
-        if (MODE != Mode::kStats && dyp) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(dyp + off[u]);
+        if (MODE != Mode::kStats && in2p) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in2p + off[u]);
       }
       hv += dh;
       n += dn;
@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
         Pack<T, VEC> yo;
 #pragma unroll
         for (int v = 0; v < VEC; ++v)
-          apply<T, MODE>(p, q, xi[u].v[v], dyp ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[u * VEC + v]);
+          apply<T, MODE>(p, q, xi[u].v[v], in2p ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[u * VEC + v]);
         const int64_t out_off = p.out_channel_major ? c * L + (qv + u * kThreads) * VEC : off[u];
         if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
       }
@@ -370,7 +370,7 @@ void launch_channel_vec(const ChannelParams& p, cudaStream_t stream) {
 template <typename T, Mode MODE>
 void launch_channel(const ChannelParams& p, cudaStream_t stream) {
   constexpr int V = max_vec<T>();
-  const bool vec_ok = (p.cl ? p.C % V == 0 : p.HW % V == 0) && aligned16(p.in) && aligned16(p.dy) &&
+  const bool vec_ok = (p.cl ? p.C % V == 0 : p.HW % V == 0) && aligned16(p.in) && aligned16(p.in2) &&
                       aligned16(MODE == Mode::kStats && p.bias == nullptr ? nullptr : p.out);
   if (vec_ok) {
     launch_channel_vec<T, V, MODE>(p, stream);

@@ -204,7 +204,7 @@ Tensor pw_bn_act(const Tensor& in, const std::optional<Tensor>& bias, const Tens
   auto p = pw_params(in, act, act_first);
   Tensor y = guarded_empty(in.sizes(), in.scalar_type(), p.cl, offset);
   p.in = in.data_ptr();
-  p.dy = residual ? residual->data_ptr() : nullptr;
+  p.in2 = residual ? residual->data_ptr() : nullptr;
   p.out = y.data_ptr();
   p.bias = bias ? fp(*bias) : nullptr;
   p.scale = fp(scale);
@@ -222,7 +222,7 @@ std::vector<Tensor> pw_dpre(const Tensor& dy, const Tensor& pre, const Tensor& s
                              : guarded_empty(pre.sizes(), pre.scalar_type(), p.cl, offset);
   Tensor dsum = vecout(p.C), partial = ws(p.R * p.C);
   p.in = pre.data_ptr();
-  p.dy = dy.data_ptr();
+  p.in2 = dy.data_ptr();
   p.out = out.data_ptr();
   p.out_channel_major = channel_major;
   p.scale = fp(scale);
