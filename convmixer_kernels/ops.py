@@ -297,6 +297,48 @@ def _dw_block_setup(ctx, inputs, output):
     ctx.cfg = (eps, act, act_first, residual, batch_stats, group, backend)
 
 
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Passes gradients through unchanged; differentiating them again raises.  The block ops' backward
+    kernels have no derivatives of their own, so a second derivative through them (create_graph=True,
+    then backward again: gradient penalties, MAML) would be silently wrong -- PyTorch only warns and
+    treats those kernels as constants."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "convmixer_kernels: the fused blocks are differentiable once; a second derivative through them "
+            "(torch.autograd.grad(..., create_graph=True) and then backward again) is not supported.  Use "
+            "ck.unfuse(model), or the eager modules, for double backward.")
+
+
+def _first_order_only(backward):
+    """Wraps a registered backward: it runs without recording, and when autograd records it
+    (create_graph=True) the gradients it returns raise if they are differentiated again."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return out
+        idx = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]
+        if not idx:
+            return out
+        # a leaf that requires grad makes the outputs require it, so that differentiating them reaches backward
+        anchor = torch.zeros((), device=out[idx[0]].device, requires_grad=True)
+        guarded = _NotTwiceDifferentiable.apply(anchor, *(out[i] for i in idx))
+        out = list(out)
+        for i, g in zip(idx, guarded):
+            out[i] = g
+        return tuple(out)
+
+    return wrapper
+
+
 def _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g):
     return (dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype),
             None if bn_weight is None else sum_gx.to(bn_weight.dtype),
@@ -319,7 +361,7 @@ def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     return (dx,) + _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g) + (None,) * 10
 
 
-dw_block.register_autograd(_dw_block_backward, setup_context=_dw_block_setup)
+dw_block.register_autograd(_first_order_only(_dw_block_backward), setup_context=_dw_block_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,5 +456,5 @@ def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     return inputs + _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g) + (None,) * 9
 
 
-pw_block.register_autograd(_gemm_block_backward, setup_context=_gemm_block_setup)
-stem_block.register_autograd(_gemm_block_backward, setup_context=_gemm_block_setup)
+pw_block.register_autograd(_first_order_only(_gemm_block_backward), setup_context=_gemm_block_setup)
+stem_block.register_autograd(_first_order_only(_gemm_block_backward), setup_context=_gemm_block_setup)

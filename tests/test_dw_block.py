@@ -107,6 +107,24 @@ def test_nan_inf_propagate(backend, device, activation, triton_cpu):
         assert torch.equal(torch.isinf(got), torch.isinf(want))
 
 
+@pytest.mark.parametrize("backend,device", backend_params(include_triton=False))
+@pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
+def test_double_backward_raises_instead_of_silently_wrong(kind, backend, device):
+    """create_graph=True gives the same first-order gradients; differentiating them again raises a clear
+    error.  (Without the guard PyTorch only warned and returned zero second derivatives.)"""
+    torch.manual_seed(0)
+    blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3), "pw": lambda: ck.FusedPointwiseBlock(8, 6),
+           "stem": lambda: ck.FusedPatchEmbed(6, 2)}[kind]().to(device)
+    x = torch.randn(2, 3 if kind == "stem" else 8, 6, 6, device=device, requires_grad=True)
+    with ck.backend(backend):
+        want = torch.autograd.grad(blk(x).sum(), (x, blk.conv.weight))
+        got = torch.autograd.grad(blk(x).sum(), (x, blk.conv.weight), create_graph=True)
+        for g, w in zip(got, want):
+            assert torch.equal(g.detach(), w)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            (got[0].pow(2).sum() + got[1].pow(2).sum()).backward()
+
+
 def test_gradcheck_cpu_float64():
     from convmixer_kernels import _ext
 
