@@ -73,6 +73,7 @@ def run_step(m, x, dy, mode):
         return m(x)
     for p in m.parameters():
         p.grad = None
+    x.grad = None  # (accumulating into it would add a pass over x to every step)
     m(x).backward(dy)
 
 
