@@ -304,8 +304,12 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
     treats those kernels as constants."""
 
     @staticmethod
-    def forward(ctx, anchor, *grads):
+    def forward(anchor, *grads):
         return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *_):
