@@ -76,6 +76,19 @@ def _check_x(x, name="x"):
         raise ValueError(f"{name}: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
+def _autocast(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on for x's device, as eager's convolution would take it
+    (float32/16 and bfloat16 activations are cast, float64 is not).  Without it a fused model under
+    autocast ran every block in float32 while the original runs them in the low-precision dtype.  BN
+    parameters and statistics stay float32, as under autocast in eager."""
+    dev = x.device.type
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        if x.dtype != dt:
+            return x.to(dt)
+    return x
+
+
 def sync_group_name(sync: bool, process_group=None) -> str:
     """The process group to sync batch statistics over, as nn.SyncBatchNorm decides: only with an
     initialised torch.distributed and more than one rank; "" means no sync."""
@@ -154,6 +167,7 @@ def dw_block(
     sync=True computes the batch statistics over `process_group` (default: the world) as
     nn.SyncBatchNorm does, forward and backward."""
     _check_x(x)
+    x = _autocast(x)
     N, C, H, W = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight: expected a (C, 1, k, k) tensor, got {getattr(weight, 'shape', weight)}")
@@ -212,10 +226,12 @@ def pw_block(
 
     BatchNorm exactly as nn.BatchNorm2d (see dw_block)."""
     _check_x(x)
+    x = _autocast(x)
     N, C, H, W = x.shape
     _check_gemm_weight(weight, x, C, 1, f"x with C_in = {C} channels")
     if residual is not None:
         _check_x(residual, "residual")
+        residual = _autocast(residual)
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError(f"residual: expected a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
                              f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
@@ -257,6 +273,7 @@ def patch_embed(
         t = conv2d(x, weight, bias, stride=p)     (p x p non-overlapping patches; a remainder is dropped)
         return batch_norm(act(t), ...) if order == "act_norm" else act(batch_norm(t, ...))"""
     _check_x(x)
+    x = _autocast(x)
     N, C, H, W = x.shape
     _check_gemm_weight(weight, x, C, "p", f"images with {C} channels")
     p = weight.shape[-1]

@@ -216,8 +216,15 @@ def test_autocast_bf16(device):
     m = small_convmixer().to(device)
     f = ck.fuse(m)
     x = torch.randn(2, 3, 8, 8, device=device)
+    # The fused blocks run in the autocast dtype, as the eager convolutions do (they ran in fp32 before).
+    seen = []
+    hooks = [mod.register_forward_hook(lambda mod, i, o: seen.append((type(mod).__name__, o.dtype)))
+             for mod in f.modules() if type(mod).__name__.startswith("Fused")]
     with torch.autocast(device, dtype=torch.bfloat16):
         y_ref, y = m(x), f(x)
+    for h in hooks:
+        h.remove()
+    assert seen and all(dt == torch.bfloat16 for _, dt in seen), seen
     assert y.dtype == y_ref.dtype
     for mod in f.modules():  # BN parameters and statistics stay fp32
         if isinstance(mod, nn.BatchNorm2d):
