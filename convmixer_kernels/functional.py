@@ -89,6 +89,17 @@ def _autocast(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _follow_weight_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x in channels_last when the weight is channels_last (and not also NCHW-contiguous) and x is not:
+    PyTorch's convolution picks channels_last output for a channels_last weight, so a model moved to
+    channels_last and fed NCHW images (what a data loader gives) runs channels_last from its first
+    convolution on.  Fused, the stem would otherwise keep the image's NCHW and every block after it too."""
+    if (isinstance(weight, torch.Tensor) and weight.dim() == 4 and x.dim() == 4
+            and memory_format_of(weight) == torch.channels_last and memory_format_of(x) != torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def sync_group_name(sync: bool, process_group=None) -> str:
     """The process group to sync batch statistics over, as nn.SyncBatchNorm decides: only with an
     initialised torch.distributed and more than one rank; "" means no sync."""
@@ -167,7 +178,7 @@ def dw_block(
     sync=True computes the batch statistics over `process_group` (default: the world) as
     nn.SyncBatchNorm does, forward and backward."""
     _check_x(x)
-    x = _autocast(x)
+    x = _follow_weight_layout(_autocast(x), weight)
     N, C, H, W = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight: expected a (C, 1, k, k) tensor, got {getattr(weight, 'shape', weight)}")
@@ -226,7 +237,7 @@ def pw_block(
 
     BatchNorm exactly as nn.BatchNorm2d (see dw_block)."""
     _check_x(x)
-    x = _autocast(x)
+    x = _follow_weight_layout(_autocast(x), weight)
     N, C, H, W = x.shape
     _check_gemm_weight(weight, x, C, 1, f"x with C_in = {C} channels")
     if residual is not None:
@@ -273,7 +284,7 @@ def patch_embed(
         t = conv2d(x, weight, bias, stride=p)     (p x p non-overlapping patches; a remainder is dropped)
         return batch_norm(act(t), ...) if order == "act_norm" else act(batch_norm(t, ...))"""
     _check_x(x)
-    x = _autocast(x)
+    x = _follow_weight_layout(_autocast(x), weight)
     N, C, H, W = x.shape
     _check_gemm_weight(weight, x, C, "p", f"images with {C} channels")
     p = weight.shape[-1]

@@ -184,6 +184,32 @@ def test_keeps_mode_dtype_device_format(device):
     assert feats.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_model_with_nchw_images(device):
+    """model.to(channels_last) fed NCHW images (what a data loader gives): eager's convolutions output
+    channels_last from the stem on (the weight's layout wins); the fused blocks must too, or the whole
+    fused trunk runs NCHW.  Same values, same input-gradient layout."""
+    m = small_convmixer().to(device).to(memory_format=torch.channels_last).train()
+    f = ck.fuse(copy.deepcopy(m))
+    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    fmts = []
+    hooks = [mod.register_forward_hook(lambda mod, i, o: fmts.append(o.is_contiguous(memory_format=torch.channels_last)
+                                                                     and not o.is_contiguous()))
+             for mod in f.modules() if type(mod).__name__.startswith("Fused")]
+    y = f(x)
+    for h in hooks:
+        h.remove()
+    assert fmts and all(fmts), fmts
+    y.sum().backward()
+    gx = x.grad
+    x.grad = None
+    y_ref = m(x)
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-5)
+    assert gx.is_contiguous()
+
+
 def test_unfuse_round_trip():
     m = small_convmixer()
     f = ck.fuse(m)
