@@ -36,7 +36,8 @@ cat "$OUT/machine.txt"
 # system compiler, the one that matches the libstdc++ at run time, when there is one.
 CXX_PICK=${GPU_CHECK_CXX:-}
 if [ -z "$CXX_PICK" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then CXX_PICK=/usr/bin/g++; fi
-if [ -n "$CXX_PICK" ]; then
+if [ -n "$CXX_PICK" ] && [ "$CXX_PICK" != default ]; then  # GPU_CHECK_CXX=default: the environment's own
+  CXX_PICK=$(command -v "$CXX_PICK" || echo "$CXX_PICK")  # a bare name (g++) as a path
   export CXX=$CXX_PICK CC=${CXX_PICK%++}cc LDSHARED="$CXX_PICK -shared"
   [ -x "$CC" ] || CC=$(dirname "$CXX_PICK")/gcc
 fi
