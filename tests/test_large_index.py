@@ -20,6 +20,26 @@ from convmixer_kernels.utils import memory_format_of
 from conftest import HAS_CUDA
 from oracle import check_2x
 
+@pytest.fixture(autouse=True)
+def _one_at_a_time():
+    """One of these tests at a time across pytest-xdist workers (make gpu-check runs 14): each holds
+    about 9 GB, which several at once would not find on one GPU."""
+    import fcntl
+    import tempfile
+
+    with open(f"{tempfile.gettempdir()}/convmixer_kernels_large_index.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if HAS_CUDA:  # hand the cached blocks back for the next worker's test
+                import gc
+
+                gc.collect()
+                torch.cuda.empty_cache()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 pytestmark = pytest.mark.usefixtures("poison")
 
 N, C, H, W = 1, 3, 27000, 27000  # 2,187,000,000 elements > 2^31 = 2,147,483,648
