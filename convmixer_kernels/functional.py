@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from .ops import block_eval as _block_eval
 from .ops import dw_block as _dw_block_op
 from .ops import pw_block as _pw_block_op
 from .ops import stem_block as _stem_block_op
@@ -123,6 +124,14 @@ def _stats_flags(training, running_mean, count, shape, need_pre, sync, process_g
     return bool(batch_stats), bool(need_pre), group
 
 
+def _eval_fast(flags) -> bool:
+    """Whether the block can skip its custom op (ops.block_eval): running statistics, no autograd record
+    (need_pre is set exactly when autograd will run the backward), and nothing tracing it (torch.compile
+    and export see the op itself)."""
+    batch_stats, need_pre, _group = flags
+    return not (batch_stats or need_pre or torch.compiler.is_compiling())
+
+
 def _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
@@ -193,6 +202,9 @@ def dw_block(
     name = backends.resolve("dw_block", x.device, backend, grad)
     x = _layout_ok(x)
     flags = _stats_flags(training, running_mean, N * H * W, x.shape, grad, sync, process_group)
+    if _eval_fast(flags):
+        return _block_eval("dw", x, None, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), act,
+                           order == "act_norm", bool(residual), name)
     y, _pre, mean, var, count = _dw_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                              float(eps), act, order == "act_norm", bool(residual), *flags, name)
     _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
@@ -254,6 +266,9 @@ def pw_block(
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format_of(x))
     flags = _stats_flags(training, running_mean, N * H * W, x.shape, grad, sync, process_group)
+    if _eval_fast(flags):
+        return _block_eval("pw", x, residual, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
+                           act, order == "act_norm", False, name)
     y, _pre, mean, var, count = _pw_block_op(x, residual, weight, bias, bn_weight, bn_bias, running_mean,
                                              running_var, float(eps), act, order == "act_norm", *flags, name)
     _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
@@ -297,6 +312,9 @@ def patch_embed(
     x = _layout_ok(x)
     count = N * (H // p) * (W // p)
     flags = _stats_flags(training, running_mean, count, (N, co, H // p, W // p), grad, sync, process_group)
+    if _eval_fast(flags):
+        return _block_eval("stem", x, None, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
+                           act, order == "act_norm", False, name)
     y, _pre, mean, var, count = _stem_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                                float(eps), act, order == "act_norm", *flags, name)
     _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)

@@ -277,6 +277,26 @@ def dw_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps
     return y, pre, mean, var, count
 
 
+def block_eval(kind, x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
+               residual, backend):
+    """y of a block op ("dw", "pw", "stem") in eval with running statistics (batch_stats = need_pre =
+    False), computed as the op computes it (same kernels, same scale and shift) but without the custom-op
+    dispatch: functional.py calls it when autograd will not record the op and nothing is tracing.  That
+    dispatch (autograd key, redispatch, the Python op wrapper) and the op's extra outputs cost about a
+    third of a block's host time, which is what inference at a small batch on a GPU waits for."""
+    ops = backend_ops(backend)
+    acc = acc_dtype(x.dtype)
+    b = None if bias is None else bias.to(acc)
+    _g, _i, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, running_mean.to(acc),
+                                           running_var.to(acc), eps)
+    if kind == "dw":
+        return ops.dw_fwd(x, weight.to(acc).contiguous(), b, scale, shift, act, act_first, residual)
+    w = weight.to(x.dtype).contiguous()
+    if kind == "pw":
+        return ops.pw_fwd(x, t, w, b, scale, shift, act, act_first)
+    return ops.stem_fwd(x, w, b, scale, shift, act, act_first)
+
+
 def _block_fake(x, c_out, h, w, batch_stats, need_pre):
     pre = _out_like(x, c_out, h, w) if (batch_stats or need_pre) else x.new_empty((0,))
     return _out_like(x, c_out, h, w), pre, _vec_like(x, c_out), _vec_like(x, c_out), \

@@ -125,6 +125,29 @@ def test_double_backward_raises_instead_of_silently_wrong(kind, backend, device)
             (got[0].pow(2).sum() + got[1].pow(2).sum()).backward()
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
+def test_eval_skips_the_custom_op_with_the_same_result(kind, backend, device, monkeypatch, triton_cpu):
+    """Eval with running statistics and no autograd record goes straight to the kernels (ops.block_eval,
+    less host time) and gives bitwise what the custom op gives; training, autograd and tracing keep the op."""
+    from convmixer_kernels import functional as F_
+
+    torch.manual_seed(0)
+    blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3), "pw": lambda: ck.FusedPointwiseBlock(8, 6),
+           "stem": lambda: ck.FusedPatchEmbed(6, 2)}[kind]()
+    blk = randomize_bn(blk, 1).to(device).eval()
+    x = torch.randn(2, 3 if kind == "stem" else 8, 6, 6, device=device)
+    with torch.no_grad(), ck.backend(backend):
+        with monkeypatch.context() as mp:
+            mp.setattr(F_, "_eval_fast", lambda flags: False)
+            want = blk(x)
+        with monkeypatch.context() as mp:
+            for op in ("_dw_block_op", "_pw_block_op", "_stem_block_op"):
+                mp.setattr(F_, op, lambda *a, **k: pytest.fail("the eval forward went through the custom op"))
+            got = blk(x)
+    assert torch.equal(got, want)
+
+
 def test_gradcheck_cpu_float64():
     from convmixer_kernels import _ext
 
