@@ -83,15 +83,16 @@ def machine(device):
         name = f"CPU {name} ({threads} threads)"
         tag = f"cpu-{slug(platform.machine())}-{threads}t"
     commit = os.environ.get("BENCH_COMMIT", "")  # the device machine's copy of the tree may have no (or a stale) .git
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-        if not os.environ.get("BENCH_COMMIT"):
+    if not commit:
+        here = os.path.dirname(os.path.abspath(__file__))
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=here).stdout.strip() or "unknown"
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                                   text=True, cwd=here).stdout.strip()
             commit += "+changes" if dirty else ""
-    except OSError:
-        commit = "unknown"
+        except OSError:
+            commit = "unknown"
     try:
         import triton
 
@@ -173,7 +174,7 @@ def main(argv=None):
             save()
         if late:
             print(f"== suite pw ({', '.join(late)}, last)", flush=True)
-            bench.only = late
+            bench.only, bench.references = late, False  # (the bare GEMMs were timed in the first pass)
             SUITES["pw"](bench)
             save()
     finally:

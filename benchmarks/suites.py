@@ -25,6 +25,7 @@ class Bench:
 
     def __init__(self, device, dtypes, quick=False, providers=None):
         self.device, self.dtypes, self.quick, self.only = device, dtypes, quick, providers
+        self.references = True  # time the reference lines (the bare GEMMs) too
         self.rows = []
         cpu_quick = device == "cpu" and quick  # the CI smoke test: tiny shapes, a few rounds each
         self.seconds, self.min_rounds = (0.02, 2) if cpu_quick else (1.0, 5)
@@ -219,7 +220,7 @@ def gemm_suite(bench, kind):
                     fwd = M * K + K * C + M * C * (1 if mode == "eval" else 2)
                     base["bytes"] = esize * (fwd + (3 * M * C + 2 * M * K + 2 * K * C if mode == "train" else 0))
                     timer = bench.timer()
-                    if layout == layouts[-1]:  # the bare GEMMs, once per mode
+                    if layout == layouts[-1] and bench.references:  # the bare GEMMs, once per mode
                         bare = (lambda i: (torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g))) \
                             if mode == "train" else (lambda i: torch.mm(a, b))
                         timer.add(bare, 1, "eager", *bench.recorder(dict(base, provider="bare_gemm",

@@ -77,28 +77,29 @@ def _check_x(x, name="x"):
         raise ValueError(f"{name}: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def _autocast(x: torch.Tensor) -> torch.Tensor:
-    """x in the autocast dtype when autocast is on for x's device, as eager's convolution would take it
-    (float32/16 and bfloat16 activations are cast, float64 is not).  Without it a fused model under
-    autocast ran every block in float32 while the original runs them in the low-precision dtype.  BN
-    parameters and statistics stay float32, as under autocast in eager."""
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives x, as eager's convolution would take it (float32/16 and bfloat16
+    activations are cast when autocast is on for x's device, float64 is not), else x.dtype.  Without it a
+    fused model under autocast ran every block in float32 while the original runs them in the
+    low-precision dtype.  BN parameters and statistics stay float32, as under autocast in eager."""
     dev = x.device.type
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        if x.dtype != dt:
-            return x.to(dt)
-    return x
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
-def _follow_weight_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x in channels_last when the weight is channels_last (and not also NCHW-contiguous) and x is not:
-    PyTorch's convolution picks channels_last output for a channels_last weight, so a model moved to
-    channels_last and fed NCHW images (what a data loader gives) runs channels_last from its first
-    convolution on.  Fused, the stem would otherwise keep the image's NCHW and every block after it too."""
-    if (isinstance(weight, torch.Tensor) and weight.dim() == 4 and x.dim() == 4
-            and memory_format_of(weight) == torch.channels_last and memory_format_of(x) != torch.channels_last):
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+def _conv_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x as PyTorch's convolution would take it, in one copy at most: in the autocast dtype, and in
+    channels_last when the weight is channels_last (and not also NCHW-contiguous) and x is not -- a
+    convolution picks channels_last output for a channels_last weight, so a model moved to channels_last
+    and fed NCHW images (what a data loader gives) runs channels_last from its stem on.  Fused, the stem
+    would otherwise keep the image's NCHW and every block after it too."""
+    dt = _autocast_dtype(x)
+    cl = (isinstance(weight, torch.Tensor) and weight.dim() == 4 and x.dim() == 4
+          and memory_format_of(weight) == torch.channels_last and memory_format_of(x) != torch.channels_last)
+    if cl:
+        return x.to(dtype=dt, memory_format=torch.channels_last)
+    return x.to(dt)
 
 
 def sync_group_name(sync: bool, process_group=None) -> str:
@@ -187,7 +188,7 @@ def dw_block(
     sync=True computes the batch statistics over `process_group` (default: the world) as
     nn.SyncBatchNorm does, forward and backward."""
     _check_x(x)
-    x = _follow_weight_layout(_autocast(x), weight)
+    x = _conv_input(x, weight)
     N, C, H, W = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight: expected a (C, 1, k, k) tensor, got {getattr(weight, 'shape', weight)}")
@@ -249,12 +250,12 @@ def pw_block(
 
     BatchNorm exactly as nn.BatchNorm2d (see dw_block)."""
     _check_x(x)
-    x = _follow_weight_layout(_autocast(x), weight)
+    x = _conv_input(x, weight)
     N, C, H, W = x.shape
     _check_gemm_weight(weight, x, C, 1, f"x with C_in = {C} channels")
     if residual is not None:
         _check_x(residual, "residual")
-        residual = _autocast(residual)
+        residual = residual.to(_autocast_dtype(residual))
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError(f"residual: expected a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
                              f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
@@ -299,7 +300,7 @@ def patch_embed(
         t = conv2d(x, weight, bias, stride=p)     (p x p non-overlapping patches; a remainder is dropped)
         return batch_norm(act(t), ...) if order == "act_norm" else act(batch_norm(t, ...))"""
     _check_x(x)
-    x = _follow_weight_layout(_autocast(x), weight)
+    x = _conv_input(x, weight)
     N, C, H, W = x.shape
     _check_gemm_weight(weight, x, C, "p", f"images with {C} channels")
     p = weight.shape[-1]

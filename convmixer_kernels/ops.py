@@ -249,6 +249,22 @@ _BN_ARGS = ("Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? r
 _FLAGS = "bool batch_stats, bool need_pre, str sync_group, str backend"
 
 
+def _kernel_weight(kind, weight, x):
+    """The weight as the kernels take it, contiguous (tiny; a model moved to channels_last has channels_last
+    weights): depthwise in the accumulation dtype (its FMAs run in fp32), the GEMMs' in the storage dtype
+    (the tensor-core operand, as autocast feeds cuBLAS)."""
+    return weight.to(acc_dtype(x.dtype) if kind == "dw" else x.dtype).contiguous()
+
+
+def _fwd_kernel(kind, ops, x, t, w, b, scale, shift, act, act_first, residual):
+    """y of a block ("dw", "pw", "stem") from its eval forward kernel (w from _kernel_weight)."""
+    if kind == "dw":
+        return ops.dw_fwd(x, w, b, scale, shift, act, act_first, residual)
+    if kind == "pw":
+        return ops.pw_fwd(x, t, w, b, scale, shift, act, act_first)
+    return ops.stem_fwd(x, w, b, scale, shift, act, act_first)
+
+
 # ---------------------------------------------------------------------------------------------
 # The differentiable block ops.  They return (y, pre, mean, var, count): pre = the conv/GEMM output
 # before the norm (saved for backward; empty unless batch_stats or need_pre), mean/var = the statistics
@@ -262,7 +278,7 @@ def dw_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps
     """y = [x +] BN(act(DWConv(x) + bias)) (act_first) or [x +] act(BN(DWConv(x) + bias))."""
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
-    w = weight.to(acc).contiguous()  # tiny; a model moved to channels_last has channels_last weights
+    w = _kernel_weight("dw", weight, x)
     b = None if bias is None else bias.to(acc)
     pre, mean, var, count = _statistics(lambda: ops.dw_conv_stats(x, w, b, act, act_first), x, x.shape[1],
                                         running_mean, running_var, batch_stats, need_pre,
@@ -273,7 +289,7 @@ def dw_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps
         # of computing the convolution again; the same values (pre is the rounded conv output both use).
         y = ops.bn_act_fwd(pre, scale, shift, act, act_first, x if residual else None)
     else:
-        y = ops.dw_fwd(x, w, b, scale, shift, act, act_first, residual)
+        y = _fwd_kernel("dw", ops, x, None, w, b, scale, shift, act, act_first, residual)
     return y, pre, mean, var, count
 
 
@@ -284,17 +300,12 @@ def block_eval(kind, x, t, weight, bias, bn_weight, bn_bias, running_mean, runni
     dispatch: functional.py calls it when autograd will not record the op and nothing is tracing.  That
     dispatch (autograd key, redispatch, the Python op wrapper) and the op's extra outputs cost about a
     third of a block's host time, which is what inference at a small batch on a GPU waits for."""
-    ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     b = None if bias is None else bias.to(acc)
     _g, _i, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, running_mean.to(acc),
                                            running_var.to(acc), eps)
-    if kind == "dw":
-        return ops.dw_fwd(x, weight.to(acc).contiguous(), b, scale, shift, act, act_first, residual)
-    w = weight.to(x.dtype).contiguous()
-    if kind == "pw":
-        return ops.pw_fwd(x, t, w, b, scale, shift, act, act_first)
-    return ops.stem_fwd(x, w, b, scale, shift, act, act_first)
+    return _fwd_kernel(kind, backend_ops(backend), x, t, _kernel_weight(kind, weight, x), b, scale, shift, act,
+                       act_first, residual)
 
 
 def _block_fake(x, c_out, h, w, batch_stats, need_pre):
@@ -380,8 +391,8 @@ def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     gamma, invstd, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
     sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
                                               batch_stats, group)
-    dx, dweight, dbias = ops.dw_bwd(dy, x, pre, weight.to(acc).contiguous(), scale, shift, mean, ca, cb, cd, act, act_first,
-                                    residual)
+    dx, dweight, dbias = ops.dw_bwd(dy, x, pre, _kernel_weight("dw", weight, x), scale, shift, mean, ca, cb, cd, act,
+                                    act_first, residual)
     return (dx,) + _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g) + (None,) * 10
 
 
@@ -394,7 +405,7 @@ dw_block.register_autograd(_first_order_only(_dw_block_backward), setup_context=
 def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act,
                         act_first, batch_stats, need_pre, group):
     acc = acc_dtype(x.dtype)
-    w = weight.to(x.dtype).contiguous()  # the GEMM operand is in the storage dtype (as autocast feeds cuBLAS)
+    w = _kernel_weight(kind, weight, x)
     b = None if bias is None else bias.to(acc)
     C = weight.shape[0]
     p = 1 if kind == "pw" else weight.shape[-1]
@@ -405,10 +416,8 @@ def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, runni
     _g, _i, scale, shift = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
     if pre.numel() > 0:
         y = ops.bn_act_fwd(pre, scale, shift, act, act_first)
-    elif kind == "pw":
-        y = ops.pw_fwd(x, t, w, b, scale, shift, act, act_first)
     else:
-        y = ops.stem_fwd(x, w, b, scale, shift, act, act_first)
+        y = _fwd_kernel(kind, ops, x, t, w, b, scale, shift, act, act_first, False)
     return y, pre, mean, var, count
 
 
@@ -469,7 +478,7 @@ def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     gamma, invstd, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, mean, var, eps)
     sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
                                               batch_stats, group)
-    w = weight.to(x.dtype).contiguous()
+    w = _kernel_weight(ctx.kind, weight, x)
     if ctx.kind == "pw":
         ds, dweight, dbias = ops.pw_bwd(dy, x, t, pre, w, scale, shift, mean, ca, cb, cd, act, act_first)
         inputs = (ds, ds if ctx.has_t else None)

@@ -1010,7 +1010,9 @@ void bwd_t(const DwParams& P) {
     Buf<A> xring_buf(g.ring_el()), dring_buf(g.ring_el()), crow(kMaxRows * g.out_el), wacc(g.nv * kk * V),
         bacc(g.nv * V);
     Buf<double> acc_w(kk * g.CB), acc_b(g.CB);
-    Ring<A> xr{xring_buf.get(), g.S, g.row_el, 0}, dr{dring_buf.get(), g.S, g.row_el, 0};
+    Ring<A> xr{xring_buf.get(), g.S, g.row_el, 0};
+    // dpre's ring mirrors x's: the same slot of its own buffer for every row.
+    auto dslot = [&](int64_t y) { return dring_buf.get() + (xr.slot(y) - xr.base); };
     LaneParams<A> lp;
     int64_t pending = 0;  // rows in wacc/bacc
     auto flush = [&](int64_t cb_len) {
@@ -1073,18 +1075,15 @@ void bwd_t(const DwParams& P) {
         };
         for (int64_t n = g.n_begin(gb); n < g.n_end(gb); ++n) {
           const T* img = x + act_offset(g, n, c0, 0);
-          dr.origin = g.h_begin(gb) - g.p;
           stream_rows(
               g, xr, g.h_begin(gb), g.h_end(gb),
               [&](int64_t yy) {
-                dr.origin = xr.origin;  // stream_rows advances xr's; dr uses the same slots
                 stage_row(xr.slot(yy), img, yy, rm.cb_len, g);
-                stage_d(dr.slot(yy), n, yy);
+                stage_d(dslot(yy), n, yy);
               },
               [&](int64_t r, int64_t nr, const A* const* xrows) {
-                dr.origin = xr.origin;
                 const A* drows[kMaxK + kMaxRows];
-                for (int64_t ii = 0; ii < nr + k - 1; ++ii) drows[ii] = dr.slot(r - g.p + ii);
+                for (int64_t ii = 0; ii < nr + k - 1; ++ii) drows[ii] = dslot(r - g.p + ii);
                 // dx = conv(dpre, flipped weight) [+ dy]
                 conv_rows(static_cast<const A* const*>(drows), nr, wt, g, crow.get());
                 for (int64_t rr = 0; rr < nr; ++rr) {
