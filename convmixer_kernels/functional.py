@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from .ops import block_direct as _block_direct
 from .ops import block_eval as _block_eval
 from .ops import dw_block as _dw_block_op
 from .ops import pw_block as _pw_block_op
@@ -133,28 +134,50 @@ def _eval_fast(flags) -> bool:
     return not (batch_stats or need_pre or torch.compiler.is_compiling())
 
 
-def _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+def _traced() -> bool:
+    """Whether the block must go through its registered custom op: something traces it (torch.compile
+    and export see one opaque node with its fake) or a functorch transform (vmap, torch.func) is active."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _block_op(kind, op, grad):
+    """The block op to call with the op's arguments: in plain eager code the same forward and backward
+    without the custom-op dispatch (ops.block_direct: about half a block's host time), else the op."""
+    if _traced():
+        return op
+    return lambda *args: _block_direct(kind, grad, *args)
+
+
+def _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n_local):
+    """The running-statistics update after a block op; count is the op's (a tensor: the synced batch's
+    with a sync group), n_local the same number on the host when there is no sync group."""
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
-                             momentum)
+        update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(),
+                             count if flags[2] else n_local, momentum)
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    """nn.BatchNorm2d's update, exactly once per forward, with no host synchronisation."""
+    """nn.BatchNorm2d's update, exactly once per forward, with no host synchronisation.  count (values per
+    channel behind mean and var) is a tensor or a number; a number saves four tiny ops (on a GPU, four
+    kernel launches) a block."""
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
+        if isinstance(count, torch.Tensor):
+            unbiased = var * (count / (count - 1).clamp(min=1))
+        else:
+            unbiased = var * (count / max(count - 1, 1))
+        dt = running_mean.dtype
+        if mean.dtype != dt:
+            mean, unbiased = mean.to(dt), unbiased.to(dt)
+        stats = (running_mean, running_var)
         if momentum is None:  # cumulative moving average
-            factor = 1.0 / num_batches_tracked.to(torch.float64)
+            factor = (1.0 / num_batches_tracked.to(torch.float64)).to(dt)
+            running_mean.copy_(running_mean + (mean - running_mean) * factor)
+            running_var.copy_(running_var + (unbiased - running_var) * factor)
         else:
-            factor = momentum
-        unbiased = var * (count / (count - 1).clamp(min=1))
-        if isinstance(factor, torch.Tensor):
-            running_mean.copy_(running_mean + (mean.to(running_mean.dtype) - running_mean) * factor.to(running_mean.dtype))
-            running_var.copy_(running_var + (unbiased.to(running_var.dtype) - running_var) * factor.to(running_var.dtype))
-        else:
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+            torch._foreach_mul_(stats, 1 - momentum)
+            torch._foreach_add_(stats, (mean, unbiased), alpha=momentum)
 
 
 def dw_block(
@@ -202,13 +225,15 @@ def dw_block(
     grad = _needs_grad(x, weight, bias, bn_weight, bn_bias)
     name = backends.resolve("dw_block", x.device, backend, grad)
     x = _layout_ok(x)
-    flags = _stats_flags(training, running_mean, N * H * W, x.shape, grad, sync, process_group)
+    n = N * H * W
+    flags = _stats_flags(training, running_mean, n, x.shape, grad, sync, process_group)
     if _eval_fast(flags):
         return _block_eval("dw", x, None, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), act,
                            order == "act_norm", bool(residual), name)
-    y, _pre, mean, var, count = _dw_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                             float(eps), act, order == "act_norm", bool(residual), *flags, name)
-    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    op = _block_op("dw", _dw_block_op, grad)
+    y, _pre, mean, var, count = op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), act,
+                                   order == "act_norm", bool(residual), *flags, name)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n)
     return y
 
 
@@ -266,13 +291,15 @@ def pw_block(
     x = _layout_ok(x)
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format_of(x))
-    flags = _stats_flags(training, running_mean, N * H * W, x.shape, grad, sync, process_group)
+    n = N * H * W
+    flags = _stats_flags(training, running_mean, n, x.shape, grad, sync, process_group)
     if _eval_fast(flags):
         return _block_eval("pw", x, residual, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
                            act, order == "act_norm", False, name)
-    y, _pre, mean, var, count = _pw_block_op(x, residual, weight, bias, bn_weight, bn_bias, running_mean,
-                                             running_var, float(eps), act, order == "act_norm", *flags, name)
-    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    op = _block_op("pw", _pw_block_op, grad)
+    y, _pre, mean, var, count = op(x, residual, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                   float(eps), act, order == "act_norm", *flags, name)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n)
     return y
 
 
@@ -311,12 +338,13 @@ def patch_embed(
     grad = _needs_grad(x, weight, bias, bn_weight, bn_bias)
     name = backends.resolve("stem_block", x.device, backend, grad)
     x = _layout_ok(x)
-    count = N * (H // p) * (W // p)
-    flags = _stats_flags(training, running_mean, count, (N, co, H // p, W // p), grad, sync, process_group)
+    n = N * (H // p) * (W // p)
+    flags = _stats_flags(training, running_mean, n, (N, co, H // p, W // p), grad, sync, process_group)
     if _eval_fast(flags):
         return _block_eval("stem", x, None, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
                            act, order == "act_norm", False, name)
-    y, _pre, mean, var, count = _stem_block_op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                               float(eps), act, order == "act_norm", *flags, name)
-    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    op = _block_op("stem", _stem_block_op, grad)
+    y, _pre, mean, var, count = op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), act,
+                                   order == "act_norm", *flags, name)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n)
     return y

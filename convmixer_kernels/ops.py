@@ -276,6 +276,12 @@ def _fwd_kernel(kind, ops, x, t, w, b, scale, shift, act, act_first, residual):
 def dw_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, residual,
              batch_stats, need_pre, sync_group, backend):
     """y = [x +] BN(act(DWConv(x) + bias)) (act_first) or [x +] act(BN(DWConv(x) + bias))."""
+    return _dw_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
+                             residual, batch_stats, need_pre, sync_group, backend)
+
+
+def _dw_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, residual,
+                      batch_stats, need_pre, sync_group, backend):
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     w = _kernel_weight("dw", weight, x)
@@ -427,6 +433,12 @@ def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, runni
 def pw_block(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, batch_stats,
              need_pre, sync_group, backend):
     """y = BN(act(Conv1x1(x [+ t]) + bias)) (act_first) or act(BN(...))."""
+    return _pw_block_forward(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
+                             batch_stats, need_pre, sync_group, backend)
+
+
+def _pw_block_forward(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
+                      batch_stats, need_pre, sync_group, backend):
     return _gemm_block_forward("pw", backend_ops(backend), x, t, weight, bias, bn_weight, bn_bias, running_mean,
                                running_var, eps, act, act_first, batch_stats, need_pre, sync_group)
 
@@ -436,6 +448,12 @@ def pw_block(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
 def stem_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, batch_stats,
                need_pre, sync_group, backend):
     """y = BN(act(Conv_p,stride p(x) + bias)) (act_first) or act(BN(...))."""
+    return _stem_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
+                               batch_stats, need_pre, sync_group, backend)
+
+
+def _stem_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
+                        batch_stats, need_pre, sync_group, backend):
     return _gemm_block_forward("stem", backend_ops(backend), x, None, weight, bias, bn_weight, bn_bias, running_mean,
                                running_var, eps, act, act_first, batch_stats, need_pre, sync_group)
 
@@ -491,3 +509,49 @@ def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
 
 pw_block.register_autograd(_first_order_only(_gemm_block_backward), setup_context=_gemm_block_setup)
 stem_block.register_autograd(_first_order_only(_gemm_block_backward), setup_context=_gemm_block_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same block ops without the custom-op dispatch, for eager PyTorch.  Through torch.library every
+# training forward pays for the op's Python autograd wrapper (its fill_defaults re-reads the schema per
+# argument), the autograd/backend redispatch and the output alias checks: about as much host time as the
+# whole eager conv + act + BN it replaces (measured in benchmarks/results/NOTES.md).  functional.py calls
+# these when nothing traces the op (torch.compile and export need the custom op: one opaque node with
+# fakes) and no functorch transform is active (vmap and torch.func keep the op's behaviour); they run the
+# same forward, save the same tensors and run the same backward, so the results are bitwise the op's.
+def _direct_function(name, forward, setup, backward):
+    # forward(ctx, ...) rather than a setup_context staticmethod: with one, Function.apply binds the
+    # arguments to forward's signature through inspect on every call (about 40 us a block on this CPU)
+    def forward_ctx(ctx, *inputs):
+        output = forward(*inputs)
+        setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])  # pre, mean, var, count: gradients flow through y only
+        ctx.set_materialize_grads(False)  # no zero-filled pre-sized gradients for them
+        return output
+
+    def backward_y(ctx, dy, *_unused):
+        if dy is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return backward(ctx, dy, None, None, None, None)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"Eager autograd of the {name} op, without its custom-op dispatch.",
+        "forward": staticmethod(forward_ctx),
+        "backward": staticmethod(_first_order_only(backward_y)),
+    })
+
+
+_DIRECT = {
+    "dw": (_dw_block_forward, _direct_function("dw_block", _dw_block_forward, _dw_block_setup, _dw_block_backward)),
+    "pw": (_pw_block_forward,
+           _direct_function("pw_block", _pw_block_forward, _gemm_block_setup, _gemm_block_backward)),
+    "stem": (_stem_block_forward,
+             _direct_function("stem_block", _stem_block_forward, _gemm_block_setup, _gemm_block_backward)),
+}
+
+
+def block_direct(kind, grad, *inputs):
+    """A block op ("dw", "pw", "stem") called with the op's arguments, eagerly, without its custom-op
+    dispatch: through an autograd.Function when autograd records it (grad), else the forward itself."""
+    forward, function = _DIRECT[kind]
+    return function.apply(*inputs) if grad else forward(*inputs)

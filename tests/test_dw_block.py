@@ -148,6 +148,75 @@ def test_eval_skips_the_custom_op_with_the_same_result(kind, backend, device, mo
     assert torch.equal(got, want)
 
 
+def _block_and_input(kind, device):
+    blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3), "pw": lambda: ck.FusedPointwiseBlock(8, 6),
+           "stem": lambda: ck.FusedPatchEmbed(6, 2)}[kind]()
+    return randomize_bn(blk, 1).to(device), torch.randn(2, 3 if kind == "stem" else 8, 6, 6, device=device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_training_skips_the_custom_op_with_the_same_result(kind, backend, device, momentum, monkeypatch, triton_cpu):
+    """In plain eager code a training step runs the block's forward and backward without the custom-op
+    dispatch (ops.block_direct: an autograd.Function), bitwise as through the op: output, every gradient,
+    the running statistics and num_batches_tracked, over two steps."""
+    from convmixer_kernels import functional as F_
+
+    torch.manual_seed(0)
+    blk, x = _block_and_input(kind, device)
+    blk.norm.momentum = momentum
+    blk.train()
+    results = []
+    for direct in (False, True):
+        m = copy.deepcopy(blk)
+        with monkeypatch.context() as mp, ck.backend(backend):
+            if direct:
+                for op in ("_dw_block_op", "_pw_block_op", "_stem_block_op"):
+                    mp.setattr(F_, op, lambda *a, **k: pytest.fail("the eager training step went through the op"))
+            else:
+                mp.setattr(F_, "_traced", lambda: True)
+            xs = x.clone().requires_grad_(kind != "stem")
+            for _ in range(2):
+                y = m(xs)
+                y.square().sum().backward()
+        grads = [xs.grad] + [p.grad for p in m.parameters()]
+        results.append([y.detach()] + [g for g in grads if g is not None] + list(m.buffers()))
+    assert len(results[0]) == len(results[1])
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
+def test_activation_checkpointing(kind):
+    """torch.utils.checkpoint (non-reentrant) over a fused block gives the gradients it gives over the
+    eager modules.  The running statistics are updated once per step, as without checkpointing: the
+    recomputation stops (PyTorch's early stop) once the op has recomputed what backward saved, before the
+    block's update.  Eager nn.BatchNorm2d updates them a second time in the recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    fused, x = _block_and_input(kind, "cpu")
+    fused, x = fused.double(), x.double()  # float64: fused and eager agree to rounding, so a tight tolerance
+    eager = ck.unfuse(copy.deepcopy(fused))
+    outs = []
+    for m, ckpt in ((eager, True), (fused, True), (copy.deepcopy(fused), False)):
+        m.train()
+        xs = x.clone().requires_grad_(True)
+        y = checkpoint(m, xs, use_reentrant=False) if ckpt else m(xs)
+        y.square().sum().backward()
+        outs.append(([y.detach(), xs.grad] + [p.grad for p in m.parameters()], dict(m.named_buffers())))
+    (eager_out, eager_buf), (ckpt_out, ckpt_buf), (plain_out, plain_buf) = outs
+    for got, want in zip(ckpt_out, eager_out):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for got, want in zip(ckpt_out, plain_out):
+        assert torch.equal(got, want)
+    for name, b in ckpt_buf.items():
+        assert torch.equal(b, plain_buf[name]), name
+    nbt = [n for n in ckpt_buf if n.endswith("num_batches_tracked")][0]
+    assert (int(eager_buf[nbt]), int(ckpt_buf[nbt])) == (3 + 2, 3 + 1)
+
+
 def test_gradcheck_cpu_float64():
     from convmixer_kernels import _ext
 
