@@ -322,6 +322,21 @@ void stem_gemm(const Tensor& A2d, const Tensor& Wk, Tensor& G, bool cl) {
   }
 }
 
+// The stem's GEMM result (acc dtype, x's format, (N, C_out, H/p, W/p)) for an output `out`: into `out`
+// (or a buffer like it) from the im2col GEMM, or a fresh tensor from ATen's strided convolution when the
+// 1x1 conv also goes there (fp32 with oneDNN).  Measured on this project's CPU (2-core AMD EPYC, fp32,
+// channels_last, C_out=256, in-process A/B): see benchmarks/results/NOTES.md, 2026-11-27 (sixth session).
+// The backward keeps its im2col GEMMs (oneDNN's strided-conv backward was several times slower).
+Tensor stem_gemm_result(const Tensor& x, const Tensor& weight, int64_t p, bool cl, const Tensor& out) {
+  const auto acc = acc_type_for(x.scalar_type());
+  if (pw_gemm_by_conv(acc))
+    return at::convolution(x.to(acc), weight.to(acc), std::nullopt, {p, p}, {0, 0}, {1, 1}, false, {0, 0}, 1)
+        .contiguous(format_of(cl));
+  Tensor G = gemm_buffer(out, cl);
+  stem_gemm(im2col(x, p, cl, acc), stem_weight_matrix(weight, cl, acc), G, cl);
+  return G;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared tails of the entry points: the vectorized kernels, or their ATen composition.
 
@@ -489,9 +504,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_gemm_stats_cpu(const Tensor& x, const Te
   Tensor pre = new_output({x.size(0), Co, x.size(2) / p, x.size(3) / p}, x.options(), format_of(cl));
   Tensor mean = new_output({Co}, x.options().dtype(acc));
   Tensor var = new_output({Co}, x.options().dtype(acc));
-  Tensor G = gemm_buffer(pre, cl);
-  stem_gemm(im2col(x, p, cl, acc), stem_weight_matrix(weight, cl, acc), G, cl);
-  run_stats(G, opt(bias), pre, cl, act, act_first, mean, var);
+  run_stats(stem_gemm_result(x, weight, p, cl, pre), opt(bias), pre, cl, act, act_first, mean, var);
   return {pre, mean, var};
 }
 
@@ -504,11 +517,8 @@ Tensor stem_fwd_cpu(const Tensor& x, const Tensor& weight, const std::optional<T
   check_cvec(scale, "scale", x, Co);
   check_cvec(shift, "shift", x, Co);
   check_act(act);
-  const auto acc = acc_type_for(x.scalar_type());
   Tensor y = new_output({x.size(0), Co, x.size(2) / p, x.size(3) / p}, x.options(), format_of(cl));
-  Tensor G = gemm_buffer(y, cl);
-  stem_gemm(im2col(x, p, cl, acc), stem_weight_matrix(weight, cl, acc), G, cl);
-  run_fwd(G, opt(bias), scale, shift, y, cl, act, act_first);
+  run_fwd(stem_gemm_result(x, weight, p, cl, y), opt(bias), scale, shift, y, cl, act, act_first);
   return y;
 }
 
