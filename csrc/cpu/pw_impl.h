@@ -89,11 +89,19 @@ struct Block<at::Half> : BlockReduced<at::Half> {};
 // depthwise kernels' (act_vec.h; see there why both must use the same), chosen at run time.
 #include "cpu/act_vec.h"
 
+// The kernels take the activation as `Act act` and the order as `First act_first`: a run-time int and
+// bool, or (what the entry points pass, see with_act_c) std::integral_constant and std::bool_constant,
+// so that the per-vector switches on them are resolved at compile time.
 template <typename V>
 inline V act_fwd(const V& v, int act) {
   V r;
   with_act(act, [&](auto a) { r = act_fwd<decltype(a)::value, typename V::value_type>(v); });
   return r;
+}
+
+template <typename V, int K>
+inline V act_fwd(const V& v, std::integral_constant<int, K>) {
+  return act_fwd<K, typename V::value_type>(v);
 }
 
 template <typename V>
@@ -103,8 +111,13 @@ inline V act_grad(const V& v, int act) {  // d act(v) / dv, relu'(0) = 0
   return r;
 }
 
-template <typename V>
-inline V bn_act(const V& pre, const V& scale, const V& shift, int act, bool act_first) {
+template <typename V, int K>
+inline V act_grad(const V& v, std::integral_constant<int, K>) {
+  return act_grad<K, typename V::value_type>(v);
+}
+
+template <typename V, typename Act, typename First>
+inline V bn_act(const V& pre, const V& scale, const V& shift, Act act, First act_first) {
   return act_first ? scale * act_fwd(pre, act) + shift : act_fwd(scale * pre + shift, act);
 }
 
@@ -243,9 +256,9 @@ void operand_kernel(const T* x, const T* t, Out* out, int64_t numel) {
 
 // y = bn_act(v), v = in + bias rounded to T (In = acc: a GEMM result) or v = in (In = T: pre).
 // y may alias in (same element read before written).
-template <typename T, typename In>
+template <typename T, typename In, typename Act, typename First>
 void fwd_kernel(const Geo& g, const In* in, const at::opmath_type<T>* bias, const at::opmath_type<T>* scale,
-                const at::opmath_type<T>* shift, const T* res, int act, bool act_first, T* y) {
+                const at::opmath_type<T>* shift, const T* res, Act act, First act_first, T* y) {
   using A = at::opmath_type<T>;
   using V = Vectorized<A>;
   constexpr int64_t kW = Block<T>::kW;
@@ -296,9 +309,9 @@ void fwd_kernel(const Geo& g, const In* in, const at::opmath_type<T>* bias, cons
 
 // pre = round_T(G + bias); mean/var (biased) over (N, H, W) of u = act(pre) if act_first else pre.
 // pre may alias G.
-template <typename T>
-void stats_kernel(const Geo& g, const at::opmath_type<T>* G, const at::opmath_type<T>* bias, int act,
-                  bool act_first, T* pre, at::opmath_type<T>* out_mean, at::opmath_type<T>* out_var) {
+template <typename T, typename Act, typename First>
+void stats_kernel(const Geo& g, const at::opmath_type<T>* G, const at::opmath_type<T>* bias, Act act,
+                  First act_first, T* pre, at::opmath_type<T>* out_mean, at::opmath_type<T>* out_var) {
   using A = at::opmath_type<T>;
   using V = Vectorized<A>;
   using BA = Block<A>;
@@ -399,8 +412,8 @@ void stats_kernel(const Geo& g, const at::opmath_type<T>* G, const at::opmath_ty
 
 // dpre = ca*g + cb*(u - mean) + cd [* act'(pre) if act_first], rounded to T, stored as Out (T or
 // its acc type: the GEMM operand); dbias (nullable) = per-channel sum of the rounded dpre.
-template <typename T, typename Out>
-void dpre_kernel(const Geo& g, const T* dy, const T* pre, const BwdVecs& P, int act, bool act_first, Out* out,
+template <typename T, typename Out, typename Act, typename First>
+void dpre_kernel(const Geo& g, const T* dy, const T* pre, const BwdVecs& P, Act act, First act_first, Out* out,
                  at::opmath_type<T>* dbias) {
   using A = at::opmath_type<T>;
   using V = Vectorized<A>;
@@ -501,6 +514,20 @@ void dpre_kernel(const Geo& g, const T* dy, const T* pre, const BwdVecs& P, int 
 
 // Non-template entry points (the templates above are instantiated here, for this ISA).
 
+// body(activation code, act_first), both as compile-time constants.  With the int and the bool passed
+// through, the per-vector switch kept the activations out of line: in-process A/B on this project's CPU
+// (fp32, 8x256x32x32) the dpre pass took 2.5-5x as long for relu and silu and 1.2x for gelu, the
+// forward pass 1.3-1.8x (benchmarks/results/NOTES.md, sixth session).
+template <typename F>
+void with_act_c(int act, bool act_first, F&& body) {
+  with_act(act, [&](auto a) {
+    if (act_first)
+      body(a, std::true_type{});
+    else
+      body(a, std::false_type{});
+  });
+}
+
 void operand_vec(const Tensor& x, const Tensor* t, const Tensor& s) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pw_operand", [&] {
     operand_kernel<scalar_t, at::opmath_type<scalar_t>>(x.const_data_ptr<scalar_t>(),
@@ -513,8 +540,10 @@ void stats_vec(const Geo& g, const Tensor& G, const Tensor* bias, const Tensor& 
                const Tensor& mean, const Tensor& var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "gemm_stats_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    stats_kernel<scalar_t>(g, G.const_data_ptr<A>(), bias ? bias->const_data_ptr<A>() : nullptr, act, act_first,
-                           pre.data_ptr<scalar_t>(), mean.data_ptr<A>(), var.data_ptr<A>());
+    with_act_c(act, act_first, [&](auto a, auto f) {
+      stats_kernel<scalar_t>(g, G.const_data_ptr<A>(), bias ? bias->const_data_ptr<A>() : nullptr, a, f,
+                             pre.data_ptr<scalar_t>(), mean.data_ptr<A>(), var.data_ptr<A>());
+    });
   });
 }
 
@@ -526,12 +555,14 @@ void fwd_vec(const Geo& g, const Tensor& in, const Tensor* bias, const Tensor& s
     using A = at::opmath_type<scalar_t>;
     const A* b = bias ? bias->const_data_ptr<A>() : nullptr;
     const scalar_t* r = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
-    if (in.scalar_type() == y.scalar_type())
-      fwd_kernel<scalar_t, scalar_t>(g, in.const_data_ptr<scalar_t>(), b, scale.const_data_ptr<A>(),
-                                     shift.const_data_ptr<A>(), r, act, act_first, y.data_ptr<scalar_t>());
-    else
-      fwd_kernel<scalar_t, A>(g, in.const_data_ptr<A>(), b, scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-                              r, act, act_first, y.data_ptr<scalar_t>());
+    with_act_c(act, act_first, [&](auto a, auto f) {
+      if (in.scalar_type() == y.scalar_type())
+        fwd_kernel<scalar_t, scalar_t>(g, in.const_data_ptr<scalar_t>(), b, scale.const_data_ptr<A>(),
+                                       shift.const_data_ptr<A>(), r, a, f, y.data_ptr<scalar_t>());
+      else
+        fwd_kernel<scalar_t, A>(g, in.const_data_ptr<A>(), b, scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
+                                r, a, f, y.data_ptr<scalar_t>());
+    });
   });
 }
 
@@ -541,12 +572,14 @@ void dpre_vec(const Geo& g, const Tensor& dy, const Tensor& pre, const BwdVecs& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "bn_act_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     A* db = dbias ? dbias->data_ptr<A>() : nullptr;
-    if (out.scalar_type() == pre.scalar_type())
-      dpre_kernel<scalar_t, scalar_t>(g, dy.const_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(), P, act,
-                                      act_first, out.data_ptr<scalar_t>(), db);
-    else
-      dpre_kernel<scalar_t, A>(g, dy.const_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(), P, act, act_first,
-                               out.data_ptr<A>(), db);
+    with_act_c(act, act_first, [&](auto a, auto f) {
+      if (out.scalar_type() == pre.scalar_type())
+        dpre_kernel<scalar_t, scalar_t>(g, dy.const_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(), P, a,
+                                        f, out.data_ptr<scalar_t>(), db);
+      else
+        dpre_kernel<scalar_t, A>(g, dy.const_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(), P, a, f,
+                                 out.data_ptr<A>(), db);
+    });
   });
 }
 
