@@ -179,6 +179,20 @@ def _bn_scale_shift(C, acc, device, bn_weight, bn_bias, mean, var, eps):
     return gamma, invstd, scale, beta - mean * scale
 
 
+def _keep(keep, bn):
+    """Hands the forward's (gamma, invstd, scale, shift) to the caller that asked for them (keep: a list or None)."""
+    if keep is not None:
+        keep.append(bn)
+
+
+def _kept_or(ctx, compute):
+    """The forward's (gamma, invstd, scale, shift) when its caller kept them on ctx (ops.block_direct: five
+    small ops, or kernel launches, fewer in each backward), else computed again (the custom op's autograd,
+    whose context only sees the op's inputs and outputs).  The same values either way."""
+    bn = getattr(ctx, "bn", None)
+    return bn if bn is not None else compute()
+
+
 def _process_group(name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -281,7 +295,7 @@ def dw_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps
 
 
 def _dw_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first, residual,
-                      batch_stats, need_pre, sync_group, backend):
+                      batch_stats, need_pre, sync_group, backend, *, keep=None):
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     w = _kernel_weight("dw", weight, x)
@@ -289,7 +303,9 @@ def _dw_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running
     pre, mean, var, count = _statistics(lambda: ops.dw_conv_stats(x, w, b, act, act_first), x, x.shape[1],
                                         running_mean, running_var, batch_stats, need_pre,
                                         x.shape[0] * x.shape[2] * x.shape[3], sync_group)
-    _g, _i, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    bn = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    _keep(keep, bn)
+    _g, _i, scale, shift = bn
     if batch_stats or need_pre:
         # pre is at hand (training): y from it in one elementwise pass (read pre and x, write y) instead
         # of computing the convolution again; the same values (pre is the rounded conv output both use).
@@ -394,7 +410,8 @@ def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     dy = dy.contiguous(memory_format=memory_format_of(x))  # no-op unless autograd handed another layout
-    gamma, invstd, scale, shift = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    gamma, invstd, scale, shift = _kept_or(ctx, lambda: _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias,
+                                                                        mean, var, eps))
     sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
                                               batch_stats, group)
     dx, dweight, dbias = ops.dw_bwd(dy, x, pre, _kernel_weight("dw", weight, x), scale, shift, mean, ca, cb, cd, act,
@@ -409,7 +426,7 @@ dw_block.register_autograd(_first_order_only(_dw_block_backward), setup_context=
 # The pointwise-block and stem ops: GEMM (+ stats) then the light BN pass in training (the GEMM is not
 # recomputed), one GEMM with the whole epilogue in eval.
 def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act,
-                        act_first, batch_stats, need_pre, group):
+                        act_first, batch_stats, need_pre, group, keep=None):
     acc = acc_dtype(x.dtype)
     w = _kernel_weight(kind, weight, x)
     b = None if bias is None else bias.to(acc)
@@ -419,7 +436,9 @@ def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, runni
         (lambda: ops.stem_gemm_stats(x, w, b, act, act_first))
     pre, mean, var, count = _statistics(stats, x, C, running_mean, running_var, batch_stats, need_pre,
                                         x.shape[0] * (x.shape[2] // p) * (x.shape[3] // p), group)
-    _g, _i, scale, shift = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    bn = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    _keep(keep, bn)
+    _g, _i, scale, shift = bn
     if pre.numel() > 0:
         y = ops.bn_act_fwd(pre, scale, shift, act, act_first)
     else:
@@ -438,9 +457,9 @@ def pw_block(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
 
 
 def _pw_block_forward(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
-                      batch_stats, need_pre, sync_group, backend):
+                      batch_stats, need_pre, sync_group, backend, *, keep=None):
     return _gemm_block_forward("pw", backend_ops(backend), x, t, weight, bias, bn_weight, bn_bias, running_mean,
-                               running_var, eps, act, act_first, batch_stats, need_pre, sync_group)
+                               running_var, eps, act, act_first, batch_stats, need_pre, sync_group, keep)
 
 
 @torch.library.custom_op(f"{LIB}::stem_block", mutates_args=(),
@@ -453,9 +472,9 @@ def stem_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, e
 
 
 def _stem_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
-                        batch_stats, need_pre, sync_group, backend):
+                        batch_stats, need_pre, sync_group, backend, *, keep=None):
     return _gemm_block_forward("stem", backend_ops(backend), x, None, weight, bias, bn_weight, bn_bias, running_mean,
-                               running_var, eps, act, act_first, batch_stats, need_pre, sync_group)
+                               running_var, eps, act, act_first, batch_stats, need_pre, sync_group, keep)
 
 
 @pw_block.register_fake
@@ -493,7 +512,8 @@ def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     dy = dy.contiguous(memory_format=memory_format_of(pre))
-    gamma, invstd, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    gamma, invstd, scale, shift = _kept_or(ctx, lambda: _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight,
+                                                                        bn_bias, mean, var, eps))
     sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
                                               batch_stats, group)
     w = _kernel_weight(ctx.kind, weight, x)
@@ -523,8 +543,10 @@ def _direct_function(name, forward, setup, backward):
     # forward(ctx, ...) rather than a setup_context staticmethod: with one, Function.apply binds the
     # arguments to forward's signature through inspect on every call (about 40 us a block on this CPU)
     def forward_ctx(ctx, *inputs):
-        output = forward(*inputs)
+        kept = []
+        output = forward(*inputs, keep=kept)
         setup(ctx, inputs, output)
+        ctx.bn = kept[0]  # (gamma, invstd, scale, shift): (C,) vectors backward would compute again
         ctx.mark_non_differentiable(*output[1:])  # pre, mean, var, count: gradients flow through y only
         ctx.set_materialize_grads(False)  # no zero-filled pre-sized gradients for them
         return output
