@@ -11,7 +11,7 @@ from .ops import dw_block as _dw_block_op
 from .ops import pw_block as _pw_block_op
 from .ops import stem_block as _stem_block_op
 from .torch_ops import ACTIVATIONS
-from .utils import memory_format_of
+from .utils import cast, memory_format_of
 
 ORDERS = ("act_norm", "norm_act")
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -100,7 +100,7 @@ def _conv_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
           and memory_format_of(weight) == torch.channels_last and memory_format_of(x) != torch.channels_last)
     if cl:
         return x.to(dtype=dt, memory_format=torch.channels_last)
-    return x.to(dt)
+    return cast(x, dt)
 
 
 def sync_group_name(sync: bool, process_group=None) -> str:
@@ -169,7 +169,7 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
             unbiased = var * (count / max(count - 1, 1))
         dt = running_mean.dtype
         if mean.dtype != dt:
-            mean, unbiased = mean.to(dt), unbiased.to(dt)
+            mean, unbiased = cast(mean, dt), cast(unbiased, dt)
         stats = (running_mean, running_var)
         if momentum is None:  # cumulative moving average
             factor = (1.0 / num_batches_tracked.to(torch.float64)).to(dt)
@@ -280,7 +280,7 @@ def pw_block(
     _check_gemm_weight(weight, x, C, 1, f"x with C_in = {C} channels")
     if residual is not None:
         _check_x(residual, "residual")
-        residual = residual.to(_autocast_dtype(residual))
+        residual = cast(residual, _autocast_dtype(residual))
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError(f"residual: expected a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
                              f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")

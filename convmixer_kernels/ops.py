@@ -16,7 +16,7 @@ import torch
 
 from . import _ext, torch_ops
 from .torch_ops import acc_dtype
-from .utils import memory_format_of
+from .utils import cast, memory_format_of
 
 LIB = "convmixer_kernels"
 
@@ -167,8 +167,8 @@ def backend_ops(backend: str):
 # ---------------------------------------------------------------------------------------------
 # BatchNorm helpers shared by the block ops (per-channel math on (C,) vectors: negligible cost).
 def _bn_affine(C, acc, device, bn_weight, bn_bias):
-    gamma = torch.ones(C, dtype=acc, device=device) if bn_weight is None else bn_weight.to(acc)
-    beta = torch.zeros(C, dtype=acc, device=device) if bn_bias is None else bn_bias.to(acc)
+    gamma = torch.ones(C, dtype=acc, device=device) if bn_weight is None else cast(bn_weight, acc)
+    beta = torch.zeros(C, dtype=acc, device=device) if bn_bias is None else cast(bn_bias, acc)
     return gamma, beta
 
 
@@ -253,7 +253,7 @@ def _statistics(stats_fn, x, c_out, running_mean, running_var, batch_stats, need
     else:
         pre = x.new_empty((0,))
     if not batch_stats:
-        mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
+        mean, var = cast(running_mean, acc).clone(), cast(running_var, acc).clone()
     return pre, mean, var, count
 
 
@@ -267,7 +267,7 @@ def _kernel_weight(kind, weight, x):
     """The weight as the kernels take it, contiguous (tiny; a model moved to channels_last has channels_last
     weights): depthwise in the accumulation dtype (its FMAs run in fp32), the GEMMs' in the storage dtype
     (the tensor-core operand, as autocast feeds cuBLAS)."""
-    return weight.to(acc_dtype(x.dtype) if kind == "dw" else x.dtype).contiguous()
+    return cast(weight, acc_dtype(x.dtype) if kind == "dw" else x.dtype).contiguous()
 
 
 def _fwd_kernel(kind, ops, x, t, w, b, scale, shift, act, act_first, residual):
@@ -299,7 +299,7 @@ def _dw_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     w = _kernel_weight("dw", weight, x)
-    b = None if bias is None else bias.to(acc)
+    b = None if bias is None else cast(bias, acc)
     pre, mean, var, count = _statistics(lambda: ops.dw_conv_stats(x, w, b, act, act_first), x, x.shape[1],
                                         running_mean, running_var, batch_stats, need_pre,
                                         x.shape[0] * x.shape[2] * x.shape[3], sync_group)
@@ -323,9 +323,9 @@ def block_eval(kind, x, t, weight, bias, bn_weight, bn_bias, running_mean, runni
     dispatch (autograd key, redispatch, the Python op wrapper) and the op's extra outputs cost about a
     third of a block's host time, which is what inference at a small batch on a GPU waits for."""
     acc = acc_dtype(x.dtype)
-    b = None if bias is None else bias.to(acc)
-    _g, _i, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, running_mean.to(acc),
-                                           running_var.to(acc), eps)
+    b = None if bias is None else cast(bias, acc)
+    _g, _i, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias, cast(running_mean, acc),
+                                           cast(running_var, acc), eps)
     return _fwd_kernel(kind, backend_ops(backend), x, t, _kernel_weight(kind, weight, x), b, scale, shift, act,
                        act_first, residual)
 
@@ -397,9 +397,9 @@ def _first_order_only(backward):
 
 
 def _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g):
-    return (dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype),
-            None if bn_weight is None else sum_gx.to(bn_weight.dtype),
-            None if bn_bias is None else sum_g.to(bn_bias.dtype))
+    return (cast(dweight, weight.dtype), None if bias is None else cast(dbias, bias.dtype),
+            None if bn_weight is None else cast(sum_gx, bn_weight.dtype),
+            None if bn_bias is None else cast(sum_g, bn_bias.dtype))
 
 
 def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
@@ -429,7 +429,7 @@ def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, runni
                         act_first, batch_stats, need_pre, group, keep=None):
     acc = acc_dtype(x.dtype)
     w = _kernel_weight(kind, weight, x)
-    b = None if bias is None else bias.to(acc)
+    b = None if bias is None else cast(bias, acc)
     C = weight.shape[0]
     p = 1 if kind == "pw" else weight.shape[-1]
     stats = (lambda: ops.pw_gemm_stats(x, t, w, b, act, act_first)) if kind == "pw" else \
