@@ -213,7 +213,7 @@ def test_activation_checkpointing(kind):
         assert torch.equal(got, want)
     for name, b in ckpt_buf.items():
         assert torch.equal(b, plain_buf[name]), name
-    nbt = [n for n in ckpt_buf if n.endswith("num_batches_tracked")][0]
+    nbt = next(n for n in ckpt_buf if n.endswith("num_batches_tracked"))
     assert (int(eager_buf[nbt]), int(ckpt_buf[nbt])) == (3 + 2, 3 + 1)
 
 
