@@ -134,10 +134,15 @@ def _eval_fast(flags) -> bool:
     return not (batch_stats or need_pre or torch.compiler.is_compiling())
 
 
+# A functorch transform is active (vmap, torch.func.grad, ...); without that private hook (not expected on
+# the supported torch versions) every call is taken to be under one, so the blocks keep their custom ops.
+_peek_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: True)
+
+
 def _traced() -> bool:
     """Whether the block must go through its registered custom op: something traces it (torch.compile
     and export see one opaque node with its fake) or a functorch transform (vmap, torch.func) is active."""
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+    return torch.compiler.is_compiling() or _peek_functorch() is not None
 
 
 def _block_op(kind, op, grad):
@@ -152,8 +157,21 @@ def _finish(training, running_mean, running_var, num_batches_tracked, mean, var,
     """The running-statistics update after a block op; count is the op's (a tensor: the synced batch's
     with a sync group), n_local the same number on the host when there is no sync group."""
     if training and running_mean is not None:
+        if _peek_functorch() is not None:
+            _check_vmap_running_stats(mean, running_mean)
         update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(),
                              count if flags[2] else n_local, momentum)
+
+
+def _check_vmap_running_stats(mean, running_mean):
+    """Under vmap, batch statistics are per vmapped sample while the running statistics are one buffer:
+    the same error as nn.BatchNorm2d's (instead of a shape error from the update)."""
+    is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
+    if is_batched is not None and is_batched(mean) and not is_batched(running_mean):
+        raise RuntimeError(
+            "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated "
+            "in place, were not batched.  As for nn.BatchNorm2d: use eval mode, track_running_stats=False, or "
+            "torch.func.replace_all_batch_norm_modules_ (see functorch's 'Patching Batch Norm').")
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):

@@ -217,6 +217,25 @@ def test_activation_checkpointing(kind):
     assert (int(eager_buf[nbt]), int(ckpt_buf[nbt])) == (3 + 2, 3 + 1)
 
 
+@pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
+def test_vmap_training_as_eager(kind):
+    """Under torch.func.vmap a training block with running statistics raises nn.BatchNorm2d's error (the
+    per-sample statistics cannot update one buffer); after torch.func.replace_all_batch_norm_modules_ it
+    computes what the patched eager modules compute; eval works as is."""
+    torch.manual_seed(0)
+    fused, x = _block_and_input(kind, "cpu")
+    xs = torch.stack([x, x.flip(0) * 0.5])
+    eager = ck.unfuse(copy.deepcopy(fused))
+    with pytest.raises(RuntimeError, match="batched tensor as input while the running_mean"):
+        torch.func.vmap(fused.train())(xs)
+    fused.eval()
+    eager.eval()
+    torch.testing.assert_close(torch.func.vmap(fused)(xs), torch.func.vmap(eager)(xs), rtol=1e-5, atol=1e-5)
+    for m in (fused, eager):
+        torch.func.replace_all_batch_norm_modules_(m.train())
+    torch.testing.assert_close(torch.func.vmap(fused)(xs), torch.func.vmap(eager)(xs), rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck_cpu_float64():
     from convmixer_kernels import _ext
 
