@@ -189,14 +189,13 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
         dt = running_mean.dtype
         if mean.dtype != dt:
             mean, unbiased = cast(mean, dt), cast(unbiased, dt)
-        stats = (running_mean, running_var)
         if momentum is None:  # cumulative moving average
             factor = (1.0 / num_batches_tracked.to(torch.float64)).to(dt)
             running_mean.copy_(running_mean + (mean - running_mean) * factor)
             running_var.copy_(running_var + (unbiased - running_var) * factor)
         else:
-            torch._foreach_mul_(stats, 1 - momentum)
-            torch._foreach_add_(stats, (mean, unbiased), alpha=momentum)
+            torch._foreach_mul_((running_mean, running_var), 1 - momentum)
+            torch._foreach_add_((running_mean, running_var), (mean, unbiased), alpha=momentum)
 
 
 def dw_block(

@@ -86,33 +86,19 @@ struct Block<at::Half> : BlockReduced<at::Half> {};
 
 // ---------------------------------------------------------------------------------------------
 // Activations (codes as in common.h), forward and derivative, in the accumulation dtype: the
-// depthwise kernels' (act_vec.h; see there why both must use the same), chosen at run time.
+// depthwise kernels' (act_vec.h; see there why both must use the same).
 #include "cpu/act_vec.h"
 
-// The kernels take the activation as `Act act` and the order as `First act_first`: a run-time int and
-// bool, or (what the entry points pass, see with_act_c) std::integral_constant and std::bool_constant,
-// so that the per-vector switches on them are resolved at compile time.
-template <typename V>
-inline V act_fwd(const V& v, int act) {
-  V r;
-  with_act(act, [&](auto a) { r = act_fwd<decltype(a)::value, typename V::value_type>(v); });
-  return r;
-}
-
+// The kernels take the activation code as `Act act` (a std::integral_constant<int, code>) and the order
+// as `First act_first` (a std::bool_constant), from with_act_c: the per-vector choices are made at
+// compile time.
 template <typename V, int K>
 inline V act_fwd(const V& v, std::integral_constant<int, K>) {
   return act_fwd<K, typename V::value_type>(v);
 }
 
-template <typename V>
-inline V act_grad(const V& v, int act) {  // d act(v) / dv, relu'(0) = 0
-  V r;
-  with_act(act, [&](auto a) { r = act_grad<decltype(a)::value, typename V::value_type>(v); });
-  return r;
-}
-
 template <typename V, int K>
-inline V act_grad(const V& v, std::integral_constant<int, K>) {
+inline V act_grad(const V& v, std::integral_constant<int, K>) {  // d act(v) / dv, relu'(0) = 0
   return act_grad<K, typename V::value_type>(v);
 }
 
