@@ -107,15 +107,20 @@ def test_nan_inf_propagate(backend, device, activation, triton_cpu):
         assert torch.equal(torch.isinf(got), torch.isinf(want))
 
 
+def _block_and_input(kind, device):
+    blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3), "pw": lambda: ck.FusedPointwiseBlock(8, 6),
+           "stem": lambda: ck.FusedPatchEmbed(6, 2)}[kind]()
+    return randomize_bn(blk, 1).to(device), torch.randn(2, 3 if kind == "stem" else 8, 6, 6, device=device)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(include_triton=False))
 @pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
 def test_double_backward_raises_instead_of_silently_wrong(kind, backend, device):
     """create_graph=True gives the same first-order gradients; differentiating them again raises a clear
     error.  (Without the guard PyTorch only warned and returned zero second derivatives.)"""
     torch.manual_seed(0)
-    blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3), "pw": lambda: ck.FusedPointwiseBlock(8, 6),
-           "stem": lambda: ck.FusedPatchEmbed(6, 2)}[kind]().to(device)
-    x = torch.randn(2, 3 if kind == "stem" else 8, 6, 6, device=device, requires_grad=True)
+    blk, x = _block_and_input(kind, device)
+    x.requires_grad_(True)
     with ck.backend(backend):
         want = torch.autograd.grad(blk(x).sum(), (x, blk.conv.weight))
         got = torch.autograd.grad(blk(x).sum(), (x, blk.conv.weight), create_graph=True)
@@ -129,14 +134,12 @@ def test_double_backward_raises_instead_of_silently_wrong(kind, backend, device)
 @pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
 def test_eval_skips_the_custom_op_with_the_same_result(kind, backend, device, monkeypatch, triton_cpu):
     """Eval with running statistics and no autograd record goes straight to the kernels (ops.block_eval,
-    less host time) and gives bitwise what the custom op gives; training, autograd and tracing keep the op."""
+    less host time) and gives bitwise what the custom op gives (training: the next test)."""
     from convmixer_kernels import functional as F_
 
     torch.manual_seed(0)
-    blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3), "pw": lambda: ck.FusedPointwiseBlock(8, 6),
-           "stem": lambda: ck.FusedPatchEmbed(6, 2)}[kind]()
-    blk = randomize_bn(blk, 1).to(device).eval()
-    x = torch.randn(2, 3 if kind == "stem" else 8, 6, 6, device=device)
+    blk, x = _block_and_input(kind, device)
+    blk.eval()
     with torch.no_grad(), ck.backend(backend):
         with monkeypatch.context() as mp:
             mp.setattr(F_, "_eval_fast", lambda flags: False)
@@ -146,12 +149,6 @@ def test_eval_skips_the_custom_op_with_the_same_result(kind, backend, device, mo
                 mp.setattr(F_, op, lambda *a, **k: pytest.fail("the eval forward went through the custom op"))
             got = blk(x)
     assert torch.equal(got, want)
-
-
-def _block_and_input(kind, device):
-    blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3), "pw": lambda: ck.FusedPointwiseBlock(8, 6),
-           "stem": lambda: ck.FusedPatchEmbed(6, 2)}[kind]()
-    return randomize_bn(blk, 1).to(device), torch.randn(2, 3 if kind == "stem" else 8, 6, 6, device=device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
