@@ -148,9 +148,11 @@ def main(argv=None):
         write_csv(stem + ".csv", meta, rows)
         write_markdown(stem + ".md", meta, rows)
 
-    # The CUTLASS pointwise GEMM (never run on a GPU yet) is timed after everything else: a fault in it
-    # is sticky on the device and would fail every row after it.
-    late = ["cuda_cutlass"] if "pw" in suites and bench.wants("cuda_cutlass") else []
+    # The opt-in kernels never run on a GPU yet (the tensor-core depthwise forward, the CUTLASS pointwise
+    # GEMM) are timed after everything else: a fault in one is sticky on the device and would fail every
+    # row after it.
+    late_suite = {"cuda_mma": "dw", "cuda_cutlass": "pw"}
+    late = [p for p, s in late_suite.items() if s in suites and bench.wants(p)]
     if late:
         bench.only = [p for p in (only or PROVIDERS) if p not in late]
     try:
@@ -172,10 +174,10 @@ def main(argv=None):
             print(f"== suite {s}", flush=True)
             SUITES[s](bench)
             save()
-        if late:
-            print(f"== suite pw ({', '.join(late)}, last)", flush=True)
-            bench.only, bench.references = late, False  # (the bare GEMMs were timed in the first pass)
-            SUITES["pw"](bench)
+        for prov in late:
+            print(f"== suite {late_suite[prov]} ({prov}, last)", flush=True)
+            bench.only, bench.references = [prov], False  # (the bare GEMMs were timed in the first pass)
+            SUITES[late_suite[prov]](bench)
             save()
     finally:
         save()

@@ -125,11 +125,11 @@ def dw_cases(bench):
     both = ("nchw", "channels_last")
     if bench.device == "cuda":
         if bench.quick:
-            return [(64, 768, 32, 7, both, ("eager", "cuda", "cuda_ipb1"), False),
-                    (64, 768, 32, 9, both, ("eager", "cuda", "cuda_ipb1"), False),  # compile: full runs (7.7-11.5x)
+            return [(64, 768, 32, 7, both, ("eager", "cuda", "cuda_ipb1", "cuda_mma"), False),
+                    (64, 768, 32, 9, both, ("eager", "cuda", "cuda_ipb1", "cuda_mma"), False),  # compile: full runs
                     (64, 1536, 32, 9, both, ("eager", "cuda"), False),
                     (8, 768, 32, 9, ("channels_last",), ("eager", "eager_graph", "cuda", "cuda_graph"), True)]
-        full = ("eager", "compile", "cuda", "cuda_ipb1", "triton")
+        full = ("eager", "compile", "cuda", "cuda_ipb1", "cuda_mma", "triton")
         cases = [(64, C, 32, k, both, full + (("compile_max",) if (C, k) == (768, 9) else ()), False)
                  for C in (768, 1536) for k in (3, 5, 7, 9)]
         return cases + [(8, 768, 32, k, both, ("eager", "eager_graph", "cuda", "cuda_graph"), True) for k in (7, 9)]
@@ -152,6 +152,8 @@ def dw_suite(bench):
                     for prov in providers:
                         if not bench.wants(prov) or (bench.quick and prov.startswith("compile") and mode == "train_fwd"):
                             continue
+                        if prov == "cuda_mma" and (layout != "nchw" or dtype == torch.float32):
+                            continue  # the tensor-core forward serves NCHW fp16/bf16
                         fused, ref = dw_modules(C, k, dtype, bench.device)
                         # bytes: eval x -> y; train_fwd x -> y, pre (saved); train adds dy, x, pre -> dx
                         nb = {"eval": 2, "train_fwd": 3, "train": 7}[mode]

@@ -68,6 +68,19 @@ def test_options(backend, device, opts, poison, triton_cpu):
     compare(backend, device, torch.float32, (2, 16, 8, 9), 3, **opts)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 8,
+                    reason="the tensor-core forward needs a CUDA device of compute capability 8.0 or newer")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("k,activation", [(7, "gelu"), (9, "relu"), (3, "silu")])
+def test_tensor_core_forward(monkeypatch, dtype, training, k, activation, poison):
+    """The opt-in mma.sync forward (CONVMIXER_KERNELS_DW_MMA=require: it runs or the op fails) against
+    the fp64 oracle: the eval forward, and the training forward's pre and statistics under every gradient."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
+    compare("cuda", "cuda", dtype, (2, 37, 17, 23), k, activation=activation, training=training)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_batch1_eval_image_smaller_than_kernel(backend, device, poison, triton_cpu):
     compare(backend, device, torch.float32, (1, 3, 5, 4), 9, training=False)

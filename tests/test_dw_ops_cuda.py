@@ -225,3 +225,66 @@ def test_x_on_cpu_with_cuda_weight_is_rejected(ops):
     a = _base()
     with pytest.raises(RuntimeError, match="x: expected a CUDA tensor"):
         ops.dw_fwd(a["x"].cpu(), a["weight"], a["bias"], a["scale"], a["shift"], 0, True, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core forward (csrc/cuda/dw_mma.cu), opt-in: CONVMIXER_KERNELS_DW_MMA=require makes
+# dw_fwd and dw_conv_stats run it or fail, so a pass here is the MMA kernel's.  The same cases run
+# on the CPU in the emulator (tests/cuda_emu).
+
+def _mma_runs_here():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+_MMA_CASES = [  # (shape, k, dtype, act, act_first, residual, bias, items per block or None, misaligned)
+    ((2, 37, 17, 23), 7, torch.bfloat16, 2, True, True, True, None, False),
+    ((2, 5, 17, 23), 9, torch.float16, 1, False, True, False, None, False),
+    ((2, 16, 12, 16), 3, torch.float16, 4, True, False, True, None, False),
+    ((2, 16, 12, 16), 5, torch.bfloat16, 3, False, True, True, None, True),
+    ((4, 64, 32, 32), 7, torch.bfloat16, 2, True, True, True, None, False),
+    ((1, 2, 300, 16), 5, torch.float16, 0, True, True, True, None, False),
+    ((13, 3, 8, 8), 9, torch.bfloat16, 2, False, True, True, 9, False),
+    ((13, 3, 9, 10), 3, torch.float16, 1, True, False, True, 9, False),
+]
+
+
+@pytest.mark.skipif(not _mma_runs_here(), reason="mma.sync needs compute capability 8.0 or newer")
+@pytest.mark.parametrize("case", _MMA_CASES, ids=lambda c: f"{c[0]}-k{c[1]}-{DT_IDS[c[2]]}-act{c[3]}")
+def test_mma_forward(ops, monkeypatch, case):
+    shape, k, dtype, act, act_first, residual, bias, ipb, misaligned = case
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
+    if ipb is not None:
+        monkeypatch.setenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", str(ipb))
+    inp = make_inputs(*shape, k, dtype, "cuda", bias=bias, seed=sum(shape) + k)
+    if misaligned:
+        inp["x"] = _misaligned(inp["x"])
+    check_all_ops(ops, inp, act, act_first, residual, dtype, False)
+
+
+@pytest.mark.skipif(not _mma_runs_here(), reason="mma.sync needs compute capability 8.0 or newer")
+def test_mma_refuses_what_it_does_not_serve(ops, monkeypatch):
+    """=require: channels_last, fp32 and k outside {3, 5, 7, 9} fail (the FMA kernels serve them)."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
+    for cl, dtype, k in [(True, torch.bfloat16, 7), (False, torch.float32, 7), (False, torch.bfloat16, 11)]:
+        a = make_inputs(2, 8, 16, 16, k, dtype, "cuda", channels_last=cl, seed=1)
+        with pytest.raises(RuntimeError):
+            ops.dw_fwd(a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)
+
+
+@pytest.mark.skipif(not _mma_runs_here(), reason="mma.sync needs compute capability 8.0 or newer")
+def test_mma_deterministic_and_close_to_fma(ops, monkeypatch):
+    """Bitwise the same run after run; pre within one storage ulp of the FMA kernels' (the two sum the
+    products in different fp32 orders, so the rounding to bf16 may flip), the statistics close."""
+    a = make_inputs(4, 64, 32, 32, 7, torch.bfloat16, "cuda", bias=True, seed=11)
+    args = (a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)
+    pre_fma, mean_fma, var_fma = ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
+    first = [ops.dw_fwd(*args), *ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)]
+    second = [ops.dw_fwd(*args), *ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)]
+    for u, v in zip(first, second):
+        assert torch.equal(u, v)
+    _, pre, mean, var = first
+    diff = (pre.float() - pre_fma.float()).abs()
+    assert bool((diff <= 2.0 ** -7 * pre_fma.float().abs() + 1e-30).all()), float(diff.max())
+    assert torch.allclose(mean, mean_fma, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(var, var_fma, rtol=1e-3, atol=1e-4)

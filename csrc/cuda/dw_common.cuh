@@ -90,8 +90,8 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
 // Older architectures copy synchronously.  The emulator (tests/cuda_emu) provides its own.
 #ifdef CMK_EMULATE
 using ::cmk_emu::cp_async16;
+using ::cmk_emu::cp_async_commit;
 using ::cmk_emu::cp_async_wait_all;
-inline void cp_async_commit() {}
 #else
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -280,6 +280,33 @@ __device__ __forceinline__ void chan_merge(F& n, F& m, F& M2, F nb, F mb, F M2b)
   m = m + d * f;
   M2 = M2 + M2b + d * d * n * f;
   n = nn;
+}
+
+// Every thread's (count, mean, M2) merged over the block in a fixed order (shuffles within each warp,
+// then the warps in order through red[3 * warps]); thread 0 writes the total to out[0..2].  Every
+// thread of the block calls it (it has a barrier).
+__device__ __forceinline__ void block_chan_store(float n, float m, float M2, float* red, float* out) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float nb = __shfl_down_sync(0xffffffffu, n, off);
+    const float mb = __shfl_down_sync(0xffffffffu, m, off);
+    const float Mb = __shfl_down_sync(0xffffffffu, M2, off);
+    chan_merge(n, m, M2, nb, mb, Mb);
+  }
+  if (lane == 0) {
+    red[warp * 3 + 0] = n;
+    red[warp * 3 + 1] = m;
+    red[warp * 3 + 2] = M2;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    float tn = red[0], tm = red[1], tM = red[2];
+    for (int w = 1; w < nwarps; ++w) chan_merge(tn, tm, tM, red[w * 3], red[w * 3 + 1], red[w * 3 + 2]);
+    out[0] = tn;
+    out[1] = tm;
+    out[2] = tM;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -539,6 +566,15 @@ template <typename T, int K, bool CL>
 cudaError_t launch_fwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream);
 template <typename T, int K, bool CL>
 cudaError_t launch_bwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream);
+
+// The tensor-core forward (dw_mma.cu; opt-in through CONVMIXER_KERNELS_DW_MMA).  dw_mma_launch runs
+// dw_fwd (stats = false) or dw_conv_stats (stats = true: part, mean and var as the tiled path) and sets
+// *ran, or leaves the op to the other kernels (*ran = false; cudaErrorNotSupported when the variable
+// says require).  dw_mma_partials: the partial results per channel it would write (0: it would not run).
+cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, const float* bias, const float* scale,
+                          const float* shift, int act, bool act_first, bool residual, bool stats, void* out,
+                          float* part, float* mean, float* var, cudaStream_t stream, bool* ran);
+int64_t dw_mma_partials(const DwGeom& g);
 
 // Generic kernels (dw_generic.cu) and the reductions (dw_reduce.cu).
 struct DirectArgs {

@@ -247,27 +247,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
   if (a.stats) {
     const int64_t pidx = grp;
     if constexpr (!CL) {
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        const float nb = __shfl_down_sync(0xffffffffu, st_n, off);
-        const float mb = __shfl_down_sync(0xffffffffu, st_m, off);
-        const float Mb = __shfl_down_sync(0xffffffffu, st_M2, off);
-        chan_merge(st_n, st_m, st_M2, nb, mb, Mb);
-      }
-      if (lane == 0) {
-        red[warp * 3 + 0] = st_n;
-        red[warp * 3 + 1] = st_m;
-        red[warp * 3 + 2] = st_M2;
-      }
-      __syncthreads();
-      if (tid == 0) {
-        float tn = red[0], tm = red[1], tM = red[2];
-        for (int w = 1; w < nwarps; ++w) chan_merge(tn, tm, tM, red[w * 3], red[w * 3 + 1], red[w * 3 + 2]);
-        float* pp = a.part + (pidx * a.C + c) * 3;
-        pp[0] = tn;
-        pp[1] = tm;
-        pp[2] = tM;
-      }
+      block_chan_store(st_n, st_m, st_M2, red, a.part + (pidx * a.C + c) * 3);
     } else {
       float* r = red + (warp * kCG + lane) * 3;
       r[0] = st_n;

@@ -102,6 +102,8 @@ DwWorkspace dw_conv_stats_workspace(const DwGeom& g) {
   const TilePlan p = plan_tiles(g, false, dev);
   DwWorkspace w;
   w.part = (p.tiled ? p.groups : reduce_splits(g, dev)) * g.C * 3;
+  const int64_t mma = dw_mma_partials(g) * g.C * 3;
+  if (mma > w.part) w.part = mma;
   if (w.part < 1) w.part = 1;
   return w;
 }
@@ -132,6 +134,10 @@ DwWorkspace dw_bwd_workspace(const DwGeom& g) {
 cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
                                  int act, bool act_first, void* pre, float* mean, float* var,
                                  float* part, cudaStream_t stream) {
+  bool ran = false;
+  CMK_RETURN_IF_ERROR(dw_mma_launch(g, x, weight, bias, nullptr, nullptr, act, act_first, false, true, pre, part, mean,
+                                    var, stream, &ran));
+  if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, false, dev);
   if (p.tiled) {
@@ -174,6 +180,10 @@ cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* we
 cudaError_t dw_fwd_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
                           const float* scale, const float* shift, int act, bool act_first,
                           bool residual, void* y, cudaStream_t stream) {
+  bool ran = false;
+  CMK_RETURN_IF_ERROR(dw_mma_launch(g, x, weight, bias, scale, shift, act, act_first, residual, false, y, nullptr,
+                                    nullptr, nullptr, stream, &ran));
+  if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, false, dev);
   if (p.tiled) {

@@ -94,6 +94,55 @@ void launch_check();  // C10_CUDA_KERNEL_LAUNCH_CHECK: throws on a failed launch
 // pending when its thread exits raises.
 void cp_async16(void* smem_dst, const void* src, bool valid);
 void cp_async_wait_all();
+// Commit groups: cp_async_wait_group(n) lands every committed group but the newest n (copies not
+// yet committed stay in flight), as cp.async.wait_group does.
+void cp_async_commit();
+void cp_async_wait_group(int n);
+
+// Every lane of the calling warp publishes `bytes` (<= 64) bytes; all receives the 32 lanes' in
+// lane order (a warp barrier, like the shuffles).
+void warp_allgather(const void* mine, int bytes, void* all);
+
+// mma.sync.aligned.m16n8k16.row.col.f32.E.E.f32 with D = C = d: the fragment layouts of the PTX ISA
+// (groupID = lane / 4, t = lane % 4; A: a0 (g, 2t..2t+1), a1 (g+8, ..), a2 (g, 2t+8..), a3 (g+8,
+// 2t+8..); B: b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8..); D: d[e] at (g + 8*(e/2), 2t + e%2)).
+// Products and sums in double, rounded once to float (the hardware sums in fp32).
+template <typename E>
+inline float mma_elem(uint32_t bits16) {
+  const uint16_t b = static_cast<uint16_t>(bits16 & 0xffffu);
+  E v;
+  std::memcpy(&v, &b, 2);
+  return static_cast<float>(v);
+}
+template <typename E>
+void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
+  struct Frag {
+    uint32_t a[4], b[2];
+  };
+  Frag mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  Frag all[32];
+  warp_allgather(&mine, sizeof(Frag), all);
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    const Frag& f = all[l];
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = mma_elem<E>(f.a[0] >> (16 * h));
+      A[g + 8][2 * t + h] = mma_elem<E>(f.a[1] >> (16 * h));
+      A[g][2 * t + 8 + h] = mma_elem<E>(f.a[2] >> (16 * h));
+      A[g + 8][2 * t + 8 + h] = mma_elem<E>(f.a[3] >> (16 * h));
+      B[2 * t + h][g] = mma_elem<E>(f.b[0] >> (16 * h));
+      B[2 * t + 8 + h][g] = mma_elem<E>(f.b[1] >> (16 * h));
+    }
+  }
+  const int lane = linear_tid() % 32, g = lane >> 2, t = lane & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    double s = d[e];
+    for (int k = 0; k < 16; ++k) s += static_cast<double>(A[row][k]) * B[k][col];
+    d[e] = static_cast<float>(s);
+  }
+}
 
 }  // namespace cmk_emu
 

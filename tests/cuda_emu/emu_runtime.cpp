@@ -4,6 +4,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <map>
 #include <random>
@@ -38,8 +39,11 @@ int g_max_dyn_smem = 48 * 1024;  // last value set with cudaFuncSetAttribute (an
 struct PendingCopy {
   void* dst;
   unsigned char data[16];
+  int group;  // commit group (== the thread's committed count while uncommitted)
 };
 std::vector<std::vector<PendingCopy>> g_pending;  // cp.async copies issued and not yet waited for [tid]
+std::vector<int> g_committed;                      // commit groups closed so far [tid]
+std::vector<std::array<unsigned char, 64>> g_wbuf;  // warp_allgather slots [tid]
 
 void fiber_main() {
   (*g_body)();
@@ -80,6 +84,7 @@ void cp_async16(void* smem_dst, const void* src, bool valid) {
     fail("cp.async of 16 bytes with a misaligned address");
   PendingCopy c;
   c.dst = smem_dst;
+  c.group = g_committed[g_current];
   if (valid) std::memcpy(c.data, src, 16); else std::memset(c.data, 0, 16);
   uint32_t nan[4] = {kNaNBits, kNaNBits, kNaNBits, kNaNBits};
   std::memcpy(smem_dst, nan, 16);  // in flight
@@ -89,6 +94,29 @@ void cp_async16(void* smem_dst, const void* src, bool valid) {
 void cp_async_wait_all() {
   for (const PendingCopy& c : g_pending[g_current]) std::memcpy(c.dst, c.data, 16);
   g_pending[g_current].clear();
+}
+
+void cp_async_commit() { ++g_committed[g_current]; }
+
+void cp_async_wait_group(int n) {
+  const int last = g_committed[g_current] - n;  // groups < last must have landed
+  std::vector<PendingCopy>& pend = g_pending[g_current];
+  std::vector<PendingCopy> keep;
+  for (const PendingCopy& c : pend) {
+    if (c.group < last) std::memcpy(c.dst, c.data, 16);
+    else keep.push_back(c);
+  }
+  pend.swap(keep);
+}
+
+void warp_allgather(const void* mine, int bytes, void* all) {
+  if (bytes > 64) fail("warp_allgather of more than 64 bytes");
+  const int tid = g_current;
+  const int w0 = tid - tid % 32;
+  std::memcpy(g_wbuf[tid].data(), mine, bytes);
+  yield_with(kAtWarp);
+  for (int l = 0; l < 32; ++l) std::memcpy(static_cast<unsigned char*>(all) + l * bytes, g_wbuf[w0 + l].data(), bytes);
+  yield_with(kAtWarp);  // every lane has read before the slots are reused
 }
 
 uint64_t warp_exchange(uint64_t mine, int src_lane) {
@@ -114,6 +142,7 @@ cudaError_t device_get_attribute(int* v, cudaDeviceAttr attr, int) {
   if (attr == cudaDevAttrMultiProcessorCount) *v = g_sms;
   else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = g_smem_optin;
   else if (attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor) *v = g_smem_optin + 1024;
+  else if (attr == cudaDevAttrComputeCapabilityMajor) *v = 9;
   else *v = 0;
   return cudaSuccess;
 }
@@ -149,6 +178,8 @@ void run_grid(const KernelBody& body, dim3 grid, dim3 block, size_t smem_bytes) 
   g_states.assign(nt, ThreadState{});
   g_slots.assign(nt, 0);
   g_pending.assign(nt, {});
+  g_committed.assign(nt, 0);
+  g_wbuf.assign(nt, {});
   g_body = &body;
   const size_t total = smem_bytes + kGuardBytes;
   g_smem.assign((total + 15) / 16, float4{});

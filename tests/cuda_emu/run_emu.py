@@ -108,6 +108,20 @@ def cases(quick: bool):
     out.append(((3, 70, 10, 10), 15, torch.float32, True, 4, False, True, True, 0))
     out.append(((2, 64, 32, 32), 7, torch.bfloat16, False, 2, True, True, True, 0))
     out.append(((2, 64, 32, 32), 9, torch.bfloat16, True, 2, True, True, True, 0))
+    out = [c + ((),) for c in out]
+    # The tensor-core forward (dw_mma.cu, CONVMIXER_KERNELS_DW_MMA=require: it runs or the op fails):
+    # odd sizes (scalar staging), the 16-byte path, misaligned starts, several row tiles per plane,
+    # several items per block (the cp.async ring wraps), every k it serves, both dtypes.
+    mma = (("CONVMIXER_KERNELS_DW_MMA", "require"),)
+    ring = mma + (("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "9"),)
+    out.append(((2, 37, 17, 23), 7, torch.bfloat16, False, 2, True, True, True, 0, mma))
+    out.append(((2, 5, 17, 23), 9, torch.float16, False, 1, False, True, False, 0, mma))
+    out.append(((2, 16, 12, 16), 3, torch.float16, False, 4, True, False, True, 0, mma))
+    out.append(((2, 16, 12, 16), 5, torch.bfloat16, False, 3, False, True, True, 1, mma))
+    out.append(((2, 8, 32, 32), 7, torch.bfloat16, False, 2, True, True, True, 0, mma))
+    out.append(((1, 2, 300, 16), 5, torch.float16, False, 0, True, True, True, 0, mma))
+    out.append(((13, 3, 8, 8), 9, torch.bfloat16, False, 2, False, True, True, 0, ring))
+    out.append(((13, 3, 9, 10), 3, torch.float16, False, 1, True, False, True, 0, ring))
     return out
 
 
@@ -169,8 +183,9 @@ def check_pw(mod, case, seed):
 
 
 def describe(c):
-    shape, k, dt, cl, act, af, res, bias, off = c
-    return f"{shape} k={k} {dt} cl={cl} act={act} act_first={af} residual={res} bias={bias} offset={off}"
+    shape, k, dt, cl, act, af, res, bias, off, env = c
+    extra = "".join(f" {k}={v}" for k, v in env)
+    return f"{shape} k={k} {dt} cl={cl} act={act} act_first={af} residual={res} bias={bias} offset={off}{extra}"
 
 
 def main():
@@ -192,16 +207,25 @@ def main():
         cs = [c for c in cs if args.only in describe(c)]
     if args.max:
         cs = cs[: args.max]
-    for n, (shape, k, dt, cl, act, af, res, bias, off) in enumerate(cs):
+    for n, c in enumerate(cs):
+        shape, k, dt, cl, act, af, res, bias, off, env = c
         inp = make_inputs(*shape, k, dt, "cpu", channels_last=cl, bias=bias, seed=n)
-        tag = describe((shape, k, dt, cl, act, af, res, bias, off))
+        tag = describe(c)
         t1 = time.time()
+        saved = {name: os.environ.get(name) for name, _ in env}
+        os.environ.update(dict(env))
         try:
             check_all_ops(EmuOps(mod, off), inp, act, af, res, dt, cl)
         except Exception as e:  # noqa: BLE001
             fails += 1
             print(f"FAIL {tag}: {e}", flush=True)
             continue
+        finally:
+            for name, v in saved.items():
+                if v is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = v
         print(f"ok   {tag} ({time.time() - t1:.1f}s)", flush=True)
     pcs = pw_cases(args.quick)
     if args.only:

@@ -1,0 +1,426 @@
+// The depthwise convolution on tensor cores (mma.sync, sm_80 and newer): dw_fwd and dw_conv_stats
+// for fp16/bf16 NCHW activations and k in {3, 5, 7, 9}.  Opt-in until a GPU run has measured it:
+// CONVMIXER_KERNELS_DW_MMA=1 uses it where it applies, =require makes the op fail where it does not
+// (tests); otherwise the FMA kernels of dw_fwd_tiled.cuh run.
+//
+// Why.  The FMA kernels do k*k fp32 FMAs an output: for k = 7 that is 49, and the FMA rate bounds
+// them (0.075 ms for N=64, C=768, 32x32 on an H100/H200 at full rate; they reached 18% of it).  A
+// row of a depthwise convolution is a product with a banded (Toeplitz) matrix, which tensor cores
+// run at about 15x the FMA rate:
+//   out[h][w0 + n] = sum_r sum_kk X[h + r - P][w0 - 4 + kk] * T_r[kk][n],  n < 8, kk < 16,
+//   T_r[kk][n] = w[r][kk - n + P - 4] where 0 <= kk - n + P - 4 < k, else 0.
+// So a 16 x 8 tile of outputs is k m16n8k16 MMAs (one per kernel row r), A = 16 staged input rows
+// r.. x 16 columns from w0 - 4 (every column an output of the tile needs when P <= 4), B = T_r.
+// 2.3x the multiply-adds of the direct form at k = 7, at ~15x the rate.
+//
+// Precision.  x is exact in the MMA's input type; the fp32 weight is split into hi = T(w) and
+// lo = T(w - hi) and both are multiplied (two MMAs per row, separate fp32 accumulators), so the
+// weight keeps ~16 significant bits (fp16: 22) instead of the storage type's 8 (11), products are
+// exact in fp32 and sums are fp32: the result differs from the FMA kernels by fp32 rounding, far
+// below the rounding of pre to the storage type.
+//
+// Work.  A block (4 warps) owns one channel (so B is built once, in registers) and walks a run of
+// (image, row tile) items; an item is TH = 16 * m rows (the whole plane when it fits) staged in
+// shared memory in the storage type: row stride SWs, image column x at column 8 + x, zero columns
+// either side, zero rows outside the image.  Items flow through a ring of kStages buffers filled by
+// cp.async (16-byte path: W % 8 == 0, aligned) kStages - 1 items ahead; other shapes stage with
+// plain loads.  A warp computes units of 16 x 8 outputs, two at a time (four independent MMA
+// chains); the epilogue (bias, rounding of pre, BN affine, activation, residual from the staged x)
+// runs on the accumulator fragments and stores pairs of outputs.  Statistics (dw_conv_stats): pre
+// is stored, and each thread's (count, mean, M2) of u is merged over the block in a fixed order
+// into part[group][c] (the tiled kernels' format), so launch_stats_finalize finishes them.
+#include "dw_common.cuh"
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+namespace convmixer_kernels {
+namespace dwcuda {
+
+namespace {
+
+constexpr int kMmaThreads = 128;
+constexpr int kStages = 6;
+constexpr int kPadL = 8;  // staged columns left of image column 0 (16 bytes: cp.async alignment)
+
+// Two storage values as one 32-bit MMA operand register (the lower index in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  uint16_t a, b;
+  std::memcpy(&a, &lo, 2);
+  std::memcpy(&b, &hi, 2);
+  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+}
+
+// d += A (16x16, row) * B (16x8, col), fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
+#ifdef CMK_EMULATE
+  ::cmk_emu::mma_16816<T>(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  (void)d;
+  (void)a;
+  (void)b;
+#endif
+}
+
+#ifdef CMK_EMULATE
+inline void cp_async_wait_stages() { ::cmk_emu::cp_async_wait_group(kStages - 2); }
+#else
+__device__ __forceinline__ void cp_async_wait_stages() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2) : "memory");
+#endif
+}
+#endif
+
+struct MmaArgs {
+  int64_t N, C, H, W;
+  int TH, tiles_h, SWs, SR;  // rows per item, row tiles per plane, staged row stride, staged rows
+  int64_t items, ipb, groups;
+  bool vec;
+  const void* x;
+  const float* w;
+  const float* bias;
+  const float* scale;
+  const float* shift;
+  void* out;    // y, or pre when stats
+  float* part;  // stats: [groups][C][3]
+  int act;
+  bool act_first, residual, stats;
+};
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kMmaThreads) dw_mma_kernel(const MmaArgs a) {
+  constexpr int P = K / 2;
+  CMK_DYNAMIC_SMEM(smem_f4);
+  T* const stage0 = reinterpret_cast<T*>(smem_f4);
+  const int SWs = a.SWs, SR = a.SR;
+  const int stage_el = SR * SWs;  // a multiple of 8 (SWs is)
+  float* const red = reinterpret_cast<float*>(stage0 + static_cast<size_t>(kStages) * stage_el);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t grp = blockIdx.x % a.groups;
+  const int64_t c = blockIdx.x / a.groups;
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
+  const int Wr = (W + 7) & ~7;
+  const int64_t it0 = grp * a.ipb;
+  const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
+  const int nit = static_cast<int>(it1 - it0);
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  T* __restrict__ out = static_cast<T*>(a.out);
+
+  // Zero columns of every stage (never written by the staging): [0, 8) and [8 + Wr, SWs).
+  for (int e = tid; e < kStages * SR; e += kMmaThreads) {
+    T* row = stage0 + static_cast<size_t>(e) * SWs;
+    for (int q = 0; q < kPadL; ++q) row[q] = from_f<T>(0.f);
+    for (int q = kPadL + Wr; q < SWs; ++q) row[q] = from_f<T>(0.f);
+  }
+
+  // Item it -> (plane offset, first image row).
+  auto item_of = [&](int64_t it, int64_t& base, int& h0) {
+    const int64_t n = it / a.tiles_h;
+    h0 = static_cast<int>(it - n * a.tiles_h) * a.TH;
+    base = (n * a.C + c) * a.H * a.W;
+  };
+  // Stage item it into buffer s: image rows h0 - P .. h0 + TH + P - 1, columns [0, Wr).
+  auto issue = [&](int64_t it, int s) {
+    int64_t base;
+    int h0;
+    item_of(it, base, h0);
+    T* buf = stage0 + static_cast<size_t>(s) * stage_el;
+    if (a.vec) {
+      const int vpr = Wr / 8;
+      for (int e = tid; e < SR * vpr; e += kMmaThreads) {
+        const int r = e / vpr, q = e - r * vpr;
+        const int gh = h0 - P + r;
+        const bool ok = gh >= 0 && gh < H;
+        const T* src = ok ? x + base + static_cast<int64_t>(gh) * W + q * 8 : x;
+        cp_async16(buf + r * SWs + kPadL + q * 8, src, ok);
+      }
+    } else {
+      for (int e = tid; e < SR * Wr; e += kMmaThreads) {
+        const int r = e / Wr, q = e - r * Wr;
+        const int gh = h0 - P + r;
+        buf[r * SWs + kPadL + q] =
+            (gh >= 0 && gh < H && q < W) ? x[base + static_cast<int64_t>(gh) * W + q] : from_f<T>(0.f);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // B fragments of T_r (hi and lo parts): b[r][part][reg], reg 0: kk = 2*t4 + {0, 1}, reg 1: kk + 8;
+  // column n = g.
+  uint32_t bfr[K][2][2];
+  {
+    const float* wc = a.w + c * (K * K);
+#pragma unroll
+    for (int r = 0; r < K; ++r) {
+#pragma unroll
+      for (int reg = 0; reg < 2; ++reg) {
+        T hi[2], lo[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 2 * t4 + e + 8 * reg - g + P - 4;
+          const float v = (j >= 0 && j < K) ? __ldg(wc + r * K + j) : 0.f;
+          hi[e] = from_f<T>(v);
+          lo[e] = from_f<T>(v - to_f<T>(hi[e]));
+        }
+        bfr[r][0][reg] = pack2<T>(hi[0], hi[1]);
+        bfr[r][1][reg] = pack2<T>(lo[0], lo[1]);
+      }
+    }
+  }
+  const float bias = a.bias != nullptr ? a.bias[c] : 0.f;
+  const float scale = a.stats ? 0.f : a.scale[c];
+  const float shift = a.stats ? 0.f : a.shift[c];
+  const bool act_first = a.act_first, residual = a.residual;
+
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (j < nit) issue(it0 + j, j); else cp_async_commit();  // one group per slot: uniform counting
+  }
+
+  const int units_h = a.TH / 16, units_w = Wr / 8;
+  const int nunits = units_h * units_w;
+  float st_n = 0.f, st_m = 0.f, st_M2 = 0.f;
+
+  for (int ji = 0; ji < nit; ++ji) {
+    cp_async_wait_stages();  // this thread's copies of item ji have landed
+    __syncthreads();         // everyone's have; and buffer (ji - 1) % kStages is free
+    if (ji + kStages - 1 < nit) issue(it0 + ji + kStages - 1, (ji + kStages - 1) % kStages);
+    else cp_async_commit();
+    int64_t base;
+    int h0;
+    item_of(it0 + ji, base, h0);
+    const T* buf = stage0 + static_cast<size_t>(ji % kStages) * stage_el;
+
+    for (int u0 = warp * 2; u0 < nunits; u0 += 8) {
+      // Two units (16 rows x 8 columns each): u0 and u0 + 1 (the second may not exist).
+      float acc[2][2][4];
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int hl = 0; hl < 2; ++hl)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[q][hl][e] = 0.f;
+      int uh[2], uw[2];
+      bool has[2];
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int u = u0 + q;
+        has[q] = u < nunits;
+        const int uu = has[q] ? u : u0;
+        uh[q] = uu / units_w;
+        uw[q] = uu - uh[q] * units_w;
+      }
+#pragma unroll
+      for (int r = 0; r < K; ++r) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          // A: staged rows 16*uh + r + {g, g + 8}, columns 8*uw + 4 + 2*t4 + {0, 1, 8, 9}.
+          const T* p0 = buf + (16 * uh[q] + r + g) * SWs + 8 * uw[q] + 4 + 2 * t4;
+          const T* p1 = p0 + 8 * SWs;
+          uint32_t af[4];
+          af[0] = *reinterpret_cast<const uint32_t*>(p0);
+          af[1] = *reinterpret_cast<const uint32_t*>(p1);
+          af[2] = *reinterpret_cast<const uint32_t*>(p0 + 8);
+          af[3] = *reinterpret_cast<const uint32_t*>(p1 + 8);
+          if (has[q]) {  // uniform across the warp
+            mma16816<T>(acc[q][0], af, bfr[r][0]);
+            mma16816<T>(acc[q][1], af, bfr[r][1]);
+          }
+        }
+      }
+
+      // ---- epilogue: fragment element e at row 16*uh + g + 8*(e/2), column 8*uw + 2*t4 + e%2 ----
+      with_act(a.act, [&](auto A) {
+        constexpr int AC = decltype(A)::value;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          if (!has[q]) continue;
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int lr = 16 * uh[q] + g + 8 * half;  // row in the item
+            const int oh = h0 + lr;
+            const int ow = 8 * uw[q] + 2 * t4;
+            const bool row_ok = lr < a.TH && oh < H;
+            float o[2];
+            bool ok[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              ok[e] = row_ok && ow + e < W;
+              const float pre = round_to<T>(acc[q][0][2 * half + e] + acc[q][1][2 * half + e] + bias);
+              if (a.stats) {
+                o[e] = pre;
+                const float u = act_first ? act_fwd_t<AC>(pre) : pre;
+                if (ok[e]) chan_merge(st_n, st_m, st_M2, 1.f, u, 0.f);
+              } else {
+                float y = act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<AC>(pre)), shift)
+                                    : act_fwd_t<AC>(affine(pre, scale, shift));
+                if (residual) y = y + to_f<T>(buf[(lr + P) * SWs + kPadL + ow + e]);
+                o[e] = y;
+              }
+            }
+            T* op = out + base + static_cast<int64_t>(oh) * W + ow;
+            if (ok[0] && ok[1] && (W % 2) == 0) {
+              *reinterpret_cast<uint32_t*>(op) = pack2<T>(from_f<T>(o[0]), from_f<T>(o[1]));
+            } else {
+              if (ok[0]) op[0] = from_f<T>(o[0]);
+              if (ok[1]) op[1] = from_f<T>(o[1]);
+            }
+          }
+        }
+      });
+    }
+  }
+  cp_async_wait_all();  // the empty groups of the last iterations
+
+  if (a.stats) block_chan_store(st_n, st_m, st_M2, red, a.part + (grp * a.C + c) * 3);  // fixed order
+}
+
+struct MmaPlan {
+  bool ok = false;
+  int TH = 0, tiles_h = 0, SWs = 0, SR = 0;
+  int64_t items = 0, ipb = 1, groups = 0;
+  size_t smem_bytes = 0;
+};
+
+// Mode from CONVMIXER_KERNELS_DW_MMA: 0 off, 1 where it applies, 2 required.
+int mma_mode() {
+  const char* env = std::getenv("CONVMIXER_KERNELS_DW_MMA");
+  if (env == nullptr) return 0;
+  if (std::strcmp(env, "1") == 0) return 1;
+  if (std::strcmp(env, "require") == 0) return 2;
+  return 0;
+}
+
+bool device_has_mma() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 8;
+}
+
+MmaPlan plan_mma(const DwGeom& g, const DevInfo& dev) {
+  MmaPlan p;
+  if (g.cl || g.dtype == kF32 || !(g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9)) return p;
+  if (g.N * g.C == 0 || g.H == 0 || g.W == 0 || g.W > 4096) return p;
+  const int64_t Wr = (g.W + 7) / 8 * 8;
+  // Row stride: 8 + Wr + 8 columns rounded up to 8 mod 16, so that the 8 rows a fragment load
+  // touches start 4 banks apart (conflict-free) and rows stay 16-byte aligned.
+  int64_t SWs = kPadL + Wr + 8;
+  SWs = (SWs + 15) / 16 * 16 + 8;
+  // Rows per item: the whole plane when its stages fit ~48 KB, else fewer (multiples of 16).
+  int64_t TH = (g.H + 15) / 16 * 16;
+  while (TH > 16 && static_cast<int64_t>(kStages) * (TH + g.k - 1) * SWs * 2 > 48 * 1024) TH -= 16;
+  p.TH = static_cast<int>(TH);
+  p.SWs = static_cast<int>(SWs);
+  p.SR = static_cast<int>(TH + g.k - 1);
+  p.smem_bytes = static_cast<size_t>(kStages) * p.SR * p.SWs * 2 + 3 * 4 * (kMmaThreads / 32);
+  if (p.smem_bytes > static_cast<size_t>(dev.smem_optin)) return MmaPlan{};
+  p.tiles_h = static_cast<int>((g.H + TH - 1) / TH);
+  p.items = g.N * p.tiles_h;
+  // Items per block: about four waves of resident blocks.  Residency: shared memory, and registers
+  // (ptxas: 96-123 a thread for sm_90a, so about four 128-thread blocks an SM).
+  int64_t per_sm = dev.smem_per_sm / static_cast<int64_t>(p.smem_bytes + 1024);
+  per_sm = per_sm < 1 ? 1 : (per_sm > 4 ? 4 : per_sm);
+  const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
+  int64_t ipb = (p.items * g.C) / target;
+  p.ipb = ipb < 1 ? 1 : (ipb > 64 ? 64 : ipb);
+  // The tiled kernels' measurement knob (benchmarks, the emulator's pipeline cases).
+  if (const char* env = std::getenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK")) {
+    const long v = std::strtol(env, nullptr, 10);
+    if (v >= 1 && v <= 64) p.ipb = v;
+  }
+  p.groups = (p.items + p.ipb - 1) / p.ipb;
+  if (p.groups * g.C > 0x7fffffffLL) return MmaPlan{};
+  p.ok = true;
+  return p;
+}
+
+template <typename T, int K>
+cudaError_t launch_mma_k(const MmaArgs& a, const MmaPlan& p, cudaStream_t stream) {
+  auto kern = dw_mma_kernel<T, K>;
+  static SmemOptIn opted;
+  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
+  if (e != cudaSuccess) return e;
+  CMK_LAUNCH(kern, static_cast<unsigned>(p.groups * a.C), kMmaThreads, p.smem_bytes, stream)(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_mma_t(int k, const MmaArgs& a, const MmaPlan& p, cudaStream_t s) {
+  switch (k) {
+    case 3: return launch_mma_k<T, 3>(a, p, s);
+    case 5: return launch_mma_k<T, 5>(a, p, s);
+    case 7: return launch_mma_k<T, 7>(a, p, s);
+    case 9: return launch_mma_k<T, 9>(a, p, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+int64_t dw_mma_partials(const DwGeom& g) {
+  if (mma_mode() == 0) return 0;
+  const MmaPlan p = plan_mma(g, dev_info());
+  return p.ok ? p.groups : 0;
+}
+
+cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, const float* bias, const float* scale,
+                          const float* shift, int act, bool act_first, bool residual, bool stats, void* out,
+                          float* part, float* mean, float* var, cudaStream_t stream, bool* ran) {
+  *ran = false;
+  const int mode = mma_mode();
+  if (mode == 0) return cudaSuccess;
+  const MmaPlan p = device_has_mma() ? plan_mma(g, dev_info()) : MmaPlan{};
+  if (!p.ok) return mode == 2 ? cudaErrorNotSupported : cudaSuccess;
+  MmaArgs a{};
+  a.N = g.N;
+  a.C = g.C;
+  a.H = g.H;
+  a.W = g.W;
+  a.TH = p.TH;
+  a.tiles_h = p.tiles_h;
+  a.SWs = p.SWs;
+  a.SR = p.SR;
+  a.items = p.items;
+  a.ipb = p.ipb;
+  a.groups = p.groups;
+  a.vec = g.W % 8 == 0 && aligned16(x);
+  a.x = x;
+  a.w = weight;
+  a.bias = bias;
+  a.scale = scale;
+  a.shift = shift;
+  a.out = out;
+  a.part = part;
+  a.act = act;
+  a.act_first = act_first;
+  a.residual = residual;
+  a.stats = stats;
+  const cudaError_t e = g.dtype == kBF16 ? launch_mma_t<__nv_bfloat16>(g.k, a, p, stream)
+                                         : launch_mma_t<__half>(g.k, a, p, stream);
+  if (e != cudaSuccess) return e;
+  *ran = true;
+  return stats ? launch_stats_finalize(part, p.groups, g.C, mean, var, stream) : cudaSuccess;
+}
+
+}  // namespace dwcuda
+}  // namespace convmixer_kernels
