@@ -152,8 +152,8 @@ def dw_suite(bench):
                     for prov in providers:
                         if not bench.wants(prov) or (bench.quick and prov.startswith("compile") and mode == "train_fwd"):
                             continue
-                        if prov == "cuda_mma" and (layout != "nchw" or dtype == torch.float32):
-                            continue  # the tensor-core forward serves NCHW fp16/bf16
+                        if prov == "cuda_mma" and (dtype == torch.float32 or k > 9):
+                            continue  # the tensor-core forward serves fp16/bf16, k <= 9
                         fused, ref = dw_modules(C, k, dtype, bench.device)
                         # bytes: eval x -> y; train_fwd x -> y, pre (saved); train adds dy, x, pre -> dx
                         nb = {"eval": 2, "train_fwd": 3, "train": 7}[mode]

@@ -73,12 +73,13 @@ def test_options(backend, device, opts, poison, triton_cpu):
                     reason="the tensor-core forward needs a CUDA device of compute capability 8.0 or newer")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("k,activation", [(7, "gelu"), (9, "relu"), (3, "silu")])
-def test_tensor_core_forward(monkeypatch, dtype, training, k, activation, poison):
+def test_tensor_core_forward(monkeypatch, dtype, training, layout, k, activation, poison):
     """The opt-in mma.sync forward (CONVMIXER_KERNELS_DW_MMA=require: it runs or the op fails) against
     the fp64 oracle: the eval forward, and the training forward's pre and statistics under every gradient."""
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
-    compare("cuda", "cuda", dtype, (2, 37, 17, 23), k, activation=activation, training=training)
+    compare("cuda", "cuda", dtype, (2, 37, 17, 23), k, activation=activation, training=training, layout=layout)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -236,7 +236,7 @@ def _mma_runs_here():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-_MMA_CASES = [  # (shape, k, dtype, act, act_first, residual, bias, items per block or None, misaligned)
+_MMA_CASES = [  # (shape, k, dtype, act, act_first, residual, bias, items per block or None, misaligned, cl)
     ((2, 37, 17, 23), 7, torch.bfloat16, 2, True, True, True, None, False),
     ((2, 5, 17, 23), 9, torch.float16, 1, False, True, False, None, False),
     ((2, 16, 12, 16), 3, torch.float16, 4, True, False, True, None, False),
@@ -246,26 +246,36 @@ _MMA_CASES = [  # (shape, k, dtype, act, act_first, residual, bias, items per bl
     ((13, 3, 8, 8), 9, torch.bfloat16, 2, False, True, True, 9, False),
     ((13, 3, 9, 10), 3, torch.float16, 1, True, False, True, 9, False),
 ]
+_MMA_CASES = [c + (False,) for c in _MMA_CASES] + [
+    ((2, 16, 12, 16), 7, torch.bfloat16, 2, True, True, True, None, False, True),
+    ((2, 37, 17, 23), 5, torch.float16, 3, False, True, False, None, False, True),
+    ((2, 16, 9, 11), 9, torch.bfloat16, 4, True, False, True, None, True, True),
+    ((1, 8, 150, 20), 3, torch.bfloat16, 1, False, True, True, None, False, True),
+    ((7, 8, 8, 8), 7, torch.float16, 2, True, True, True, 9, False, True),
+    ((4, 768, 32, 32), 9, torch.bfloat16, 2, True, True, True, None, False, True),
+]
 
 
 @pytest.mark.skipif(not _mma_runs_here(), reason="mma.sync needs compute capability 8.0 or newer")
-@pytest.mark.parametrize("case", _MMA_CASES, ids=lambda c: f"{c[0]}-k{c[1]}-{DT_IDS[c[2]]}-act{c[3]}")
+@pytest.mark.parametrize("case", _MMA_CASES,
+                         ids=lambda c: f"{c[0]}-k{c[1]}-{DT_IDS[c[2]]}-act{c[3]}-{'cl' if c[9] else 'nchw'}")
 def test_mma_forward(ops, monkeypatch, case):
-    shape, k, dtype, act, act_first, residual, bias, ipb, misaligned = case
+    shape, k, dtype, act, act_first, residual, bias, ipb, misaligned, cl = case
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
     if ipb is not None:
         monkeypatch.setenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", str(ipb))
-    inp = make_inputs(*shape, k, dtype, "cuda", bias=bias, seed=sum(shape) + k)
+    inp = make_inputs(*shape, k, dtype, "cuda", channels_last=cl, bias=bias, seed=sum(shape) + k)
     if misaligned:
         inp["x"] = _misaligned(inp["x"])
-    check_all_ops(ops, inp, act, act_first, residual, dtype, False)
+    check_all_ops(ops, inp, act, act_first, residual, dtype, cl)
 
 
 @pytest.mark.skipif(not _mma_runs_here(), reason="mma.sync needs compute capability 8.0 or newer")
 def test_mma_refuses_what_it_does_not_serve(ops, monkeypatch):
-    """=require: channels_last, fp32 and k outside {3, 5, 7, 9} fail (the FMA kernels serve them)."""
+    """=require: fp32 and k outside {3, 5, 7, 9} fail (the FMA kernels serve them)."""
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
-    for cl, dtype, k in [(True, torch.bfloat16, 7), (False, torch.float32, 7), (False, torch.bfloat16, 11)]:
+    for cl, dtype, k in [(True, torch.float32, 7), (False, torch.float32, 7), (False, torch.bfloat16, 11),
+                         (True, torch.float16, 1)]:
         a = make_inputs(2, 8, 16, 16, k, dtype, "cuda", channels_last=cl, seed=1)
         with pytest.raises(RuntimeError):
             ops.dw_fwd(a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)

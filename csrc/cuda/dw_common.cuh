@@ -285,8 +285,8 @@ __device__ __forceinline__ void chan_merge(F& n, F& m, F& M2, F nb, F mb, F M2b)
 // Every thread's (count, mean, M2) merged over the block in a fixed order (shuffles within each warp,
 // then the warps in order through red[3 * warps]); thread 0 writes the total to out[0..2].  Every
 // thread of the block calls it (it has a barrier).
-__device__ __forceinline__ void block_chan_store(float n, float m, float M2, float* red, float* out) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+// The warp's (count, mean, M2) summaries merged in a fixed order; lane 0 holds the total.
+__device__ __forceinline__ void warp_chan_reduce(float& n, float& m, float& M2) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const float nb = __shfl_down_sync(0xffffffffu, n, off);
@@ -294,6 +294,11 @@ __device__ __forceinline__ void block_chan_store(float n, float m, float M2, flo
     const float Mb = __shfl_down_sync(0xffffffffu, M2, off);
     chan_merge(n, m, M2, nb, mb, Mb);
   }
+}
+
+__device__ __forceinline__ void block_chan_store(float n, float m, float M2, float* red, float* out) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  warp_chan_reduce(n, m, M2);
   if (lane == 0) {
     red[warp * 3 + 0] = n;
     red[warp * 3 + 1] = m;

@@ -1,5 +1,6 @@
 // The depthwise convolution on tensor cores (mma.sync, sm_80 and newer): dw_fwd and dw_conv_stats
-// for fp16/bf16 NCHW activations and k in {3, 5, 7, 9}.  Opt-in until a GPU run has measured it:
+// for fp16/bf16 activations (NCHW and channels_last) and k in {3, 5, 7, 9}.  Opt-in until a GPU run has
+// measured it:
 // CONVMIXER_KERNELS_DW_MMA=1 uses it where it applies, =require makes the op fail where it does not
 // (tests); otherwise the FMA kernels of dw_fwd_tiled.cuh run.
 //
@@ -19,7 +20,8 @@
 // exact in fp32 and sums are fp32: the result differs from the FMA kernels by fp32 rounding, far
 // below the rounding of pre to the storage type.
 //
-// Work.  A block (4 warps) owns one channel (so B is built once, in registers) and walks a run of
+// Work (NCHW; channels_last: see dw_mma_cl_kernel).  A block (4 warps) owns one channel (so B is built
+// once, in registers) and walks a run of
 // (image, row tile) items; an item is TH = 16 * m rows (the whole plane when it fits) staged in
 // shared memory in the storage type: row stride SWs, image column x at column 8 + x, zero columns
 // either side, zero rows outside the image.  Items flow through a ring of kStages buffers filled by
@@ -79,15 +81,15 @@ __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint
 #endif
 }
 
+// Waits until all but the newest N committed cp.async groups of this thread have landed.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_newest() {
 #ifdef CMK_EMULATE
-inline void cp_async_wait_stages() { ::cmk_emu::cp_async_wait_group(kStages - 2); }
-#else
-__device__ __forceinline__ void cp_async_wait_stages() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2) : "memory");
+  ::cmk_emu::cp_async_wait_group(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
-#endif
 
 struct MmaArgs {
   int64_t N, C, H, W;
@@ -105,6 +107,105 @@ struct MmaArgs {
   bool act_first, residual, stats;
 };
 
+// B fragments of T_r for the channel whose k*k fp32 weights are at wc (nullptr: zeros), hi and lo
+// parts: bfr[r][part][reg], reg 0: kk = 2*t4 + {0, 1}, reg 1: kk + 8; column n = g.
+template <typename T, int K>
+__device__ __forceinline__ void b_frags(uint32_t (&bfr)[K][2][2], const float* wc, int g, int t4) {
+  constexpr int P = K / 2;
+#pragma unroll
+  for (int r = 0; r < K; ++r) {
+#pragma unroll
+    for (int reg = 0; reg < 2; ++reg) {
+      T hi[2], lo[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 2 * t4 + e + 8 * reg - g + P - 4;
+        const float v = (wc != nullptr && j >= 0 && j < K) ? __ldg(wc + r * K + j) : 0.f;
+        hi[e] = from_f<T>(v);
+        lo[e] = from_f<T>(v - to_f<T>(hi[e]));
+      }
+      bfr[r][0][reg] = pack2<T>(hi[0], hi[1]);
+      bfr[r][1][reg] = pack2<T>(lo[0], lo[1]);
+    }
+  }
+}
+
+// The convolution of one staged plane (rows of SWs elements, image column x at kPadL + x, staged row
+// lr + r for output row lr and kernel row r): the warp computes units u0, u0 + step, ... of 16 rows x
+// 8 columns (units_w across), two at a time, and hands each fragment pair to
+// sink(lr, ow, sum at (lr, ow), sum at (lr, ow + 1)) (lr: row in the item, ow even).
+template <typename T, int K, typename Sink>
+__device__ __forceinline__ void plane_units(const T* buf, int SWs, int nunits, int units_w, int u0, int step,
+                                            const uint32_t (&bfr)[K][2][2], int g, int t4, Sink&& sink) {
+  for (int u = u0; u < nunits; u += 2 * step) {
+    float acc[2][2][4];
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int hl = 0; hl < 2; ++hl)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[q][hl][e] = 0.f;
+    int uh[2], uw[2];
+    bool has[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int uq = u + q * step;
+      has[q] = uq < nunits;  // uniform across the warp
+      const int uu = has[q] ? uq : u;
+      uh[q] = uu / units_w;
+      uw[q] = uu - uh[q] * units_w;
+    }
+#pragma unroll
+    for (int r = 0; r < K; ++r) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        // A: staged rows 16*uh + r + {g, g + 8}, columns 8*uw + 4 + 2*t4 + {0, 1, 8, 9}.
+        const T* p0 = buf + (16 * uh[q] + r + g) * SWs + 8 * uw[q] + 4 + 2 * t4;
+        const T* p1 = p0 + 8 * SWs;
+        uint32_t af[4];
+        af[0] = *reinterpret_cast<const uint32_t*>(p0);
+        af[1] = *reinterpret_cast<const uint32_t*>(p1);
+        af[2] = *reinterpret_cast<const uint32_t*>(p0 + 8);
+        af[3] = *reinterpret_cast<const uint32_t*>(p1 + 8);
+        if (has[q]) {
+          mma16816<T>(acc[q][0], af, bfr[r][0]);
+          mma16816<T>(acc[q][1], af, bfr[r][1]);
+        }
+      }
+    }
+    // Fragment element e: row 16*uh + g + 8*(e/2), column 8*uw + 2*t4 + e%2.
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      if (!has[q]) continue;
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        sink(16 * uh[q] + g + 8 * half, 8 * uw[q] + 2 * t4, acc[q][0][2 * half] + acc[q][1][2 * half],
+             acc[q][0][2 * half + 1] + acc[q][1][2 * half + 1]);
+    }
+  }
+}
+
+// Per-channel epilogue of one output: pre = round(sum + bias); stats: returns pre and folds u into the
+// thread's (count, mean, M2) when ok; else y = BN/act of pre [+ the staged x at that position].
+struct MmaEpi {
+  float bias, scale, shift;
+  bool act_first, residual, stats;
+  float n = 0.f, m = 0.f, M2 = 0.f;
+  template <int AC, typename T>
+  __device__ __forceinline__ float operator()(float sum, bool ok, const T* xres) {
+    const float pre = round_to<T>(sum + bias);
+    if (stats) {
+      const float u = act_first ? act_fwd_t<AC>(pre) : pre;
+      if (ok) chan_merge(n, m, M2, 1.f, u, 0.f);
+      return pre;
+    }
+    float y = act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<AC>(pre)), shift) : act_fwd_t<AC>(affine(pre, scale, shift));
+    if (residual) y = y + to_f<T>(*xres);
+    return y;
+  }
+};
+
+// NCHW: one block (4 warps) per channel and run of items.
 template <typename T, int K>
 __global__ void __launch_bounds__(kMmaThreads) dw_mma_kernel(const MmaArgs a) {
   constexpr int P = K / 2;
@@ -165,43 +266,20 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_kernel(const MmaArgs a) {
     cp_async_commit();
   };
 
-  // B fragments of T_r (hi and lo parts): b[r][part][reg], reg 0: kk = 2*t4 + {0, 1}, reg 1: kk + 8;
-  // column n = g.
   uint32_t bfr[K][2][2];
-  {
-    const float* wc = a.w + c * (K * K);
-#pragma unroll
-    for (int r = 0; r < K; ++r) {
-#pragma unroll
-      for (int reg = 0; reg < 2; ++reg) {
-        T hi[2], lo[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 2 * t4 + e + 8 * reg - g + P - 4;
-          const float v = (j >= 0 && j < K) ? __ldg(wc + r * K + j) : 0.f;
-          hi[e] = from_f<T>(v);
-          lo[e] = from_f<T>(v - to_f<T>(hi[e]));
-        }
-        bfr[r][0][reg] = pack2<T>(hi[0], hi[1]);
-        bfr[r][1][reg] = pack2<T>(lo[0], lo[1]);
-      }
-    }
-  }
-  const float bias = a.bias != nullptr ? a.bias[c] : 0.f;
-  const float scale = a.stats ? 0.f : a.scale[c];
-  const float shift = a.stats ? 0.f : a.shift[c];
-  const bool act_first = a.act_first, residual = a.residual;
+  b_frags<T, K>(bfr, a.w + c * (K * K), g, t4);
+  MmaEpi epi{a.bias != nullptr ? a.bias[c] : 0.f, a.stats ? 0.f : a.scale[c], a.stats ? 0.f : a.shift[c],
+             a.act_first, a.residual, a.stats};
 
   for (int j = 0; j < kStages - 1; ++j) {
     if (j < nit) issue(it0 + j, j); else cp_async_commit();  // one group per slot: uniform counting
   }
 
-  const int units_h = a.TH / 16, units_w = Wr / 8;
-  const int nunits = units_h * units_w;
-  float st_n = 0.f, st_m = 0.f, st_M2 = 0.f;
+  const int units_w = Wr / 8;
+  const int nunits = (a.TH / 16) * units_w;
 
   for (int ji = 0; ji < nit; ++ji) {
-    cp_async_wait_stages();  // this thread's copies of item ji have landed
+    cp_async_wait_newest<kStages - 2>();  // this thread's copies of item ji have landed
     __syncthreads();         // everyone's have; and buffer (ji - 1) % kStages is free
     if (ji + kStages - 1 < nit) issue(it0 + ji + kStages - 1, (ji + kStages - 1) % kStages);
     else cp_async_commit();
@@ -209,95 +287,183 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_kernel(const MmaArgs a) {
     int h0;
     item_of(it0 + ji, base, h0);
     const T* buf = stage0 + static_cast<size_t>(ji % kStages) * stage_el;
-
-    for (int u0 = warp * 2; u0 < nunits; u0 += 8) {
-      // Two units (16 rows x 8 columns each): u0 and u0 + 1 (the second may not exist).
-      float acc[2][2][4];
-#pragma unroll
-      for (int q = 0; q < 2; ++q)
-#pragma unroll
-        for (int hl = 0; hl < 2; ++hl)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[q][hl][e] = 0.f;
-      int uh[2], uw[2];
-      bool has[2];
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int u = u0 + q;
-        has[q] = u < nunits;
-        const int uu = has[q] ? u : u0;
-        uh[q] = uu / units_w;
-        uw[q] = uu - uh[q] * units_w;
-      }
-#pragma unroll
-      for (int r = 0; r < K; ++r) {
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          // A: staged rows 16*uh + r + {g, g + 8}, columns 8*uw + 4 + 2*t4 + {0, 1, 8, 9}.
-          const T* p0 = buf + (16 * uh[q] + r + g) * SWs + 8 * uw[q] + 4 + 2 * t4;
-          const T* p1 = p0 + 8 * SWs;
-          uint32_t af[4];
-          af[0] = *reinterpret_cast<const uint32_t*>(p0);
-          af[1] = *reinterpret_cast<const uint32_t*>(p1);
-          af[2] = *reinterpret_cast<const uint32_t*>(p0 + 8);
-          af[3] = *reinterpret_cast<const uint32_t*>(p1 + 8);
-          if (has[q]) {  // uniform across the warp
-            mma16816<T>(acc[q][0], af, bfr[r][0]);
-            mma16816<T>(acc[q][1], af, bfr[r][1]);
-          }
-        }
-      }
-
-      // ---- epilogue: fragment element e at row 16*uh + g + 8*(e/2), column 8*uw + 2*t4 + e%2 ----
-      with_act(a.act, [&](auto A) {
-        constexpr int AC = decltype(A)::value;
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          if (!has[q]) continue;
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int lr = 16 * uh[q] + g + 8 * half;  // row in the item
-            const int oh = h0 + lr;
-            const int ow = 8 * uw[q] + 2 * t4;
-            const bool row_ok = lr < a.TH && oh < H;
-            float o[2];
-            bool ok[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              ok[e] = row_ok && ow + e < W;
-              const float pre = round_to<T>(acc[q][0][2 * half + e] + acc[q][1][2 * half + e] + bias);
-              if (a.stats) {
-                o[e] = pre;
-                const float u = act_first ? act_fwd_t<AC>(pre) : pre;
-                if (ok[e]) chan_merge(st_n, st_m, st_M2, 1.f, u, 0.f);
-              } else {
-                float y = act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<AC>(pre)), shift)
-                                    : act_fwd_t<AC>(affine(pre, scale, shift));
-                if (residual) y = y + to_f<T>(buf[(lr + P) * SWs + kPadL + ow + e]);
-                o[e] = y;
-              }
-            }
-            T* op = out + base + static_cast<int64_t>(oh) * W + ow;
-            if (ok[0] && ok[1] && (W % 2) == 0) {
-              *reinterpret_cast<uint32_t*>(op) = pack2<T>(from_f<T>(o[0]), from_f<T>(o[1]));
-            } else {
-              if (ok[0]) op[0] = from_f<T>(o[0]);
-              if (ok[1]) op[1] = from_f<T>(o[1]);
-            }
-          }
+    with_act(a.act, [&](auto A) {
+      constexpr int AC = decltype(A)::value;
+      plane_units<T, K>(buf, SWs, nunits, units_w, warp, kMmaThreads / 32, bfr, g, t4,
+                        [&](int lr, int ow, float s0, float s1) {
+        const int oh = h0 + lr;
+        const T* xr = buf + (lr + P) * SWs + kPadL + ow;  // x(oh, ow), staged exactly
+        const bool ok0 = oh < H && ow < W, ok1 = oh < H && ow + 1 < W;
+        const float o0 = epi.template operator()<AC>(s0, ok0, xr);
+        const float o1 = epi.template operator()<AC>(s1, ok1, xr + 1);
+        T* op = out + base + static_cast<int64_t>(oh) * W + ow;
+        if (ok0 && ok1 && (W % 2) == 0) {
+          *reinterpret_cast<uint32_t*>(op) = pack2<T>(from_f<T>(o0), from_f<T>(o1));
+        } else {
+          if (ok0) op[0] = from_f<T>(o0);
+          if (ok1) op[1] = from_f<T>(o1);
         }
       });
-    }
+    });
   }
   cp_async_wait_all();  // the empty groups of the last iterations
 
-  if (a.stats) block_chan_store(st_n, st_m, st_M2, red, a.part + (grp * a.C + c) * 3);  // fixed order
+  if (a.stats) block_chan_store(epi.n, epi.m, epi.M2, red, a.part + (grp * a.C + c) * 3);  // fixed order
+}
+
+// channels_last: one block (8 warps) per group of kClCh = 8 channels (one 16-byte vector a pixel) and
+// run of items; warp w computes channel c0 + w.  An item's pixels come in by cp.async into a ring of
+// kClStages raw buffers (pixel-major, 8 channels a pixel) kClStages - 1 items ahead, are transposed
+// into 8 staged planes (the NCHW kernel's layout) when the item is computed, and the outputs go back
+// through the raw buffer just transposed (pixel-major again) so that y leaves in 16-byte stores.
+// Without the 16-byte path (C % 8 != 0, misaligned) the planes are filled by plain loads.
+constexpr int kClCh = 8;
+constexpr int kClThreads = 32 * kClCh;
+constexpr int kClStages = 3;
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kClThreads) dw_mma_cl_kernel(const MmaArgs a) {
+  constexpr int P = K / 2;
+  CMK_DYNAMIC_SMEM(smem_f4);
+  const int SWs = a.SWs, SR = a.SR;
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
+  const int Wr = (W + 7) & ~7;
+  const int raw_el = SR * Wr * kClCh;  // a multiple of 64
+  const int plane_el = SR * SWs;       // a multiple of 8
+  T* const raw0 = reinterpret_cast<T*>(smem_f4);
+  T* const planes = raw0 + static_cast<size_t>(kClStages) * raw_el;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t grp = blockIdx.x % a.groups;
+  const int64_t c0 = (blockIdx.x / a.groups) * kClCh;
+  const int64_t c = c0 + warp;
+  const bool c_ok = c < a.C;
+  const int64_t it0 = grp * a.ipb;
+  const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
+  const int nit = static_cast<int>(it1 - it0);
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  T* __restrict__ out = static_cast<T*>(a.out);
+
+  // The planes' zero columns: [0, 8) and from image column W on (the 16-byte path fills W columns).
+  for (int e = tid; e < kClCh * SR; e += kClThreads) {
+    T* row = planes + static_cast<size_t>(e) * SWs;
+    for (int q = 0; q < kPadL; ++q) row[q] = from_f<T>(0.f);
+    for (int q = kPadL + W; q < SWs; ++q) row[q] = from_f<T>(0.f);
+  }
+
+  // Item it -> (offset of pixel (n, 0, 0), first image row).
+  auto item_of = [&](int64_t it, int64_t& base, int& h0) {
+    const int64_t n = it / a.tiles_h;
+    h0 = static_cast<int>(it - n * a.tiles_h) * a.TH;
+    base = n * a.H * a.W * a.C;
+  };
+  auto issue = [&](int64_t it, int s) {  // 16-byte path: pixels (r, x) of the item into raw buffer s
+    if (a.vec) {
+      int64_t base;
+      int h0;
+      item_of(it, base, h0);
+      T* buf = raw0 + static_cast<size_t>(s) * raw_el;
+      for (int e = tid; e < SR * W; e += kClThreads) {
+        const int r = e / W, q = e - r * W;
+        const int gh = h0 - P + r;
+        const bool ok = gh >= 0 && gh < H;
+        const T* src = ok ? x + base + (static_cast<int64_t>(gh) * W + q) * a.C + c0 : x;
+        cp_async16(buf + (r * Wr + q) * kClCh, src, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+  uint32_t bfr[K][2][2];
+  b_frags<T, K>(bfr, c_ok ? a.w + c * (K * K) : nullptr, g, t4);
+  MmaEpi epi{(a.bias != nullptr && c_ok) ? a.bias[c] : 0.f, (a.stats || !c_ok) ? 0.f : a.scale[c],
+             (a.stats || !c_ok) ? 0.f : a.shift[c], a.act_first, a.residual, a.stats};
+
+  for (int j = 0; j < kClStages - 1; ++j) {
+    if (j < nit) issue(it0 + j, j); else cp_async_commit();
+  }
+
+  const int units_w = Wr / 8;
+  const int nunits = (a.TH / 16) * units_w;
+  const T* plane = planes + static_cast<size_t>(warp) * plane_el;
+
+  for (int ji = 0; ji < nit; ++ji) {
+    cp_async_wait_newest<kClStages - 2>();
+    __syncthreads();  // item ji landed; the previous item's outputs left raw buffer (ji - 1) % S
+    if (ji + kClStages - 1 < nit) issue(it0 + ji + kClStages - 1, (ji + kClStages - 1) % kClStages);
+    else cp_async_commit();
+    int64_t base;
+    int h0;
+    item_of(it0 + ji, base, h0);
+    T* raw = raw0 + static_cast<size_t>(ji % kClStages) * raw_el;
+    // ---- the item as 8 planes ----
+    if (a.vec) {
+      for (int e = tid; e < SR * W; e += kClThreads) {
+        const int r = e / W, q = e - r * W;
+        const uint4 v = *reinterpret_cast<const uint4*>(raw + (r * Wr + q) * kClCh);
+        const T* ve = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int ch = 0; ch < kClCh; ++ch) planes[ch * plane_el + r * SWs + kPadL + q] = ve[ch];
+      }
+    } else {
+      for (int e = tid; e < SR * Wr * kClCh; e += kClThreads) {
+        const int ch = e % kClCh, pix = e / kClCh;
+        const int r = pix / Wr, q = pix - r * Wr;
+        const int gh = h0 - P + r;
+        planes[ch * plane_el + r * SWs + kPadL + q] =
+            (gh >= 0 && gh < H && q < W && c0 + ch < a.C)
+                ? x[base + (static_cast<int64_t>(gh) * W + q) * a.C + c0 + ch]
+                : from_f<T>(0.f);
+      }
+    }
+    __syncthreads();  // planes ready; raw is free for the outputs
+    // ---- convolution of channel c0 + warp; outputs pixel-major into raw ----
+    with_act(a.act, [&](auto A) {
+      constexpr int AC = decltype(A)::value;
+      plane_units<T, K>(plane, SWs, nunits, units_w, 0, 1, bfr, g, t4, [&](int lr, int ow, float s0, float s1) {
+        const int oh = h0 + lr;
+        const T* xr = plane + (lr + P) * SWs + kPadL + ow;
+        const bool ok0 = c_ok && oh < H && ow < W, ok1 = c_ok && oh < H && ow + 1 < W;
+        const float o0 = epi.template operator()<AC>(s0, ok0, xr);
+        const float o1 = epi.template operator()<AC>(s1, ok1, xr + 1);
+        raw[(lr * Wr + ow) * kClCh + warp] = from_f<T>(o0);
+        raw[(lr * Wr + ow + 1) * kClCh + warp] = from_f<T>(o1);
+      });
+    });
+    __syncthreads();  // the item's outputs are in raw
+    // ---- store: pixel (lr, q), channels c0 .. c0 + 7 ----
+    const int rows = H - h0 < a.TH ? H - h0 : a.TH;
+    for (int e = tid; e < rows * W; e += kClThreads) {
+      const int lr = e / W, q = e - lr * W;
+      const T* src = raw + (lr * Wr + q) * kClCh;
+      T* dst = out + base + (static_cast<int64_t>(h0 + lr) * W + q) * a.C + c0;
+      if (a.vec) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int ch = 0; ch < kClCh; ++ch)
+          if (c0 + ch < a.C) dst[ch] = src[ch];
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  if (a.stats) {  // per channel: the warp's threads merged in a fixed order
+    float n = epi.n, m = epi.m, M2 = epi.M2;
+    warp_chan_reduce(n, m, M2);
+    if (lane == 0 && c_ok) {
+      float* pp = a.part + (grp * a.C + c) * 3;
+      pp[0] = n;
+      pp[1] = m;
+      pp[2] = M2;
+    }
+  }
 }
 
 struct MmaPlan {
   bool ok = false;
   int TH = 0, tiles_h = 0, SWs = 0, SR = 0;
-  int64_t items = 0, ipb = 1, groups = 0;
+  int64_t items = 0, ipb = 1, groups = 0, blocks = 0;
   size_t smem_bytes = 0;
 };
 
@@ -319,29 +485,40 @@ bool device_has_mma() {
 
 MmaPlan plan_mma(const DwGeom& g, const DevInfo& dev) {
   MmaPlan p;
-  if (g.cl || g.dtype == kF32 || !(g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9)) return p;
+  if (g.dtype == kF32 || !(g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9)) return p;
   if (g.N * g.C == 0 || g.H == 0 || g.W == 0 || g.W > 4096) return p;
   const int64_t Wr = (g.W + 7) / 8 * 8;
-  // Row stride: 8 + Wr + 8 columns rounded up to 8 mod 16, so that the 8 rows a fragment load
+  // Plane row stride: 8 + Wr + 8 columns rounded up to 8 mod 16, so that the 8 rows a fragment load
   // touches start 4 banks apart (conflict-free) and rows stay 16-byte aligned.
   int64_t SWs = kPadL + Wr + 8;
   SWs = (SWs + 15) / 16 * 16 + 8;
-  // Rows per item: the whole plane when its stages fit ~48 KB, else fewer (multiples of 16).
+  // Shared memory of an item of TH rows: NCHW kStages planes; channels_last kClStages raw buffers
+  // (pixel-major, 8 channels) and 8 planes.  Rows per item: the whole plane when that fits the budget,
+  // else fewer (multiples of 16).
+  auto bytes = [&](int64_t TH) {
+    const int64_t SR = TH + g.k - 1;
+    return g.cl ? static_cast<int64_t>(kClStages) * SR * Wr * kClCh * 2 + kClCh * SR * SWs * 2
+                : static_cast<int64_t>(kStages) * SR * SWs * 2 + 3 * 4 * (kMmaThreads / 32);
+  };
+  const int64_t budget = g.cl ? 100 * 1024 : 48 * 1024;
   int64_t TH = (g.H + 15) / 16 * 16;
-  while (TH > 16 && static_cast<int64_t>(kStages) * (TH + g.k - 1) * SWs * 2 > 48 * 1024) TH -= 16;
+  while (TH > 16 && bytes(TH) > budget) TH -= 16;
   p.TH = static_cast<int>(TH);
   p.SWs = static_cast<int>(SWs);
   p.SR = static_cast<int>(TH + g.k - 1);
-  p.smem_bytes = static_cast<size_t>(kStages) * p.SR * p.SWs * 2 + 3 * 4 * (kMmaThreads / 32);
+  p.smem_bytes = static_cast<size_t>(bytes(TH));
   if (p.smem_bytes > static_cast<size_t>(dev.smem_optin)) return MmaPlan{};
   p.tiles_h = static_cast<int>((g.H + TH - 1) / TH);
   p.items = g.N * p.tiles_h;
   // Items per block: about four waves of resident blocks.  Residency: shared memory, and registers
-  // (ptxas: 96-123 a thread for sm_90a, so about four 128-thread blocks an SM).
+  // (ptxas, sm_90a: 96-128 a thread, so about four 128-thread NCHW blocks or two 256-thread
+  // channels_last blocks an SM).
+  const int64_t cgroups = g.cl ? (g.C + kClCh - 1) / kClCh : g.C;
+  const int64_t by_regs = g.cl ? 2 : 4;
   int64_t per_sm = dev.smem_per_sm / static_cast<int64_t>(p.smem_bytes + 1024);
-  per_sm = per_sm < 1 ? 1 : (per_sm > 4 ? 4 : per_sm);
+  per_sm = per_sm < 1 ? 1 : (per_sm > by_regs ? by_regs : per_sm);
   const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
-  int64_t ipb = (p.items * g.C) / target;
+  int64_t ipb = (p.items * cgroups) / target;
   p.ipb = ipb < 1 ? 1 : (ipb > 64 ? 64 : ipb);
   // The tiled kernels' measurement knob (benchmarks, the emulator's pipeline cases).
   if (const char* env = std::getenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK")) {
@@ -349,28 +526,29 @@ MmaPlan plan_mma(const DwGeom& g, const DevInfo& dev) {
     if (v >= 1 && v <= 64) p.ipb = v;
   }
   p.groups = (p.items + p.ipb - 1) / p.ipb;
-  if (p.groups * g.C > 0x7fffffffLL) return MmaPlan{};
+  p.blocks = p.groups * cgroups;
+  if (p.blocks > 0x7fffffffLL) return MmaPlan{};
   p.ok = true;
   return p;
 }
 
 template <typename T, int K>
-cudaError_t launch_mma_k(const MmaArgs& a, const MmaPlan& p, cudaStream_t stream) {
-  auto kern = dw_mma_kernel<T, K>;
-  static SmemOptIn opted;
-  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
+cudaError_t launch_mma_k(bool cl, const MmaArgs& a, const MmaPlan& p, cudaStream_t stream) {
+  auto kern = cl ? dw_mma_cl_kernel<T, K> : dw_mma_kernel<T, K>;
+  static SmemOptIn opted[2];
+  const cudaError_t e = opt_in_smem(opted[cl ? 1 : 0], kern, p.smem_bytes);
   if (e != cudaSuccess) return e;
-  CMK_LAUNCH(kern, static_cast<unsigned>(p.groups * a.C), kMmaThreads, p.smem_bytes, stream)(a);
+  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks), cl ? kClThreads : kMmaThreads, p.smem_bytes, stream)(a);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_mma_t(int k, const MmaArgs& a, const MmaPlan& p, cudaStream_t s) {
+cudaError_t launch_mma_t(bool cl, int k, const MmaArgs& a, const MmaPlan& p, cudaStream_t s) {
   switch (k) {
-    case 3: return launch_mma_k<T, 3>(a, p, s);
-    case 5: return launch_mma_k<T, 5>(a, p, s);
-    case 7: return launch_mma_k<T, 7>(a, p, s);
-    case 9: return launch_mma_k<T, 9>(a, p, s);
+    case 3: return launch_mma_k<T, 3>(cl, a, p, s);
+    case 5: return launch_mma_k<T, 5>(cl, a, p, s);
+    case 7: return launch_mma_k<T, 7>(cl, a, p, s);
+    case 9: return launch_mma_k<T, 9>(cl, a, p, s);
   }
   return cudaErrorInvalidValue;
 }
@@ -403,7 +581,8 @@ cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, c
   a.items = p.items;
   a.ipb = p.ipb;
   a.groups = p.groups;
-  a.vec = g.W % 8 == 0 && aligned16(x);
+  // 16-byte path: NCHW rows, or channels_last pixels, a whole number of 16-byte vectors, and aligned.
+  a.vec = (g.cl ? g.C % 8 == 0 && aligned16(out) : g.W % 8 == 0) && aligned16(x);
   a.x = x;
   a.w = weight;
   a.bias = bias;
@@ -415,8 +594,8 @@ cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, c
   a.act_first = act_first;
   a.residual = residual;
   a.stats = stats;
-  const cudaError_t e = g.dtype == kBF16 ? launch_mma_t<__nv_bfloat16>(g.k, a, p, stream)
-                                         : launch_mma_t<__half>(g.k, a, p, stream);
+  const cudaError_t e = g.dtype == kBF16 ? launch_mma_t<__nv_bfloat16>(g.cl, g.k, a, p, stream)
+                                         : launch_mma_t<__half>(g.cl, g.k, a, p, stream);
   if (e != cudaSuccess) return e;
   *ran = true;
   return stats ? launch_stats_finalize(part, p.groups, g.C, mean, var, stream) : cudaSuccess;
