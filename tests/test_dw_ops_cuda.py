@@ -253,6 +253,8 @@ _MMA_CASES = [c + (False,) for c in _MMA_CASES] + [
     ((1, 8, 150, 20), 3, torch.bfloat16, 1, False, True, True, None, False, True),
     ((7, 8, 8, 8), 7, torch.float16, 2, True, True, True, 9, False, True),
     ((4, 768, 32, 32), 9, torch.bfloat16, 2, True, True, True, None, False, True),
+    ((1, 3, 5, 4), 9, torch.bfloat16, 2, True, True, True, None, False, False),  # image smaller than k
+    ((1, 3, 5, 4), 9, torch.float16, 0, False, True, True, None, False, True),
 ]
 
 
@@ -266,19 +268,31 @@ def test_mma_forward(ops, monkeypatch, case):
         monkeypatch.setenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", str(ipb))
     inp = make_inputs(*shape, k, dtype, "cuda", channels_last=cl, bias=bias, seed=sum(shape) + k)
     if misaligned:
-        inp["x"] = _misaligned(inp["x"])
+        for name in ("x", "dy", "pre"):
+            inp[name] = _misaligned(inp[name])
+    if cl:
+        # the forward kernels apply (=require raises otherwise); the backward has no channels_last
+        # tensor-core kernel yet, so the op check runs with =1 (the same forward plan, the FMA backward)
+        ops.dw_fwd(inp["x"], inp["weight"], inp["bias"], inp["scale"], inp["shift"], act, act_first, residual)
+        ops.dw_conv_stats(inp["x"], inp["weight"], inp["bias"], act, act_first)
+        monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "1")
     check_all_ops(ops, inp, act, act_first, residual, dtype, cl)
 
 
 @pytest.mark.skipif(not _mma_runs_here(), reason="mma.sync needs compute capability 8.0 or newer")
 def test_mma_refuses_what_it_does_not_serve(ops, monkeypatch):
-    """=require: fp32 and k outside {3, 5, 7, 9} fail (the FMA kernels serve them)."""
+    """=require: fp32 and k outside {3, 5, 7, 9} fail (the FMA kernels serve them), and the backward in
+    channels_last (no tensor-core kernel for it yet)."""
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
     for cl, dtype, k in [(True, torch.float32, 7), (False, torch.float32, 7), (False, torch.bfloat16, 11),
                          (True, torch.float16, 1)]:
         a = make_inputs(2, 8, 16, 16, k, dtype, "cuda", channels_last=cl, seed=1)
         with pytest.raises(RuntimeError):
             ops.dw_fwd(a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)
+    a = make_inputs(2, 8, 16, 16, 7, torch.bfloat16, "cuda", channels_last=True, seed=1)
+    with pytest.raises(RuntimeError):
+        ops.dw_bwd(a["dy"], a["x"], a["pre"], a["weight"], a["scale"], a["shift"], a["mean"], a["ca"], a["cb"],
+                   a["cd"], 2, True, True)
 
 
 @pytest.mark.skipif(not _mma_runs_here(), reason="mma.sync needs compute capability 8.0 or newer")
@@ -289,11 +303,13 @@ def test_mma_deterministic_and_close_to_fma(ops, monkeypatch):
     args = (a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)
     pre_fma, mean_fma, var_fma = ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
-    first = [ops.dw_fwd(*args), *ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)]
-    second = [ops.dw_fwd(*args), *ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)]
+    bargs = (a["dy"], a["x"], a["pre"], a["weight"], a["scale"], a["shift"], a["mean"], a["ca"], a["cb"], a["cd"],
+             2, True, True)
+    first = [ops.dw_fwd(*args), *ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True), *ops.dw_bwd(*bargs)]
+    second = [ops.dw_fwd(*args), *ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True), *ops.dw_bwd(*bargs)]
     for u, v in zip(first, second):
         assert torch.equal(u, v)
-    _, pre, mean, var = first
+    pre, mean, var = first[1:4]
     diff = (pre.float() - pre_fma.float()).abs()
     assert bool((diff <= 2.0 ** -7 * pre_fma.float().abs() + 1e-30).all()), float(diff.max())
     assert torch.allclose(mean, mean_fma, rtol=1e-3, atol=1e-4)

@@ -120,8 +120,10 @@ DwWorkspace dw_bwd_workspace(const DwGeom& g) {
   const TilePlan p = plan_tiles(g, true, dev);
   const int64_t m = int64_t(g.k) * g.k + 1;
   DwWorkspace w;
+  const int64_t mma = dw_mma_bwd_partials(g) * g.C * m;
   if (p.tiled) {
     w.part = p.groups * g.C * m;
+    if (mma > w.part) w.part = mma;
   } else {
     w.part = direct_dweight_splits(g, dev) * g.C * m;
     w.dpre = g.N * g.C * g.H * g.W;
@@ -243,6 +245,10 @@ cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const 
                           const float* mean, const float* ca, const float* cb, const float* cd,
                           int act, bool act_first, bool residual, void* dx, float* dweight,
                           float* dbias, float* part, float* dpre, cudaStream_t stream) {
+  bool ran = false;
+  CMK_RETURN_IF_ERROR(dw_mma_bwd_launch(g, dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act, act_first,
+                                        residual, dx, dweight, dbias, part, stream, &ran));
+  if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, true, dev);
   const int KK = g.k * g.k;

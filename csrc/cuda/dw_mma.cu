@@ -91,11 +91,15 @@ __device__ __forceinline__ void cp_async_wait_newest() {
 #endif
 }
 
-struct MmaArgs {
+// The part of the kernels' parameters that the plan fixes.
+struct MmaGeom {
   int64_t N, C, H, W;
   int TH, tiles_h, SWs, SR;  // rows per item, row tiles per plane, staged row stride, staged rows
   int64_t items, ipb, groups;
-  bool vec;
+  bool vec;  // the 16-byte (cp.async) staging path
+};
+
+struct MmaArgs : MmaGeom {
   const void* x;
   const float* w;
   const float* bias;
@@ -109,7 +113,7 @@ struct MmaArgs {
 
 // B fragments of T_r for the channel whose k*k fp32 weights are at wc (nullptr: zeros), hi and lo
 // parts: bfr[r][part][reg], reg 0: kk = 2*t4 + {0, 1}, reg 1: kk + 8; column n = g.
-template <typename T, int K>
+template <typename T, int K, bool FLIP = false>
 __device__ __forceinline__ void b_frags(uint32_t (&bfr)[K][2][2], const float* wc, int g, int t4) {
   constexpr int P = K / 2;
 #pragma unroll
@@ -120,7 +124,9 @@ __device__ __forceinline__ void b_frags(uint32_t (&bfr)[K][2][2], const float* w
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = 2 * t4 + e + 8 * reg - g + P - 4;
-        const float v = (wc != nullptr && j >= 0 && j < K) ? __ldg(wc + r * K + j) : 0.f;
+        // FLIP: the kernel rotated by 180 degrees (dx is the convolution of dpre with it)
+        const int tap = FLIP ? (K - 1 - r) * K + (K - 1 - j) : r * K + j;
+        const float v = (wc != nullptr && j >= 0 && j < K) ? __ldg(wc + tap) : 0.f;
         hi[e] = from_f<T>(v);
         lo[e] = from_f<T>(v - to_f<T>(hi[e]));
       }
@@ -133,10 +139,13 @@ __device__ __forceinline__ void b_frags(uint32_t (&bfr)[K][2][2], const float* w
 // The convolution of one staged plane (rows of SWs elements, image column x at kPadL + x, staged row
 // lr + r for output row lr and kernel row r): the warp computes units u0, u0 + step, ... of 16 rows x
 // 8 columns (units_w across), two at a time, and hands each fragment pair to
-// sink(lr, ow, sum at (lr, ow), sum at (lr, ow + 1)) (lr: row in the item, ow even).
-template <typename T, int K, typename Sink>
+// sink(lr, ow, sum at (lr, ow), sum at (lr, ow + 1)) (lr: row in the item, ow even).  LO: the plane is
+// an fp32 value split in two (buf + buf_lo, same layout): the products hi*hi, hi*lo and lo*hi are
+// summed (lo*lo is below fp32 rounding).
+template <typename T, int K, bool LO = false, typename Sink>
 __device__ __forceinline__ void plane_units(const T* buf, int SWs, int nunits, int units_w, int u0, int step,
-                                            const uint32_t (&bfr)[K][2][2], int g, int t4, Sink&& sink) {
+                                            const uint32_t (&bfr)[K][2][2], int g, int t4, Sink&& sink,
+                                            const T* buf_lo = nullptr) {
   for (int u = u0; u < nunits; u += 2 * step) {
     float acc[2][2][4];
 #pragma unroll
@@ -170,6 +179,15 @@ __device__ __forceinline__ void plane_units(const T* buf, int SWs, int nunits, i
         if (has[q]) {
           mma16816<T>(acc[q][0], af, bfr[r][0]);
           mma16816<T>(acc[q][1], af, bfr[r][1]);
+          if constexpr (LO) {
+            const ptrdiff_t d = buf_lo - buf;
+            uint32_t al[4];
+            al[0] = *reinterpret_cast<const uint32_t*>(p0 + d);
+            al[1] = *reinterpret_cast<const uint32_t*>(p1 + d);
+            al[2] = *reinterpret_cast<const uint32_t*>(p0 + d + 8);
+            al[3] = *reinterpret_cast<const uint32_t*>(p1 + d + 8);
+            mma16816<T>(acc[q][1], al, bfr[r][0]);
+          }
         }
       }
     }
@@ -460,6 +478,221 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_cl_kernel(const MmaArgs a) 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward (NCHW): dx = conv(dpre, flipped w) [+ dy] and per-block partials of dweight and dbias.
+//
+// Per item (TH rows of one plane, staged with the k-1 halo): x, dy and pre come in by cp.async into a
+// ring of kBwdStages stages; dpre (fp32, from dy and pre, zero outside the image) is split into hi and
+// lo planes of the storage type.  dx: plane_units over the dpre planes with the flipped kernel (three
+// products a fragment: hi*hi, hi*lo, lo*hi).  dweight[r][j] = sum over own rows h of dpre[h] . x[h + r -
+// P] shifted by j - P: for each staged x row xs and 16-column window w0, one m16n8k16 product with
+//   A[r][kk] = dpre[xs - r + P][w0 + kk]   (r < k, own rows only: each dpre row counted by one item)
+//   B[kk][j] = x[xs][w0 + kk + j - P]      (j < 8; k = 9 takes a second product for j = 8)
+// for the hi and lo parts of dpre, accumulated in fp32 fragments over the block's items and summed
+// over its warps in a fixed order into part[(group * C + c) * (k*k + 1) + tap] (tap k*k: dbias), the
+// tiled kernels' layout.
+constexpr int kBwdStages = 3;
+
+struct MmaBwdArgs : MmaGeom {
+  const void* x;
+  const void* dy;
+  const void* pre;
+  const float* w;
+  const float* scale;
+  const float* shift;
+  const float* mean;
+  const float* ca;
+  const float* cb;
+  const float* cd;
+  void* dx;
+  float* part;
+  int act;
+  bool act_first, residual;
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t lds32(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArgs a) {
+  constexpr int P = K / 2, KK = K * K;
+  constexpr int NT = K > 8 ? 2 : 1;  // n-tiles of the weight-gradient product (j < 8, j >= 8)
+  constexpr int NW = kMmaThreads / 32;
+  CMK_DYNAMIC_SMEM(smem_f4);
+  const int SWs = a.SWs, SR = a.SR;
+  const int pl = SR * SWs;  // elements of a plane (a multiple of 8)
+  T* const ring = reinterpret_cast<T*>(smem_f4);  // stage s: x, dy, pre planes
+  T* const dhi = ring + static_cast<size_t>(kBwdStages) * 3 * pl;
+  T* const dlo = dhi + pl;
+  float* const red = reinterpret_cast<float*>(dlo + pl);  // [warps][k*k + 1]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t grp = blockIdx.x % a.groups;
+  const int64_t c = blockIdx.x / a.groups;
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
+  const int Wr = (W + 7) & ~7;
+  const int64_t it0 = grp * a.ipb;
+  const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
+  const int nit = static_cast<int>(it1 - it0);
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const T* __restrict__ dy = static_cast<const T*>(a.dy);
+  const T* __restrict__ pre = static_cast<const T*>(a.pre);
+  T* __restrict__ dx = static_cast<T*>(a.dx);
+
+  // Zero columns of every plane: [0, 8) and from image column W on (nothing writes them).
+  for (int e = tid; e < (kBwdStages * 3 + 2) * SR; e += kMmaThreads) {
+    T* row = ring + static_cast<size_t>(e) * SWs;
+    for (int q = 0; q < kPadL; ++q) row[q] = from_f<T>(0.f);
+    for (int q = kPadL + W; q < SWs; ++q) row[q] = from_f<T>(0.f);
+  }
+
+  auto item_of = [&](int64_t it, int64_t& base, int& h0) {
+    const int64_t n = it / a.tiles_h;
+    h0 = static_cast<int>(it - n * a.tiles_h) * a.TH;
+    base = (n * a.C + c) * a.H * a.W;
+  };
+  // Stage x, dy and pre of item it (image rows h0 - P .. h0 + TH + P - 1, zero outside) into stage s.
+  auto issue = [&](int64_t it, int s) {
+    int64_t base;
+    int h0;
+    item_of(it, base, h0);
+    T* px = ring + static_cast<size_t>(s) * 3 * pl;
+    if (a.vec) {
+      const int vpr = W / 8;
+      for (int e = tid; e < SR * vpr; e += kMmaThreads) {
+        const int r = e / vpr, q = e - r * vpr;
+        const int gh = h0 - P + r;
+        const bool ok = gh >= 0 && gh < H;
+        const int64_t off = ok ? base + static_cast<int64_t>(gh) * W + q * 8 : 0;
+        const int so = r * SWs + kPadL + q * 8;
+        cp_async16(px + so, x + off, ok);
+        cp_async16(px + pl + so, dy + off, ok);
+        cp_async16(px + 2 * pl + so, pre + off, ok);
+      }
+    } else {
+      for (int e = tid; e < SR * W; e += kMmaThreads) {
+        const int r = e / W, q = e - r * W;
+        const int gh = h0 - P + r;
+        const bool ok = gh >= 0 && gh < H;
+        const int64_t off = base + static_cast<int64_t>(gh) * W + q;
+        const int so = r * SWs + kPadL + q;
+        px[so] = ok ? x[off] : from_f<T>(0.f);
+        px[pl + so] = ok ? dy[off] : from_f<T>(0.f);
+        px[2 * pl + so] = ok ? pre[off] : from_f<T>(0.f);
+      }
+    }
+    cp_async_commit();
+  };
+
+  uint32_t bfr[K][2][2];
+  b_frags<T, K, true>(bfr, a.w + c * KK, g, t4);
+  const ChanCoef qc{a.scale[c], a.shift[c], a.mean[c], a.ca[c], a.cb[c], a.cd[c]};
+  const bool act_first = a.act_first, residual = a.residual;
+  float dwacc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dwacc[nt][e] = 0.f;
+  float db = 0.f;
+
+  for (int j = 0; j < kBwdStages - 1; ++j) {
+    if (j < nit) issue(it0 + j, j); else cp_async_commit();
+  }
+  const int units_w = Wr / 8;
+  const int nunits = (a.TH / 16) * units_w;
+  const int nwin = (W + 15) / 16;
+
+  for (int ji = 0; ji < nit; ++ji) {
+    cp_async_wait_newest<kBwdStages - 2>();
+    __syncthreads();  // item ji landed; the previous item is done with dhi/dlo and its stage
+    if (ji + kBwdStages - 1 < nit) issue(it0 + ji + kBwdStages - 1, (ji + kBwdStages - 1) % kBwdStages);
+    else cp_async_commit();
+    int64_t base;
+    int h0;
+    item_of(it0 + ji, base, h0);
+    const T* px = ring + static_cast<size_t>(ji % kBwdStages) * 3 * pl;
+    const T* pdy = px + pl;
+    const T* ppre = px + 2 * pl;
+    // ---- dpre over the staged rows, zero outside the image; dbias over the item's own rows ----
+    with_act(a.act, [&](auto A) {
+      constexpr int AC = decltype(A)::value;
+      for (int e = tid; e < SR * W; e += kMmaThreads) {
+        const int r = e / W, q = e - r * W;
+        const int gh = h0 - P + r;
+        const int so = r * SWs + kPadL + q;
+        float d = 0.f;
+        if (gh >= 0 && gh < H) d = dpre_t<AC>(to_f<T>(pdy[so]), to_f<T>(ppre[so]), qc, act_first);
+        if (r >= P && r < P + a.TH) db += d;
+        const T hi = from_f<T>(d);
+        dhi[so] = hi;
+        dlo[so] = from_f<T>(d - to_f<T>(hi));
+      }
+    });
+    __syncthreads();
+    // ---- dx ----
+    plane_units<T, K, true>(dhi, SWs, nunits, units_w, warp, NW, bfr, g, t4,
+                            [&](int lr, int ow, float s0, float s1) {
+      const int oh = h0 + lr;
+      const bool ok0 = oh < H && ow < W, ok1 = oh < H && ow + 1 < W;
+      const T* g0 = pdy + (lr + P) * SWs + kPadL + ow;  // dy(oh, ow), staged
+      const float o0 = residual ? s0 + to_f<T>(g0[0]) : s0;
+      const float o1 = residual ? s1 + to_f<T>(g0[1]) : s1;
+      T* op = dx + base + static_cast<int64_t>(oh) * W + ow;
+      if (ok0 && ok1 && (W % 2) == 0) {
+        *reinterpret_cast<uint32_t*>(op) = pack2<T>(from_f<T>(o0), from_f<T>(o1));
+      } else {
+        if (ok0) op[0] = from_f<T>(o0);
+        if (ok1) op[1] = from_f<T>(o1);
+      }
+    }, dlo);
+    // ---- dweight: (x row, 16-column window) products ----
+    for (int task = warp; task < SR * nwin; task += NW) {
+      const int xs = task / nwin, w0 = (task - xs * nwin) * 16;
+      uint32_t ah[4], al[4];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = g + 8 * hr;
+        const int ds = xs - r + P;  // staged dpre row
+        const bool ok = r < K && ds >= P && ds < P + a.TH;
+        const int so = (ok ? ds : 0) * SWs + kPadL + w0 + 2 * t4;
+        ah[hr] = ok ? lds32(dhi + so) : 0u;
+        ah[hr + 2] = ok ? lds32(dhi + so + 8) : 0u;
+        al[hr] = ok ? lds32(dlo + so) : 0u;
+        al[hr + 2] = ok ? lds32(dlo + so + 8) : 0u;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const T* xr = px + xs * SWs + kPadL + w0 - P + g + 8 * nt + 2 * t4;  // B[kk][j]: x[xs][w0 + kk + j - P]
+        const uint32_t bb[2] = {pack2<T>(xr[0], xr[1]), pack2<T>(xr[8], xr[9])};
+        mma16816<T>(dwacc[nt], ah, bb);
+        mma16816<T>(dwacc[nt], al, bb);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  // ---- block sums, fixed order: each warp's taps (one lane holds each), then the warps in order ----
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = g + 8 * (e / 2), j = 2 * t4 + (e % 2) + 8 * nt;
+      if (r < K && j < K) red[warp * (KK + 1) + r * K + j] = dwacc[nt][e];
+    }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) db += __shfl_down_sync(0xffffffffu, db, off);
+  if (lane == 0) red[warp * (KK + 1) + KK] = db;
+  __syncthreads();
+  for (int t = tid; t <= KK; t += kMmaThreads) {
+    float sum = 0.f;
+    for (int w = 0; w < NW; ++w) sum += red[w * (KK + 1) + t];
+    a.part[(grp * a.C + c) * (KK + 1) + t] = sum;
+  }
+}
+
 struct MmaPlan {
   bool ok = false;
   int TH = 0, tiles_h = 0, SWs = 0, SR = 0;
@@ -481,6 +714,28 @@ bool device_has_mma() {
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
   return major >= 8;
+}
+
+// Items and blocks of a plan whose TH, SWs, SR and smem_bytes are set: several items a block, while
+// about four waves of resident blocks remain (residency: shared memory, and by_regs blocks an SM).
+MmaPlan finish_plan(MmaPlan p, const DwGeom& g, int64_t cgroups, int64_t by_regs, const DevInfo& dev) {
+  p.tiles_h = static_cast<int>((g.H + p.TH - 1) / p.TH);
+  p.items = g.N * p.tiles_h;
+  int64_t per_sm = dev.smem_per_sm / static_cast<int64_t>(p.smem_bytes + 1024);
+  per_sm = per_sm < 1 ? 1 : (per_sm > by_regs ? by_regs : per_sm);
+  const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
+  const int64_t ipb = (p.items * cgroups) / target;
+  p.ipb = ipb < 1 ? 1 : (ipb > 64 ? 64 : ipb);
+  // The tiled kernels' measurement knob (benchmarks, the emulator's pipeline cases).
+  if (const char* env = std::getenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK")) {
+    const long v = std::strtol(env, nullptr, 10);
+    if (v >= 1 && v <= 64) p.ipb = v;
+  }
+  p.groups = (p.items + p.ipb - 1) / p.ipb;
+  p.blocks = p.groups * cgroups;
+  if (p.blocks > 0x7fffffffLL) return MmaPlan{};
+  p.ok = true;
+  return p;
 }
 
 MmaPlan plan_mma(const DwGeom& g, const DevInfo& dev) {
@@ -508,28 +763,23 @@ MmaPlan plan_mma(const DwGeom& g, const DevInfo& dev) {
   p.SR = static_cast<int>(TH + g.k - 1);
   p.smem_bytes = static_cast<size_t>(bytes(TH));
   if (p.smem_bytes > static_cast<size_t>(dev.smem_optin)) return MmaPlan{};
-  p.tiles_h = static_cast<int>((g.H + TH - 1) / TH);
-  p.items = g.N * p.tiles_h;
-  // Items per block: about four waves of resident blocks.  Residency: shared memory, and registers
-  // (ptxas, sm_90a: 96-128 a thread, so about four 128-thread NCHW blocks or two 256-thread
-  // channels_last blocks an SM).
-  const int64_t cgroups = g.cl ? (g.C + kClCh - 1) / kClCh : g.C;
-  const int64_t by_regs = g.cl ? 2 : 4;
-  int64_t per_sm = dev.smem_per_sm / static_cast<int64_t>(p.smem_bytes + 1024);
-  per_sm = per_sm < 1 ? 1 : (per_sm > by_regs ? by_regs : per_sm);
-  const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
-  int64_t ipb = (p.items * cgroups) / target;
-  p.ipb = ipb < 1 ? 1 : (ipb > 64 ? 64 : ipb);
-  // The tiled kernels' measurement knob (benchmarks, the emulator's pipeline cases).
-  if (const char* env = std::getenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK")) {
-    const long v = std::strtol(env, nullptr, 10);
-    if (v >= 1 && v <= 64) p.ipb = v;
-  }
-  p.groups = (p.items + p.ipb - 1) / p.ipb;
-  p.blocks = p.groups * cgroups;
-  if (p.blocks > 0x7fffffffLL) return MmaPlan{};
-  p.ok = true;
-  return p;
+  // Registers (ptxas, sm_90a: 90-124 a thread) allow about four 128-thread NCHW blocks or two
+  // 256-thread channels_last blocks an SM.
+  return finish_plan(p, g, g.cl ? (g.C + kClCh - 1) / kClCh : g.C, g.cl ? 2 : 4, dev);
+}
+
+void set_geom(MmaGeom& a, const DwGeom& g, const MmaPlan& p) {
+  a.N = g.N;
+  a.C = g.C;
+  a.H = g.H;
+  a.W = g.W;
+  a.TH = p.TH;
+  a.tiles_h = p.tiles_h;
+  a.SWs = p.SWs;
+  a.SR = p.SR;
+  a.items = p.items;
+  a.ipb = p.ipb;
+  a.groups = p.groups;
 }
 
 template <typename T, int K>
@@ -553,6 +803,50 @@ cudaError_t launch_mma_t(bool cl, int k, const MmaArgs& a, const MmaPlan& p, cud
   return cudaErrorInvalidValue;
 }
 
+// Backward plan (NCHW): rows per item so that the ring and dpre planes fit ~64 KB.
+MmaPlan plan_mma_bwd(const DwGeom& g, const DevInfo& dev) {
+  MmaPlan p;
+  if (g.cl || g.dtype == kF32 || !(g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9)) return p;
+  if (g.N * g.C == 0 || g.H == 0 || g.W == 0 || g.W > 4096) return p;
+  const int64_t W16 = (g.W + 15) / 16 * 16;
+  // The weight-gradient products read x up to column w0 + 30 - P of a 16-column window.
+  int64_t SWs = kPadL + W16 + 16;
+  SWs = (SWs + 15) / 16 * 16 + 8;
+  const int64_t KK = int64_t(g.k) * g.k;
+  auto bytes = [&](int64_t TH) {
+    return (static_cast<int64_t>(kBwdStages) * 3 + 2) * (TH + g.k - 1) * SWs * 2 + (kMmaThreads / 32) * (KK + 1) * 4;
+  };
+  int64_t TH = (g.H + 15) / 16 * 16;
+  while (TH > 16 && bytes(TH) > 64 * 1024) TH -= 16;
+  p.TH = static_cast<int>(TH);
+  p.SWs = static_cast<int>(SWs);
+  p.SR = static_cast<int>(TH + g.k - 1);
+  p.smem_bytes = static_cast<size_t>(bytes(TH));
+  if (p.smem_bytes > static_cast<size_t>(dev.smem_optin)) return MmaPlan{};
+  return finish_plan(p, g, g.C, 4, dev);  // registers: 96-162 a thread
+}
+
+template <typename T, int K>
+cudaError_t launch_mma_bwd_k(const MmaBwdArgs& a, const MmaPlan& p, cudaStream_t stream) {
+  auto kern = dw_mma_bwd_kernel<T, K>;
+  static SmemOptIn opted;
+  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
+  if (e != cudaSuccess) return e;
+  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks), kMmaThreads, p.smem_bytes, stream)(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_mma_bwd_t(int k, const MmaBwdArgs& a, const MmaPlan& p, cudaStream_t s) {
+  switch (k) {
+    case 3: return launch_mma_bwd_k<T, 3>(a, p, s);
+    case 5: return launch_mma_bwd_k<T, 5>(a, p, s);
+    case 7: return launch_mma_bwd_k<T, 7>(a, p, s);
+    case 9: return launch_mma_bwd_k<T, 9>(a, p, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 int64_t dw_mma_partials(const DwGeom& g) {
@@ -570,17 +864,7 @@ cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, c
   const MmaPlan p = device_has_mma() ? plan_mma(g, dev_info()) : MmaPlan{};
   if (!p.ok) return mode == 2 ? cudaErrorNotSupported : cudaSuccess;
   MmaArgs a{};
-  a.N = g.N;
-  a.C = g.C;
-  a.H = g.H;
-  a.W = g.W;
-  a.TH = p.TH;
-  a.tiles_h = p.tiles_h;
-  a.SWs = p.SWs;
-  a.SR = p.SR;
-  a.items = p.items;
-  a.ipb = p.ipb;
-  a.groups = p.groups;
+  set_geom(a, g, p);
   // 16-byte path: NCHW rows, or channels_last pixels, a whole number of 16-byte vectors, and aligned.
   a.vec = (g.cl ? g.C % 8 == 0 && aligned16(out) : g.W % 8 == 0) && aligned16(x);
   a.x = x;
@@ -599,6 +883,53 @@ cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, c
   if (e != cudaSuccess) return e;
   *ran = true;
   return stats ? launch_stats_finalize(part, p.groups, g.C, mean, var, stream) : cudaSuccess;
+}
+
+}  // namespace dwcuda
+}  // namespace convmixer_kernels
+
+namespace convmixer_kernels {
+namespace dwcuda {
+
+int64_t dw_mma_bwd_partials(const DwGeom& g) {
+  if (mma_mode() == 0) return 0;
+  const MmaPlan p = plan_mma_bwd(g, dev_info());
+  return p.ok ? p.groups : 0;
+}
+
+cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, const void* pre, const float* weight,
+                              const float* scale, const float* shift, const float* mean, const float* ca,
+                              const float* cb, const float* cd, int act, bool act_first, bool residual, void* dx,
+                              float* dweight, float* dbias, float* part, cudaStream_t stream, bool* ran) {
+  *ran = false;
+  const int mode = mma_mode();
+  if (mode == 0) return cudaSuccess;
+  const MmaPlan p = device_has_mma() ? plan_mma_bwd(g, dev_info()) : MmaPlan{};
+  if (!p.ok) return mode == 2 ? cudaErrorNotSupported : cudaSuccess;
+  MmaBwdArgs a{};
+  set_geom(a, g, p);
+  a.vec = g.W % 8 == 0 && aligned16(x) && aligned16(dy) && aligned16(pre);
+  a.x = x;
+  a.dy = dy;
+  a.pre = pre;
+  a.w = weight;
+  a.scale = scale;
+  a.shift = shift;
+  a.mean = mean;
+  a.ca = ca;
+  a.cb = cb;
+  a.cd = cd;
+  a.dx = dx;
+  a.part = part;
+  a.act = act;
+  a.act_first = act_first;
+  a.residual = residual;
+  const cudaError_t e = g.dtype == kBF16 ? launch_mma_bwd_t<__nv_bfloat16>(g.k, a, p, stream)
+                                         : launch_mma_bwd_t<__half>(g.k, a, p, stream);
+  if (e != cudaSuccess) return e;
+  *ran = true;
+  const int KK = g.k * g.k;
+  return launch_sum_finalize(part, p.groups, g.C, KK + 1, dweight, KK, dbias, nullptr, stream);
 }
 
 }  // namespace dwcuda
