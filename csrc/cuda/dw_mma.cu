@@ -111,6 +111,25 @@ struct MmaArgs : MmaGeom {
   bool act_first, residual, stats;
 };
 
+// The zero columns of nrows staged rows (stride SWs): [0, kPadL) and [from, SWs).  Nothing writes them
+// afterwards, so once per block is enough.
+template <typename T>
+__device__ __forceinline__ void zero_pad_columns(T* rows, int nrows, int SWs, int from, int tid, int nthreads) {
+  for (int e = tid; e < nrows; e += nthreads) {
+    T* row = rows + static_cast<size_t>(e) * SWs;
+    for (int q = 0; q < kPadL; ++q) row[q] = from_f<T>(0.f);
+    for (int q = from; q < SWs; ++q) row[q] = from_f<T>(0.f);
+  }
+}
+
+// Item it (image n, row tile) -> its first image row h0 and the offset of element (n, c, 0, 0): NCHW,
+// the plane of the block's channel c; channels_last (c = 0), the image.
+__device__ __forceinline__ void mma_item(const MmaGeom& a, int64_t it, int64_t c, int64_t& base, int& h0) {
+  const int64_t n = it / a.tiles_h;
+  h0 = static_cast<int>(it - n * a.tiles_h) * a.TH;
+  base = (n * a.C + c) * a.H * a.W;
+}
+
 // B fragments of T_r for the channel whose k*k fp32 weights are at wc (nullptr: zeros), hi and lo
 // parts: bfr[r][part][reg], reg 0: kk = 2*t4 + {0, 1}, reg 1: kk + 8; column n = g.
 template <typename T, int K, bool FLIP = false>
@@ -245,19 +264,8 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_kernel(const MmaArgs a) {
   const T* __restrict__ x = static_cast<const T*>(a.x);
   T* __restrict__ out = static_cast<T*>(a.out);
 
-  // Zero columns of every stage (never written by the staging): [0, 8) and [8 + Wr, SWs).
-  for (int e = tid; e < kStages * SR; e += kMmaThreads) {
-    T* row = stage0 + static_cast<size_t>(e) * SWs;
-    for (int q = 0; q < kPadL; ++q) row[q] = from_f<T>(0.f);
-    for (int q = kPadL + Wr; q < SWs; ++q) row[q] = from_f<T>(0.f);
-  }
-
-  // Item it -> (plane offset, first image row).
-  auto item_of = [&](int64_t it, int64_t& base, int& h0) {
-    const int64_t n = it / a.tiles_h;
-    h0 = static_cast<int>(it - n * a.tiles_h) * a.TH;
-    base = (n * a.C + c) * a.H * a.W;
-  };
+  zero_pad_columns(stage0, kStages * SR, SWs, kPadL + Wr, tid, kMmaThreads);  // (staging fills [8, 8 + Wr))
+  auto item_of = [&](int64_t it, int64_t& base, int& h0) { mma_item(a, it, c, base, h0); };
   // Stage item it into buffer s: image rows h0 - P .. h0 + TH + P - 1, columns [0, Wr).
   auto issue = [&](int64_t it, int s) {
     int64_t base;
@@ -363,19 +371,9 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_cl_kernel(const MmaArgs a) 
   const T* __restrict__ x = static_cast<const T*>(a.x);
   T* __restrict__ out = static_cast<T*>(a.out);
 
-  // The planes' zero columns: [0, 8) and from image column W on (the 16-byte path fills W columns).
-  for (int e = tid; e < kClCh * SR; e += kClThreads) {
-    T* row = planes + static_cast<size_t>(e) * SWs;
-    for (int q = 0; q < kPadL; ++q) row[q] = from_f<T>(0.f);
-    for (int q = kPadL + W; q < SWs; ++q) row[q] = from_f<T>(0.f);
-  }
-
-  // Item it -> (offset of pixel (n, 0, 0), first image row).
-  auto item_of = [&](int64_t it, int64_t& base, int& h0) {
-    const int64_t n = it / a.tiles_h;
-    h0 = static_cast<int>(it - n * a.tiles_h) * a.TH;
-    base = n * a.H * a.W * a.C;
-  };
+  // (the 16-byte path fills the planes' columns [8, 8 + W))
+  zero_pad_columns(planes, kClCh * SR, SWs, kPadL + W, tid, kClThreads);
+  auto item_of = [&](int64_t it, int64_t& base, int& h0) { mma_item(a, it, 0, base, h0); };
   auto issue = [&](int64_t it, int s) {  // 16-byte path: pixels (r, x) of the item into raw buffer s
     if (a.vec) {
       int64_t base;
@@ -542,18 +540,8 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArg
   const T* __restrict__ pre = static_cast<const T*>(a.pre);
   T* __restrict__ dx = static_cast<T*>(a.dx);
 
-  // Zero columns of every plane: [0, 8) and from image column W on (nothing writes them).
-  for (int e = tid; e < (kBwdStages * 3 + 2) * SR; e += kMmaThreads) {
-    T* row = ring + static_cast<size_t>(e) * SWs;
-    for (int q = 0; q < kPadL; ++q) row[q] = from_f<T>(0.f);
-    for (int q = kPadL + W; q < SWs; ++q) row[q] = from_f<T>(0.f);
-  }
-
-  auto item_of = [&](int64_t it, int64_t& base, int& h0) {
-    const int64_t n = it / a.tiles_h;
-    h0 = static_cast<int>(it - n * a.tiles_h) * a.TH;
-    base = (n * a.C + c) * a.H * a.W;
-  };
+  zero_pad_columns(ring, (kBwdStages * 3 + 2) * SR, SWs, kPadL + W, tid, kMmaThreads);  // (fills [8, 8 + W))
+  auto item_of = [&](int64_t it, int64_t& base, int& h0) { mma_item(a, it, c, base, h0); };
   // Stage x, dy and pre of item it (image rows h0 - P .. h0 + TH + P - 1, zero outside) into stage s.
   auto issue = [&](int64_t it, int s) {
     int64_t base;
