@@ -125,10 +125,8 @@ class CaseTimer:
 # the step captured in one CUDA graph.  cuda_ipb1: the CUDA kernels with one item per forward depthwise
 # block (no next tile to copy in while computing), so the same run shows what the cp.async pipeline
 # gains.  cuda_cutlass: the pointwise eval forward as one CUTLASS GEMM with the epilogue fused;
-# cuda_mma: the depthwise block on tensor cores where a kernel exists (fp16/bf16, k <= 9: the forward in
-# both layouts, the backward in NCHW; =1, so a channels_last training row is the tensor-core forward
-# with the FMA backward, what a user setting it gets).  Both opt-in while unmeasured; cuda_cutlass runs
-# with =require, which raises where it does not apply.
+# cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward).
+# Both opt-in while unmeasured; =require raises where they do not apply.
 PROVIDERS = {
     "eager": ("auto", None), "compile": ("auto", None), "compile_max": ("auto", None),
     "eager_graph": ("auto", None),
@@ -136,7 +134,7 @@ PROVIDERS = {
     "cuda_graph": ("cuda", None),
     "cuda_ipb1": ("cuda", ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1")),
     "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require")),
-    "cuda_mma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "1")),
+    "cuda_mma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "require")),
 }
 # The providers that run the original (unfused) modules: the baselines every target is measured against.
 BASELINES = ("eager", "compile", "compile_max", "eager_graph")

@@ -77,9 +77,9 @@ def test_options(backend, device, opts, poison, triton_cpu):
 @pytest.mark.parametrize("k,activation", [(7, "gelu"), (9, "relu"), (3, "silu")])
 def test_tensor_core_forward(monkeypatch, dtype, training, layout, k, activation, poison):
     """The opt-in mma.sync kernels against the fp64 oracle: the eval forward, the training forward's pre
-    and statistics, and (NCHW) the backward, under every gradient.  NCHW: =require (every op runs on
-    tensor cores or fails); channels_last: =1 (the backward has no tensor-core kernel there yet)."""
-    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require" if layout == "nchw" else "1")
+    and statistics, and the backward, under every gradient (=require: every op runs on tensor cores or
+    fails)."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
     compare("cuda", "cuda", dtype, (2, 37, 17, 23), k, activation=activation, training=training, layout=layout)
 
 

@@ -580,7 +580,7 @@ cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, c
                           const float* shift, int act, bool act_first, bool residual, bool stats, void* out,
                           float* part, float* mean, float* var, cudaStream_t stream, bool* ran);
 int64_t dw_mma_partials(const DwGeom& g);
-// The backward (dw_bwd: dx, dweight, dbias) on tensor cores, NCHW: the same contract.
+// The backward (dw_bwd: dx, dweight, dbias) on tensor cores: the same contract.
 cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, const void* pre, const float* weight,
                               const float* scale, const float* shift, const float* mean, const float* ca,
                               const float* cb, const float* cd, int act, bool act_first, bool residual, void* dx,

@@ -1,5 +1,5 @@
-// The depthwise convolution on tensor cores (mma.sync, sm_80 and newer): dw_fwd and dw_conv_stats
-// for fp16/bf16 activations (NCHW and channels_last) and k in {3, 5, 7, 9}.  Opt-in until a GPU run has
+// The depthwise convolution on tensor cores (mma.sync, sm_80 and newer): dw_fwd, dw_conv_stats and
+// dw_bwd for fp16/bf16 activations (NCHW and channels_last) and k in {3, 5, 7, 9}.  Opt-in until a GPU run has
 // measured it:
 // CONVMIXER_KERNELS_DW_MMA=1 uses it where it applies, =require makes the op fail where it does not
 // (tests); otherwise the FMA kernels of dw_fwd_tiled.cuh run.
@@ -347,6 +347,27 @@ constexpr int kClCh = 8;
 constexpr int kClThreads = 32 * kClCh;
 constexpr int kClStages = 3;
 
+// channels_last: an item's outputs, pixel-major in shared memory (buf: pixel (lr, q) of the item at
+// (lr * Wr + q) * 8, channels c0 .. c0 + 7), to out (16 bytes a pixel on the 16-byte path).
+template <typename T>
+__device__ __forceinline__ void store_pixels(const T* buf, T* out, const MmaGeom& a, int64_t base, int h0, int64_t c0,
+                                             int tid) {
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
+  const int Wr = (W + 7) & ~7;
+  const int rows = H - h0 < a.TH ? H - h0 : a.TH;
+  for (int e = tid; e < rows * W; e += kClThreads) {
+    const int lr = e / W, q = e - lr * W;
+    const T* src = buf + (lr * Wr + q) * kClCh;
+    T* dst = out + base + (static_cast<int64_t>(h0 + lr) * W + q) * a.C + c0;
+    if (a.vec) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int ch = 0; ch < kClCh; ++ch)
+        if (c0 + ch < a.C) dst[ch] = src[ch];
+    }
+  }
+}
+
 template <typename T, int K>
 __global__ void __launch_bounds__(kClThreads) dw_mma_cl_kernel(const MmaArgs a) {
   constexpr int P = K / 2;
@@ -449,18 +470,7 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_cl_kernel(const MmaArgs a) 
     });
     __syncthreads();  // the item's outputs are in raw
     // ---- store: pixel (lr, q), channels c0 .. c0 + 7 ----
-    const int rows = H - h0 < a.TH ? H - h0 : a.TH;
-    for (int e = tid; e < rows * W; e += kClThreads) {
-      const int lr = e / W, q = e - lr * W;
-      const T* src = raw + (lr * Wr + q) * kClCh;
-      T* dst = out + base + (static_cast<int64_t>(h0 + lr) * W + q) * a.C + c0;
-      if (a.vec) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-        for (int ch = 0; ch < kClCh; ++ch)
-          if (c0 + ch < a.C) dst[ch] = src[ch];
-      }
-    }
+    store_pixels(raw, out, a, base, h0, c0, tid);
   }
   cp_async_wait_all();
 
@@ -513,10 +523,52 @@ __device__ __forceinline__ uint32_t lds32(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
+template <int K>
+using DwAcc = float[K > 8 ? 2 : 1][4];  // weight-gradient fragments: n-tiles j < 8 (and j >= 8 at k = 9)
+
+// One weight-gradient product (see above): staged x row xs, 16-column window w0.  A: the item's own dpre
+// rows xs - r + P (hi and lo planes phi, plo; rows outside [P, P + TH) and r >= K are zero); B[kk][j] =
+// x_at(w0 + kk + j - P), the x row's value at that image column (zero outside the image).
+template <typename T, int K, typename XAt>
+__device__ __forceinline__ void dweight_product(DwAcc<K>& acc, const T* phi, const T* plo, int SWs, int TH, int xs,
+                                                int w0, int g, int t4, XAt&& x_at) {
+  constexpr int P = K / 2;
+  uint32_t ah[4], al[4];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = g + 8 * hr;
+    const int ds = xs - r + P;  // staged dpre row
+    const bool ok = r < K && ds >= P && ds < P + TH;
+    const int so = (ok ? ds : 0) * SWs + kPadL + w0 + 2 * t4;
+    ah[hr] = ok ? lds32(phi + so) : 0u;
+    ah[hr + 2] = ok ? lds32(phi + so + 8) : 0u;
+    al[hr] = ok ? lds32(plo + so) : 0u;
+    al[hr + 2] = ok ? lds32(plo + so + 8) : 0u;
+  }
+#pragma unroll
+  for (int nt = 0; nt < (K > 8 ? 2 : 1); ++nt) {
+    const int col = w0 - P + g + 8 * nt + 2 * t4;  // B: kk = 2*t4 + {0, 1} and + 8, j = g + 8*nt
+    const uint32_t bb[2] = {pack2<T>(x_at(col), x_at(col + 1)), pack2<T>(x_at(col + 8), x_at(col + 9))};
+    mma16816<T>(acc[nt], ah, bb);
+    mma16816<T>(acc[nt], al, bb);
+  }
+}
+
+// f(tap, value) for the taps r * K + j (r, j < K) that this lane's fragments hold.
+template <int K, typename F>
+__device__ __forceinline__ void for_each_tap(const DwAcc<K>& acc, int g, int t4, F&& f) {
+#pragma unroll
+  for (int nt = 0; nt < (K > 8 ? 2 : 1); ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = g + 8 * (e / 2), j = 2 * t4 + (e % 2) + 8 * nt;
+      if (r < K && j < K) f(r * K + j, acc[nt][e]);
+    }
+}
+
 template <typename T, int K>
 __global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArgs a) {
   constexpr int P = K / 2, KK = K * K;
-  constexpr int NT = K > 8 ? 2 : 1;  // n-tiles of the weight-gradient product (j < 8, j >= 8)
   constexpr int NW = kMmaThreads / 32;
   CMK_DYNAMIC_SMEM(smem_f4);
   const int SWs = a.SWs, SR = a.SR;
@@ -579,11 +631,7 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArg
   b_frags<T, K, true>(bfr, a.w + c * KK, g, t4);
   const ChanCoef qc{a.scale[c], a.shift[c], a.mean[c], a.ca[c], a.cb[c], a.cd[c]};
   const bool act_first = a.act_first, residual = a.residual;
-  float dwacc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dwacc[nt][e] = 0.f;
+  DwAcc<K> dwacc = {};
   float db = 0.f;
 
   for (int j = 0; j < kBwdStages - 1; ++j) {
@@ -639,37 +687,14 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArg
     // ---- dweight: (x row, 16-column window) products ----
     for (int task = warp; task < SR * nwin; task += NW) {
       const int xs = task / nwin, w0 = (task - xs * nwin) * 16;
-      uint32_t ah[4], al[4];
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = g + 8 * hr;
-        const int ds = xs - r + P;  // staged dpre row
-        const bool ok = r < K && ds >= P && ds < P + a.TH;
-        const int so = (ok ? ds : 0) * SWs + kPadL + w0 + 2 * t4;
-        ah[hr] = ok ? lds32(dhi + so) : 0u;
-        ah[hr + 2] = ok ? lds32(dhi + so + 8) : 0u;
-        al[hr] = ok ? lds32(dlo + so) : 0u;
-        al[hr + 2] = ok ? lds32(dlo + so + 8) : 0u;
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const T* xr = px + xs * SWs + kPadL + w0 - P + g + 8 * nt + 2 * t4;  // B[kk][j]: x[xs][w0 + kk + j - P]
-        const uint32_t bb[2] = {pack2<T>(xr[0], xr[1]), pack2<T>(xr[8], xr[9])};
-        mma16816<T>(dwacc[nt], ah, bb);
-        mma16816<T>(dwacc[nt], al, bb);
-      }
+      const T* xrow = px + xs * SWs + kPadL;  // padded: zero columns either side
+      dweight_product<T, K>(dwacc, dhi, dlo, SWs, a.TH, xs, w0, g, t4, [&](int col) { return xrow[col]; });
     }
   }
   cp_async_wait_all();
 
   // ---- block sums, fixed order: each warp's taps (one lane holds each), then the warps in order ----
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = g + 8 * (e / 2), j = 2 * t4 + (e % 2) + 8 * nt;
-      if (r < K && j < K) red[warp * (KK + 1) + r * K + j] = dwacc[nt][e];
-    }
+  for_each_tap<K>(dwacc, g, t4, [&](int tap, float v) { red[warp * (KK + 1) + tap] = v; });
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) db += __shfl_down_sync(0xffffffffu, db, off);
   if (lane == 0) red[warp * (KK + 1) + KK] = db;
@@ -678,6 +703,161 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArg
     float sum = 0.f;
     for (int w = 0; w < NW; ++w) sum += red[w * (KK + 1) + t];
     a.part[(grp * a.C + c) * (KK + 1) + t] = sum;
+  }
+}
+
+// Backward, channels_last: a block (8 warps) per 8 channels, warp w computes channel c0 + w.  x, dy and
+// pre come in pixel-major (8 channels a pixel: one 16-byte vector) by cp.async, double buffered; dpre is
+// computed per (pixel, channel) into hi/lo planes per channel; dx goes out through the pre buffer just
+// consumed (pixel-major, 16-byte stores); the weight-gradient products read x straight from the
+// pixel-major buffer (zero outside [0, W)).  Each warp's dweight fragments are its channel's whole block
+// sum; dbias: each thread sums one channel (tid % 8), the 32 threads of a channel are added in order.
+// Without the 16-byte path the buffers are filled by plain loads when the item is computed.
+constexpr int kClBwdStages = 2;
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kClThreads) dw_mma_bwd_cl_kernel(const MmaBwdArgs a) {
+  constexpr int P = K / 2, KK = K * K;
+  CMK_DYNAMIC_SMEM(smem_f4);
+  const int SWs = a.SWs, SR = a.SR;
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W);
+  const int Wr = (W + 7) & ~7;
+  const int raw_el = SR * Wr * kClCh;  // one tensor's pixels of an item (a multiple of 64)
+  const int pl = SR * SWs;
+  T* const raw0 = reinterpret_cast<T*>(smem_f4);  // stage s: x, dy, pre (pixel-major)
+  T* const dhi = raw0 + static_cast<size_t>(kClBwdStages) * 3 * raw_el;  // [channel][plane]
+  T* const dlo = dhi + static_cast<size_t>(kClCh) * pl;
+  float* const red = reinterpret_cast<float*>(dlo + static_cast<size_t>(kClCh) * pl);  // [threads]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t grp = blockIdx.x % a.groups;
+  const int64_t c0 = (blockIdx.x / a.groups) * kClCh;
+  const int64_t c = c0 + warp;
+  const bool c_ok = c < a.C;
+  const int my_ch = tid % kClCh;  // the channel of this thread's dpre elements (the stride is a multiple of 8)
+  const int64_t it0 = grp * a.ipb;
+  const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
+  const int nit = static_cast<int>(it1 - it0);
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const T* __restrict__ dy = static_cast<const T*>(a.dy);
+  const T* __restrict__ pre = static_cast<const T*>(a.pre);
+  T* __restrict__ dx = static_cast<T*>(a.dx);
+
+  zero_pad_columns(dhi, 2 * kClCh * SR, SWs, kPadL + W, tid, kClThreads);  // (dpre fills [8, 8 + W))
+  auto item_of = [&](int64_t it, int64_t& base, int& h0) { mma_item(a, it, 0, base, h0); };
+  auto issue = [&](int64_t it, int s) {
+    if (a.vec) {
+      int64_t base;
+      int h0;
+      item_of(it, base, h0);
+      T* buf = raw0 + static_cast<size_t>(s) * 3 * raw_el;
+      for (int e = tid; e < SR * W; e += kClThreads) {
+        const int r = e / W, q = e - r * W;
+        const int gh = h0 - P + r;
+        const bool ok = gh >= 0 && gh < H;
+        const int64_t off = ok ? base + (static_cast<int64_t>(gh) * W + q) * a.C + c0 : 0;
+        const int so = (r * Wr + q) * kClCh;
+        cp_async16(buf + so, x + off, ok);
+        cp_async16(buf + raw_el + so, dy + off, ok);
+        cp_async16(buf + 2 * raw_el + so, pre + off, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+  uint32_t bfr[K][2][2];
+  b_frags<T, K, true>(bfr, c_ok ? a.w + c * KK : nullptr, g, t4);
+  const int64_t cm = c0 + my_ch;
+  const bool cm_ok = cm < a.C;
+  const ChanCoef qc = cm_ok ? ChanCoef{a.scale[cm], a.shift[cm], a.mean[cm], a.ca[cm], a.cb[cm], a.cd[cm]}
+                            : ChanCoef{0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const bool act_first = a.act_first, residual = a.residual;
+  DwAcc<K> dwacc = {};
+  float db = 0.f;
+
+  for (int j = 0; j < kClBwdStages - 1; ++j) {
+    if (j < nit) issue(it0 + j, j); else cp_async_commit();
+  }
+  const int units_w = Wr / 8;
+  const int nunits = (a.TH / 16) * units_w;
+  const int nwin = (W + 15) / 16;
+  const T* phi = dhi + static_cast<size_t>(warp) * pl;
+  const T* plo = dlo + static_cast<size_t>(warp) * pl;
+
+  for (int ji = 0; ji < nit; ++ji) {
+    cp_async_wait_newest<kClBwdStages - 2>();
+    __syncthreads();  // item ji landed; the previous item's dx left its buffer; the dpre planes are free
+    if (ji + kClBwdStages - 1 < nit) issue(it0 + ji + kClBwdStages - 1, (ji + kClBwdStages - 1) % kClBwdStages);
+    else cp_async_commit();
+    int64_t base;
+    int h0;
+    item_of(it0 + ji, base, h0);
+    T* rx = raw0 + static_cast<size_t>(ji % kClBwdStages) * 3 * raw_el;
+    T* rdy = rx + raw_el;
+    T* rpre = rx + 2 * raw_el;
+    if (!a.vec) {  // plain loads of the item's x, dy and pre (zero outside the image and past C)
+      for (int e = tid; e < SR * W * kClCh; e += kClThreads) {
+        const int ch = e % kClCh, pix = e / kClCh;
+        const int r = pix / W, q = pix - r * W;
+        const int gh = h0 - P + r;
+        const bool ok = gh >= 0 && gh < H && c0 + ch < a.C;
+        const int64_t off = base + (static_cast<int64_t>(gh) * W + q) * a.C + c0 + ch;
+        const int so = (r * Wr + q) * kClCh + ch;
+        rx[so] = ok ? x[off] : from_f<T>(0.f);
+        rdy[so] = ok ? dy[off] : from_f<T>(0.f);
+        rpre[so] = ok ? pre[off] : from_f<T>(0.f);
+      }
+      __syncthreads();
+    }
+    // ---- dpre planes (zero outside the image and past C); dbias over the item's own rows ----
+    with_act(a.act, [&](auto A) {
+      constexpr int AC = decltype(A)::value;
+      for (int e = tid; e < SR * W * kClCh; e += kClThreads) {
+        const int pix = e / kClCh;  // channel: my_ch
+        const int r = pix / W, q = pix - r * W;
+        const int gh = h0 - P + r;
+        const int so = (r * Wr + q) * kClCh + my_ch;
+        float d = 0.f;
+        if (gh >= 0 && gh < H && cm_ok) d = dpre_t<AC>(to_f<T>(rdy[so]), to_f<T>(rpre[so]), qc, act_first);
+        if (r >= P && r < P + a.TH) db += d;
+        const T hi = from_f<T>(d);
+        const int po = my_ch * pl + r * SWs + kPadL + q;
+        dhi[po] = hi;
+        dlo[po] = from_f<T>(d - to_f<T>(hi));
+      }
+    });
+    __syncthreads();  // dpre ready; rpre is free for the outputs
+    // ---- dx of channel c0 + warp, pixel-major into rpre ----
+    plane_units<T, K, true>(phi, SWs, nunits, units_w, 0, 1, bfr, g, t4, [&](int lr, int ow, float s0, float s1) {
+      const int so = ((lr + P) * Wr + ow) * kClCh + warp;  // dy(h0 + lr, ow) in the staged rows
+      const float o0 = residual ? s0 + to_f<T>(rdy[so]) : s0;
+      const float o1 = residual ? s1 + to_f<T>(rdy[so + kClCh]) : s1;  // (ow + 1 < Wr; past W unused)
+      rpre[(lr * Wr + ow) * kClCh + warp] = from_f<T>(o0);
+      rpre[(lr * Wr + ow + 1) * kClCh + warp] = from_f<T>(o1);
+    }, plo);
+    // ---- dweight of channel c0 + warp: (x row, 16-column window) products ----
+    for (int task = 0; task < SR * nwin; ++task) {
+      const int xs = task / nwin, w0 = (task - xs * nwin) * 16;
+      const T* xrow = rx + xs * Wr * kClCh + warp;  // pixel-major, no padding
+      dweight_product<T, K>(dwacc, phi, plo, SWs, a.TH, xs, w0, g, t4, [&](int col) {
+        return (col >= 0 && col < W) ? xrow[col * kClCh] : from_f<T>(0.f);
+      });
+    }
+    __syncthreads();  // dx of all 8 channels is in rpre
+    // ---- store dx: pixel (lr, q), channels c0 .. c0 + 7 ----
+    store_pixels(rpre, dx, a, base, h0, c0, tid);
+  }
+  cp_async_wait_all();
+
+  // ---- partials: a warp's fragments are its channel's block sum; dbias per channel in thread order ----
+  if (c_ok) for_each_tap<K>(dwacc, g, t4, [&](int tap, float v) { a.part[(grp * a.C + c) * (KK + 1) + tap] = v; });
+  red[tid] = db;
+  __syncthreads();
+  if (tid < kClCh && c0 + tid < a.C) {
+    float sum = 0.f;
+    for (int i = tid; i < kClThreads; i += kClCh) sum += red[i];
+    a.part[(grp * a.C + c0 + tid) * (KK + 1) + KK] = sum;
   }
 }
 
@@ -791,46 +971,53 @@ cudaError_t launch_mma_t(bool cl, int k, const MmaArgs& a, const MmaPlan& p, cud
   return cudaErrorInvalidValue;
 }
 
-// Backward plan (NCHW): rows per item so that the ring and dpre planes fit ~64 KB.
+// Backward plan: rows per item so that the buffers fit ~64 KB (NCHW: about three blocks an SM) or
+// ~200 KB (channels_last: one 8-warp block an SM, a whole 32x32 item of 8 channels in flight).
 MmaPlan plan_mma_bwd(const DwGeom& g, const DevInfo& dev) {
   MmaPlan p;
-  if (g.cl || g.dtype == kF32 || !(g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9)) return p;
+  if (g.dtype == kF32 || !(g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9)) return p;
   if (g.N * g.C == 0 || g.H == 0 || g.W == 0 || g.W > 4096) return p;
   const int64_t W16 = (g.W + 15) / 16 * 16;
   // The weight-gradient products read x up to column w0 + 30 - P of a 16-column window.
   int64_t SWs = kPadL + W16 + 16;
   SWs = (SWs + 15) / 16 * 16 + 8;
   const int64_t KK = int64_t(g.k) * g.k;
+  const int64_t Wr = (g.W + 7) / 8 * 8;
   auto bytes = [&](int64_t TH) {
-    return (static_cast<int64_t>(kBwdStages) * 3 + 2) * (TH + g.k - 1) * SWs * 2 + (kMmaThreads / 32) * (KK + 1) * 4;
+    const int64_t SR = TH + g.k - 1;
+    return g.cl ? static_cast<int64_t>(kClBwdStages) * 3 * SR * Wr * kClCh * 2 + 2 * kClCh * SR * SWs * 2 +
+                      kClThreads * 4
+                : (static_cast<int64_t>(kBwdStages) * 3 + 2) * SR * SWs * 2 + (kMmaThreads / 32) * (KK + 1) * 4;
   };
+  const int64_t budget = g.cl ? 200 * 1024 : 64 * 1024;
   int64_t TH = (g.H + 15) / 16 * 16;
-  while (TH > 16 && bytes(TH) > 64 * 1024) TH -= 16;
+  while (TH > 16 && bytes(TH) > budget) TH -= 16;
   p.TH = static_cast<int>(TH);
   p.SWs = static_cast<int>(SWs);
   p.SR = static_cast<int>(TH + g.k - 1);
   p.smem_bytes = static_cast<size_t>(bytes(TH));
   if (p.smem_bytes > static_cast<size_t>(dev.smem_optin)) return MmaPlan{};
-  return finish_plan(p, g, g.C, 4, dev);  // registers: 96-162 a thread
+  // registers: 96-162 a thread (NCHW, 128 threads)
+  return finish_plan(p, g, g.cl ? (g.C + kClCh - 1) / kClCh : g.C, g.cl ? 1 : 4, dev);
 }
 
 template <typename T, int K>
-cudaError_t launch_mma_bwd_k(const MmaBwdArgs& a, const MmaPlan& p, cudaStream_t stream) {
-  auto kern = dw_mma_bwd_kernel<T, K>;
-  static SmemOptIn opted;
-  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
+cudaError_t launch_mma_bwd_k(bool cl, const MmaBwdArgs& a, const MmaPlan& p, cudaStream_t stream) {
+  auto kern = cl ? dw_mma_bwd_cl_kernel<T, K> : dw_mma_bwd_kernel<T, K>;
+  static SmemOptIn opted[2];
+  const cudaError_t e = opt_in_smem(opted[cl ? 1 : 0], kern, p.smem_bytes);
   if (e != cudaSuccess) return e;
-  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks), kMmaThreads, p.smem_bytes, stream)(a);
+  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks), cl ? kClThreads : kMmaThreads, p.smem_bytes, stream)(a);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_mma_bwd_t(int k, const MmaBwdArgs& a, const MmaPlan& p, cudaStream_t s) {
+cudaError_t launch_mma_bwd_t(bool cl, int k, const MmaBwdArgs& a, const MmaPlan& p, cudaStream_t s) {
   switch (k) {
-    case 3: return launch_mma_bwd_k<T, 3>(a, p, s);
-    case 5: return launch_mma_bwd_k<T, 5>(a, p, s);
-    case 7: return launch_mma_bwd_k<T, 7>(a, p, s);
-    case 9: return launch_mma_bwd_k<T, 9>(a, p, s);
+    case 3: return launch_mma_bwd_k<T, 3>(cl, a, p, s);
+    case 5: return launch_mma_bwd_k<T, 5>(cl, a, p, s);
+    case 7: return launch_mma_bwd_k<T, 7>(cl, a, p, s);
+    case 9: return launch_mma_bwd_k<T, 9>(cl, a, p, s);
   }
   return cudaErrorInvalidValue;
 }
@@ -896,7 +1083,7 @@ cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, co
   if (!p.ok) return mode == 2 ? cudaErrorNotSupported : cudaSuccess;
   MmaBwdArgs a{};
   set_geom(a, g, p);
-  a.vec = g.W % 8 == 0 && aligned16(x) && aligned16(dy) && aligned16(pre);
+  a.vec = (g.cl ? g.C % 8 == 0 && aligned16(dx) : g.W % 8 == 0) && aligned16(x) && aligned16(dy) && aligned16(pre);
   a.x = x;
   a.dy = dy;
   a.pre = pre;
@@ -912,8 +1099,8 @@ cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, co
   a.act = act;
   a.act_first = act_first;
   a.residual = residual;
-  const cudaError_t e = g.dtype == kBF16 ? launch_mma_bwd_t<__nv_bfloat16>(g.k, a, p, stream)
-                                         : launch_mma_bwd_t<__half>(g.k, a, p, stream);
+  const cudaError_t e = g.dtype == kBF16 ? launch_mma_bwd_t<__nv_bfloat16>(g.cl, g.k, a, p, stream)
+                                         : launch_mma_bwd_t<__half>(g.cl, g.k, a, p, stream);
   if (e != cudaSuccess) return e;
   *ran = true;
   const int KK = g.k * g.k;

@@ -124,11 +124,8 @@ def cases(quick: bool):
     out.append(((13, 3, 9, 10), 3, torch.float16, False, 1, True, False, True, 0, ring))
     out.append(((1, 3, 5, 4), 9, torch.bfloat16, False, 2, True, True, True, 0, mma))  # image < kernel
     # channels_last: C a multiple of 8 (16-byte pixels) or not (plain loads), misaligned, several groups
-    # of 8 channels, several row tiles, the raw ring wrapping.  =1, not =require: the backward has no
-    # channels_last tensor-core kernel (it runs the FMA one); the forward's plan applies to every case
-    # here (each passed under =require before the NCHW backward existed).
-    cl1 = (("CONVMIXER_KERNELS_DW_MMA", "1"),)
-    cl_ring = cl1 + (("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "9"),)
+    # of 8 channels, several row tiles, the raw ring wrapping
+    cl1, cl_ring = mma, ring
     out.append(((2, 16, 12, 16), 7, torch.bfloat16, True, 2, True, True, True, 0, cl1))
     out.append(((2, 37, 17, 23), 5, torch.float16, True, 3, False, True, False, 0, cl1))
     out.append(((2, 16, 9, 11), 9, torch.bfloat16, True, 4, True, False, True, 1, cl1))
