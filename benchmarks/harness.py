@@ -125,8 +125,9 @@ class CaseTimer:
 # the step captured in one CUDA graph.  cuda_ipb1: the CUDA kernels with one item per forward depthwise
 # block (no next tile to copy in while computing), so the same run shows what the cp.async pipeline
 # gains.  cuda_cutlass: the pointwise eval forward as one CUTLASS GEMM with the epilogue fused;
-# cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward).
-# Both opt-in while unmeasured; =require raises where they do not apply.
+# cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward);
+# auto_mma: a whole fused model with them (=1: where they apply).  Opt-in while unmeasured; =require
+# raises where they do not apply.
 PROVIDERS = {
     "eager": ("auto", None), "compile": ("auto", None), "compile_max": ("auto", None),
     "eager_graph": ("auto", None),
@@ -135,6 +136,7 @@ PROVIDERS = {
     "cuda_ipb1": ("cuda", ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1")),
     "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require")),
     "cuda_mma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "require")),
+    "auto_mma": ("auto", ("CONVMIXER_KERNELS_DW_MMA", "1")),
 }
 # The providers that run the original (unfused) modules: the baselines every target is measured against.
 BASELINES = ("eager", "compile", "compile_max", "eager_graph")

@@ -151,8 +151,8 @@ def main(argv=None):
     # The opt-in kernels never run on a GPU yet (the tensor-core depthwise forward, the CUTLASS pointwise
     # GEMM) are timed after everything else: a fault in one is sticky on the device and would fail every
     # row after it.
-    late_suite = {"cuda_mma": "dw", "cuda_cutlass": "pw"}
-    late = [p for p, s in late_suite.items() if s in suites and bench.wants(p)]
+    late_suite = {"cuda_mma": "dw", "cuda_cutlass": "pw", "auto_mma": "model"}
+    late = [p for p, s in late_suite.items() if device == "cuda" and s in suites and bench.wants(p)]
     if late:
         bench.only = [p for p in (only or PROVIDERS) if p not in late]
     try:

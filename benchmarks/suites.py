@@ -291,9 +291,9 @@ def model_cases(bench):
     ConvMixer-256/8; a tiny reference ConvMixer for the smoke test.  `auto`: the fused model as a user
     runs it (fuse(model), default backend choice per op); `cuda`/`triton`: every fused op on that backend."""
     if bench.device == "cuda":
-        cm = ("eager", "compile", "auto", "cuda")
+        cm = ("eager", "compile", "auto", "cuda", "auto_mma")
         if bench.quick:
-            return [("timm:convmixer_768_32", 32, 224, ("eager", "auto")),
+            return [("timm:convmixer_768_32", 32, 224, ("eager", "auto", "auto_mma")),
                     ("timm:vit_small_patch16_224", 32, 224, ("eager",))]
         return [("timm:convmixer_1536_20", 64, 224, cm + ("triton",)), ("timm:convmixer_768_32", 64, 224, cm),
                 ("timm:convmixer_1024_20_ks9_p14", 64, 224, cm),
