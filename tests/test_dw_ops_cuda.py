@@ -280,10 +280,10 @@ def test_mma_refuses_what_it_does_not_serve(ops, monkeypatch):
     for cl, dtype, k in [(True, torch.float32, 7), (False, torch.float32, 7), (False, torch.bfloat16, 11),
                          (True, torch.float16, 1)]:
         a = make_inputs(2, 8, 16, 16, k, dtype, "cuda", channels_last=cl, seed=1)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="CONVMIXER_KERNELS_DW_MMA=require"):
             ops.dw_fwd(a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)
     a = make_inputs(2, 8, 16, 16, 7, torch.float32, "cuda", channels_last=True, seed=1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="CONVMIXER_KERNELS_DW_MMA=require"):
         ops.dw_bwd(a["dy"], a["x"], a["pre"], a["weight"], a["scale"], a["shift"], a["mean"], a["ca"], a["cb"],
                    a["cd"], 2, True, True)
 

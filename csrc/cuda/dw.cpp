@@ -9,7 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <optional>
 #include <tuple>
 
@@ -23,6 +25,20 @@ using at::Tensor;
 
 // x: a CUDA tensor of a CUDA storage dtype in one of the two layouts.  Returns whether it is
 // channels_last and fills the geometry (k is set by the caller).
+// A launcher's status: cudaErrorNotSupported comes only from CONVMIXER_KERNELS_DW_MMA=require on a
+// call the tensor-core kernels do not serve (dw_mma.cu); say so, instead of CUDA's bare message.
+void check_launch(cudaError_t e) {
+  const char* mma = std::getenv("CONVMIXER_KERNELS_DW_MMA");
+  if (e == cudaErrorNotSupported && mma != nullptr && std::string(mma) == "require") {
+    (void)cudaGetLastError();
+    TORCH_CHECK(false, "CONVMIXER_KERNELS_DW_MMA=require: the tensor-core depthwise kernels do not serve this call "
+                       "(they need float16 or bfloat16 activations, k in {3, 5, 7, 9}, a GPU of compute capability "
+                       "8.0 or newer, and the image and channels within the shared-memory plan); set it to 1 to "
+                       "fall back to the other kernels");
+  }
+  C10_CUDA_CHECK(e);
+}
+
 bool check_x(const Tensor& x, const char* name, dwcuda::DwGeom& g) {
   TORCH_CHECK(x.is_cuda(), name, ": expected a CUDA tensor, got a tensor on ", x.device());
   check_storage_dtype(x, name, /*allow_double=*/false);
@@ -76,7 +92,7 @@ std::tuple<Tensor, Tensor, Tensor> dw_conv_stats_cuda(const Tensor& x, const Ten
   }
   const Tensor part = workspace(dwcuda::dw_conv_stats_workspace(g).part, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  C10_CUDA_CHECK(dwcuda::dw_conv_stats_launch(
+  check_launch(dwcuda::dw_conv_stats_launch(
       g, x.data_ptr(), fptr(weight), bias.has_value() ? fptr(*bias) : nullptr, static_cast<int>(act),
       act_first, pre.data_ptr(), mean.data_ptr<float>(), var.data_ptr<float>(), part.data_ptr<float>(), stream));
   return {pre, mean, var};
@@ -95,7 +111,7 @@ Tensor dw_fwd_cuda(const Tensor& x, const Tensor& weight, const std::optional<Te
   Tensor y = new_output(x.sizes(), x.options(), format_of(cl));
   if (x.numel() == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  C10_CUDA_CHECK(dwcuda::dw_fwd_launch(g, x.data_ptr(), fptr(weight), bias.has_value() ? fptr(*bias) : nullptr,
+  check_launch(dwcuda::dw_fwd_launch(g, x.data_ptr(), fptr(weight), bias.has_value() ? fptr(*bias) : nullptr,
                                        fptr(scale), fptr(shift), static_cast<int>(act), act_first, residual,
                                        y.data_ptr(), stream));
   return y;
@@ -164,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> dw_bwd_cuda(const Tensor& dy, const Tensor& x
   const Tensor part = workspace(wsz.part, x);
   const Tensor dpre = workspace(wsz.dpre, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  C10_CUDA_CHECK(dwcuda::dw_bwd_launch(g, dy.data_ptr(), x.data_ptr(), pre.data_ptr(), fptr(weight), fptr(scale),
+  check_launch(dwcuda::dw_bwd_launch(g, dy.data_ptr(), x.data_ptr(), pre.data_ptr(), fptr(weight), fptr(scale),
                                        fptr(shift), fptr(mean), fptr(ca), fptr(cb), fptr(cd),
                                        static_cast<int>(act), act_first, residual, dx.data_ptr(),
                                        dweight.data_ptr<float>(), dbias.data_ptr<float>(), part.data_ptr<float>(),
