@@ -321,6 +321,7 @@ struct DevInfo {
   int sms;
   int smem_optin;   // max dynamic shared memory per block (bytes)
   int smem_per_sm;  // shared memory per multiprocessor (bytes)
+  int cc_major;     // compute capability (8 and up: mma.sync for the tensor-core kernels)
 };
 DevInfo dev_info();  // of the current device (dw_launch.cu)
 

@@ -10,7 +10,7 @@ DevInfo dev_info() {
   constexpr int kMaxDev = 64;
   static std::atomic<bool> known[kMaxDev];
   static DevInfo cache[kMaxDev];
-  DevInfo d{132, 48 * 1024, 100 * 1024};
+  DevInfo d{132, 48 * 1024, 100 * 1024, 0};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return d;
   const bool cacheable = dev >= 0 && dev < kMaxDev;
@@ -21,6 +21,7 @@ DevInfo dev_info() {
     d.smem_optin = v;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) == cudaSuccess && v > 0)
     d.smem_per_sm = v;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess) d.cc_major = v;
   if (cacheable) {  // every thread computes the same values: a racing second write is harmless
     cache[dev] = d;
     known[dev].store(true, std::memory_order_release);

@@ -877,13 +877,6 @@ int mma_mode() {
   return 0;
 }
 
-bool device_has_mma() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  return major >= 8;
-}
-
 // Items and blocks of a plan whose TH, SWs, SR and smem_bytes are set: several items a block, while
 // about four waves of resident blocks remain (residency: shared memory, and by_regs blocks an SM).
 MmaPlan finish_plan(MmaPlan p, const DwGeom& g, int64_t cgroups, int64_t by_regs, const DevInfo& dev) {
@@ -906,10 +899,29 @@ MmaPlan finish_plan(MmaPlan p, const DwGeom& g, int64_t cgroups, int64_t by_regs
   return p;
 }
 
+// Whether the tensor-core kernels serve a call at all: fp16/bf16, k in {3, 5, 7, 9}, a non-empty image
+// of moderate width, a GPU with mma.sync.
+bool mma_serves(const DwGeom& g, const DevInfo& dev) {
+  return dev.cc_major >= 8 && g.dtype != kF32 && (g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9) && g.N * g.C > 0 &&
+         g.H > 0 && g.W > 0 && g.W <= 4096;
+}
+
+// Rows per item: the whole image (rounded up to 16) while bytes(TH) fits the budget, else fewer
+// (multiples of 16); fills TH, SWs, SR and smem_bytes.  False when even 16 rows exceed the device.
+template <typename Bytes>
+bool plan_rows(MmaPlan& p, const DwGeom& g, int64_t SWs, int64_t budget, Bytes&& bytes, const DevInfo& dev) {
+  int64_t TH = (g.H + 15) / 16 * 16;
+  while (TH > 16 && bytes(TH) > budget) TH -= 16;
+  p.TH = static_cast<int>(TH);
+  p.SWs = static_cast<int>(SWs);
+  p.SR = static_cast<int>(TH + g.k - 1);
+  p.smem_bytes = static_cast<size_t>(bytes(TH));
+  return p.smem_bytes <= static_cast<size_t>(dev.smem_optin);
+}
+
 MmaPlan plan_mma(const DwGeom& g, const DevInfo& dev) {
   MmaPlan p;
-  if (g.dtype == kF32 || !(g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9)) return p;
-  if (g.N * g.C == 0 || g.H == 0 || g.W == 0 || g.W > 4096) return p;
+  if (!mma_serves(g, dev)) return p;
   const int64_t Wr = (g.W + 7) / 8 * 8;
   // Plane row stride: 8 + Wr + 8 columns rounded up to 8 mod 16, so that the 8 rows a fragment load
   // touches start 4 banks apart (conflict-free) and rows stay 16-byte aligned.
@@ -923,14 +935,7 @@ MmaPlan plan_mma(const DwGeom& g, const DevInfo& dev) {
     return g.cl ? static_cast<int64_t>(kClStages) * SR * Wr * kClCh * 2 + kClCh * SR * SWs * 2
                 : static_cast<int64_t>(kStages) * SR * SWs * 2 + 3 * 4 * (kMmaThreads / 32);
   };
-  const int64_t budget = g.cl ? 100 * 1024 : 48 * 1024;
-  int64_t TH = (g.H + 15) / 16 * 16;
-  while (TH > 16 && bytes(TH) > budget) TH -= 16;
-  p.TH = static_cast<int>(TH);
-  p.SWs = static_cast<int>(SWs);
-  p.SR = static_cast<int>(TH + g.k - 1);
-  p.smem_bytes = static_cast<size_t>(bytes(TH));
-  if (p.smem_bytes > static_cast<size_t>(dev.smem_optin)) return MmaPlan{};
+  if (!plan_rows(p, g, SWs, g.cl ? 100 * 1024 : 48 * 1024, bytes, dev)) return MmaPlan{};
   // Registers (ptxas, sm_90a: 90-124 a thread) allow about four 128-thread NCHW blocks or two
   // 256-thread channels_last blocks an SM.
   return finish_plan(p, g, g.cl ? (g.C + kClCh - 1) / kClCh : g.C, g.cl ? 2 : 4, dev);
@@ -950,33 +955,38 @@ void set_geom(MmaGeom& a, const DwGeom& g, const MmaPlan& p) {
   a.groups = p.groups;
 }
 
-template <typename T, int K>
-cudaError_t launch_mma_k(bool cl, const MmaArgs& a, const MmaPlan& p, cudaStream_t stream) {
-  auto kern = cl ? dw_mma_cl_kernel<T, K> : dw_mma_kernel<T, K>;
-  static SmemOptIn opted[2];
-  const cudaError_t e = opt_in_smem(opted[cl ? 1 : 0], kern, p.smem_bytes);
-  if (e != cudaSuccess) return e;
-  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks), cl ? kClThreads : kMmaThreads, p.smem_bytes, stream)(a);
-  return cudaGetLastError();
+template <int K> struct KTag { static constexpr int value = K; };
+
+// f(T{}, KTag<k>{}) for the call's storage type T (__half or __nv_bfloat16) and k in {3, 5, 7, 9}.
+template <typename F>
+cudaError_t with_type_k(const DwGeom& g, F&& f) {
+  auto by_k = [&](auto t) -> cudaError_t {
+    switch (g.k) {
+      case 3: return f(t, KTag<3>{});
+      case 5: return f(t, KTag<5>{});
+      case 7: return f(t, KTag<7>{});
+      case 9: return f(t, KTag<9>{});
+    }
+    return cudaErrorInvalidValue;
+  };
+  return g.dtype == kBF16 ? by_k(__nv_bfloat16{}) : by_k(__half{});
 }
 
-template <typename T>
-cudaError_t launch_mma_t(bool cl, int k, const MmaArgs& a, const MmaPlan& p, cudaStream_t s) {
-  switch (k) {
-    case 3: return launch_mma_k<T, 3>(cl, a, p, s);
-    case 5: return launch_mma_k<T, 5>(cl, a, p, s);
-    case 7: return launch_mma_k<T, 7>(cl, a, p, s);
-    case 9: return launch_mma_k<T, 9>(cl, a, p, s);
-  }
-  return cudaErrorInvalidValue;
+// Launches kern (its shared memory opted in once per device through opted) with the plan's blocks.
+template <typename Args>
+cudaError_t launch_planned(void (*kern)(Args), SmemOptIn& opted, int threads, const Args& a, const MmaPlan& p,
+                           cudaStream_t stream) {
+  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
+  if (e != cudaSuccess) return e;
+  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks), threads, p.smem_bytes, stream)(a);
+  return cudaGetLastError();
 }
 
 // Backward plan: rows per item so that the buffers fit ~64 KB (NCHW: about three blocks an SM) or
 // ~200 KB (channels_last: one 8-warp block an SM, a whole 32x32 item of 8 channels in flight).
 MmaPlan plan_mma_bwd(const DwGeom& g, const DevInfo& dev) {
   MmaPlan p;
-  if (g.dtype == kF32 || !(g.k == 3 || g.k == 5 || g.k == 7 || g.k == 9)) return p;
-  if (g.N * g.C == 0 || g.H == 0 || g.W == 0 || g.W > 4096) return p;
+  if (!mma_serves(g, dev)) return p;
   const int64_t W16 = (g.W + 15) / 16 * 16;
   // The weight-gradient products read x up to column w0 + 30 - P of a 16-column window.
   int64_t SWs = kPadL + W16 + 16;
@@ -989,55 +999,44 @@ MmaPlan plan_mma_bwd(const DwGeom& g, const DevInfo& dev) {
                       kClThreads * 4
                 : (static_cast<int64_t>(kBwdStages) * 3 + 2) * SR * SWs * 2 + (kMmaThreads / 32) * (KK + 1) * 4;
   };
-  const int64_t budget = g.cl ? 200 * 1024 : 64 * 1024;
-  int64_t TH = (g.H + 15) / 16 * 16;
-  while (TH > 16 && bytes(TH) > budget) TH -= 16;
-  p.TH = static_cast<int>(TH);
-  p.SWs = static_cast<int>(SWs);
-  p.SR = static_cast<int>(TH + g.k - 1);
-  p.smem_bytes = static_cast<size_t>(bytes(TH));
-  if (p.smem_bytes > static_cast<size_t>(dev.smem_optin)) return MmaPlan{};
+  if (!plan_rows(p, g, SWs, g.cl ? 200 * 1024 : 64 * 1024, bytes, dev)) return MmaPlan{};
   // registers: 96-162 a thread (NCHW, 128 threads)
   return finish_plan(p, g, g.cl ? (g.C + kClCh - 1) / kClCh : g.C, g.cl ? 1 : 4, dev);
 }
 
-template <typename T, int K>
-cudaError_t launch_mma_bwd_k(bool cl, const MmaBwdArgs& a, const MmaPlan& p, cudaStream_t stream) {
-  auto kern = cl ? dw_mma_bwd_cl_kernel<T, K> : dw_mma_bwd_kernel<T, K>;
-  static SmemOptIn opted[2];
-  const cudaError_t e = opt_in_smem(opted[cl ? 1 : 0], kern, p.smem_bytes);
-  if (e != cudaSuccess) return e;
-  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks), cl ? kClThreads : kMmaThreads, p.smem_bytes, stream)(a);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_mma_bwd_t(bool cl, int k, const MmaBwdArgs& a, const MmaPlan& p, cudaStream_t s) {
-  switch (k) {
-    case 3: return launch_mma_bwd_k<T, 3>(cl, a, p, s);
-    case 5: return launch_mma_bwd_k<T, 5>(cl, a, p, s);
-    case 7: return launch_mma_bwd_k<T, 7>(cl, a, p, s);
-    case 9: return launch_mma_bwd_k<T, 9>(cl, a, p, s);
-  }
-  return cudaErrorInvalidValue;
+// The plan of a call when the tensor-core kernels are on (CONVMIXER_KERNELS_DW_MMA) and serve it;
+// otherwise *status is what the launcher returns (cudaErrorNotSupported under =require).
+template <typename PlanFn>
+bool mma_plan(const DwGeom& g, PlanFn plan, MmaPlan& p, cudaError_t& status) {
+  status = cudaSuccess;
+  const int mode = mma_mode();
+  if (mode == 0) return false;
+  p = plan(g, dev_info());
+  if (!p.ok && mode == 2) status = cudaErrorNotSupported;
+  return p.ok;
 }
 
 }  // namespace
 
 int64_t dw_mma_partials(const DwGeom& g) {
-  if (mma_mode() == 0) return 0;
-  const MmaPlan p = plan_mma(g, dev_info());
-  return p.ok ? p.groups : 0;
+  MmaPlan p;
+  cudaError_t status;
+  return mma_plan(g, plan_mma, p, status) ? p.groups : 0;
+}
+
+int64_t dw_mma_bwd_partials(const DwGeom& g) {
+  MmaPlan p;
+  cudaError_t status;
+  return mma_plan(g, plan_mma_bwd, p, status) ? p.groups : 0;
 }
 
 cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, const float* bias, const float* scale,
                           const float* shift, int act, bool act_first, bool residual, bool stats, void* out,
                           float* part, float* mean, float* var, cudaStream_t stream, bool* ran) {
   *ran = false;
-  const int mode = mma_mode();
-  if (mode == 0) return cudaSuccess;
-  const MmaPlan p = device_has_mma() ? plan_mma(g, dev_info()) : MmaPlan{};
-  if (!p.ok) return mode == 2 ? cudaErrorNotSupported : cudaSuccess;
+  MmaPlan p;
+  cudaError_t status;
+  if (!mma_plan(g, plan_mma, p, status)) return status;
   MmaArgs a{};
   set_geom(a, g, p);
   // 16-byte path: NCHW rows, or channels_last pixels, a whole number of 16-byte vectors, and aligned.
@@ -1053,23 +1052,16 @@ cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, c
   a.act_first = act_first;
   a.residual = residual;
   a.stats = stats;
-  const cudaError_t e = g.dtype == kBF16 ? launch_mma_t<__nv_bfloat16>(g.cl, g.k, a, p, stream)
-                                         : launch_mma_t<__half>(g.cl, g.k, a, p, stream);
+  const cudaError_t e = with_type_k(g, [&](auto t, auto kt) {
+    using T = decltype(t);
+    constexpr int K = decltype(kt)::value;
+    static SmemOptIn opted[2];
+    return g.cl ? launch_planned(dw_mma_cl_kernel<T, K>, opted[1], kClThreads, a, p, stream)
+                : launch_planned(dw_mma_kernel<T, K>, opted[0], kMmaThreads, a, p, stream);
+  });
   if (e != cudaSuccess) return e;
   *ran = true;
   return stats ? launch_stats_finalize(part, p.groups, g.C, mean, var, stream) : cudaSuccess;
-}
-
-}  // namespace dwcuda
-}  // namespace convmixer_kernels
-
-namespace convmixer_kernels {
-namespace dwcuda {
-
-int64_t dw_mma_bwd_partials(const DwGeom& g) {
-  if (mma_mode() == 0) return 0;
-  const MmaPlan p = plan_mma_bwd(g, dev_info());
-  return p.ok ? p.groups : 0;
 }
 
 cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, const void* pre, const float* weight,
@@ -1077,10 +1069,9 @@ cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, co
                               const float* cb, const float* cd, int act, bool act_first, bool residual, void* dx,
                               float* dweight, float* dbias, float* part, cudaStream_t stream, bool* ran) {
   *ran = false;
-  const int mode = mma_mode();
-  if (mode == 0) return cudaSuccess;
-  const MmaPlan p = device_has_mma() ? plan_mma_bwd(g, dev_info()) : MmaPlan{};
-  if (!p.ok) return mode == 2 ? cudaErrorNotSupported : cudaSuccess;
+  MmaPlan p;
+  cudaError_t status;
+  if (!mma_plan(g, plan_mma_bwd, p, status)) return status;
   MmaBwdArgs a{};
   set_geom(a, g, p);
   a.vec = (g.cl ? g.C % 8 == 0 && aligned16(dx) : g.W % 8 == 0) && aligned16(x) && aligned16(dy) && aligned16(pre);
@@ -1099,8 +1090,13 @@ cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, co
   a.act = act;
   a.act_first = act_first;
   a.residual = residual;
-  const cudaError_t e = g.dtype == kBF16 ? launch_mma_bwd_t<__nv_bfloat16>(g.cl, g.k, a, p, stream)
-                                         : launch_mma_bwd_t<__half>(g.cl, g.k, a, p, stream);
+  const cudaError_t e = with_type_k(g, [&](auto t, auto kt) {
+    using T = decltype(t);
+    constexpr int K = decltype(kt)::value;
+    static SmemOptIn opted[2];
+    return g.cl ? launch_planned(dw_mma_bwd_cl_kernel<T, K>, opted[1], kClThreads, a, p, stream)
+                : launch_planned(dw_mma_bwd_kernel<T, K>, opted[0], kMmaThreads, a, p, stream);
+  });
   if (e != cudaSuccess) return e;
   *ran = true;
   const int KK = g.k * g.k;
