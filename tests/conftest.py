@@ -49,8 +49,15 @@ def backend_params(include_triton=True):
 
 def pytest_runtest_logreport(report):
     """With CONVMIXER_KERNELS_FAIL_LOG set, each failure is appended to that file as it happens (once, by
-    the controlling process under pytest-xdist), so a run stopped by a time limit still names them."""
+    the controlling process under pytest-xdist), so a run stopped by a time limit still names them; each
+    test that passed gets a one-line `passed <nodeid>` there too, so such a run also says which tests did
+    run and pass (gpu-check: the new kernels' tests count only if they are listed)."""
     path = os.environ.get("CONVMIXER_KERNELS_FAIL_LOG")
-    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if report.failed:
         with open(path, "a") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")
+    elif report.when == "call" and report.passed:
+        with open(path, "a") as f:
+            f.write(f"passed {report.nodeid}\n")

@@ -24,5 +24,13 @@ cudaError_t bn_act_gemm(bool is_bf16, const void* x, const void* w, void* y, con
                         const float* shift, int act, bool act_first, int64_t M, int64_t N, int64_t K, void* workspace,
                         cudaStream_t stream);
 
+// The per-dtype kernels behind them (bf16: true, fp16: false), one translation unit each
+// (pw_cutlass_bf16.cu, pw_cutlass_fp16.cu); defined only in builds with CUTLASS.
+template <bool BF16>
+size_t workspace_of(int M, int N, int K);
+template <bool BF16>
+cudaError_t run_gemm(const void* x, const void* w, void* y, const float* bias, const float* scale, const float* shift,
+                     int act, bool act_first, int M, int N, int K, void* workspace, cudaStream_t stream);
+
 }  // namespace pwcutlass
 }  // namespace convmixer_kernels
