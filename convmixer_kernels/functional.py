@@ -12,6 +12,7 @@ from .ops import pw_block as _pw_block_op
 from .ops import stem_block as _stem_block_op
 from .torch_ops import ACTIVATIONS
 from .utils import cast, memory_format_of
+from .utils import peek_functorch as _peek_functorch
 
 ORDERS = ("act_norm", "norm_act")
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -132,11 +133,6 @@ def _eval_fast(flags) -> bool:
     and export see the op itself)."""
     batch_stats, need_pre, _group = flags
     return not (batch_stats or need_pre or torch.compiler.is_compiling())
-
-
-# A functorch transform is active (vmap, torch.func.grad, ...); without that private hook (not expected on
-# the supported torch versions) every call is taken to be under one, so the blocks keep their custom ops.
-_peek_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: True)
 
 
 def _traced() -> bool:

@@ -33,3 +33,8 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t.to(dtype), without the call when t already has it: a no-op Tensor.to still costs about 3 us of
     argument parsing on this project's CPU, and a training step of a fused block made about ten."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+# A functorch transform is active (vmap, torch.func.grad, ...); without that private hook (not expected on
+# the supported torch versions) every call is taken to be under one, so the blocks keep their custom ops.
+peek_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: True)

@@ -296,3 +296,108 @@ def test_cuda_graph_capture_forward_backward(backend):
         torch.testing.assert_close(a.grad, b.grad, msg=n)
     for (n, a), (_, b) in zip(model.named_buffers(), eager.named_buffers()):
         torch.testing.assert_close(a, b, msg=n)
+
+
+def _changes(f):
+    """Ways a user changes a fused model between two eval forwards, each a (name, function) pair."""
+    other = ck.fuse(small_convmixer(seed=1)).to(next(f.parameters()).device)
+
+    def bump(name):
+        def do():
+            with torch.no_grad():
+                f.get_parameter(name).mul_(1.25)  # an optimizer step's kind of change: in place
+        return do
+
+    def replace_parameter():
+        mod = f.get_submodule("3.0.fn.2")
+        mod.weight = nn.Parameter(mod.weight.detach() * 0.5)
+
+    def swap_data():
+        p = f.get_parameter("3.3.bias")
+        p.data = p.data + 0.25
+
+    def running_stats_by_training():
+        f.train()
+        with torch.no_grad():
+            f(torch.randn(4, 3, 10, 9, device=next(f.parameters()).device) * 2)
+        f.eval()
+
+    return [("stem weight", bump("0.weight")), ("dw conv weight", bump("3.0.fn.0.weight")),
+            ("dw BN bias", bump("3.0.fn.2.bias")), ("pw conv weight", bump("3.1.weight")),
+            ("pw conv bias", bump("3.1.bias")), ("replaced BN weight", replace_parameter),
+            ("swapped .data", swap_data), ("running stats of a training forward", running_stats_by_training),
+            ("load_state_dict", lambda: f.load_state_dict(other.state_dict()))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_operands_kept_between_calls_follow_every_change(device, monkeypatch):
+    """Eval forwards keep the blocks' folded BN (scale, shift) and kernel weights between calls
+    (ops._eval_operands); after every kind of change to parameters or buffers the output is bitwise what
+    computing them afresh gives, and differs from the output before the change."""
+    from convmixer_kernels import ops
+
+    f = ck.fuse(small_convmixer()).to(device).eval()
+    x = torch.randn(3, 3, 10, 9, device=device)
+    with torch.no_grad():
+        before = f(x)
+        for name, change in _changes(f):
+            change()
+            y = f(x)
+            ops._EVAL_OPERANDS.clear()
+            fresh = f(x)
+            assert torch.equal(y, fresh), name
+            assert not torch.equal(y, before), f"{name}: the change did not change the output"
+            before = y
+        # The same parameters, another activation dtype (autocast): operands of that dtype.
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = f(x)
+            ops._EVAL_OPERANDS.clear()
+            assert torch.equal(y, f(x)), "autocast"
+        # Nothing changed: the second call takes them from the cache (no BN folding at all).
+        f(x)
+        calls = []
+        real = ops._bn_scale_shift
+        monkeypatch.setattr(ops, "_bn_scale_shift", lambda *a: calls.append(1) or real(*a))
+        again = f(x)
+    assert torch.equal(again, before) and not calls
+    # And the reference model with the final weights agrees.
+    ref = ck.unfuse(copy.deepcopy(f)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again, ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_eval_of_a_model_made_under_inference_mode():
+    """Inference tensors have no version counter: such a model computes its operands on every call."""
+    with torch.inference_mode():
+        m = small_convmixer()
+        f = ck.fuse(m).eval()
+        x = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(f(x), m.eval()(x), rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            f.get_parameter("3.0.fn.2.weight").mul_(2.0)
+            m.get_parameter("3.0.fn.2.weight").mul_(2.0)
+        torch.testing.assert_close(f(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_graph_of_eval_reads_parameters_on_replay():
+    """A captured eval forward reads the parameters on each replay (the kept operands are not used while
+    capturing), so a load_state_dict after the capture reaches the replays."""
+    f = ck.fuse(small_convmixer()).cuda().eval()
+    static_x = torch.randn(4, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                f(static_x)  # warm-up, and the kept operands of the current weights
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = f(static_x)
+        other = ck.fuse(small_convmixer(seed=1)).cuda().eval()
+        f.load_state_dict(other.state_dict())
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_y, other(static_x))
