@@ -236,6 +236,13 @@ __device__ __forceinline__ float affine(float v, float scale, float shift) {
   return __fadd_rn(__fmul_rn(scale, v), shift);
 }
 
+// The block's output from its pre-norm value v: scale * act(v) + shift (act_first) or
+// act(scale * v + shift), each product and sum rounded like PyTorch's separate ops (no contraction).
+template <int A>
+__device__ __forceinline__ float bn_act_t(float v, float scale, float shift, bool act_first) {
+  return act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<A>(v)), shift) : act_fwd_t<A>(affine(v, scale, shift));
+}
+
 // The gradient at the conv output from dy and pre (dw_bwd of torch_ops):
 //   g = dy (act_first) | dy * act'(scale*pre + shift);  u = act(pre) (act_first) | pre
 //   d = ca*g + cb*(u - mean) + cd;  d *= act'(pre) when act_first.

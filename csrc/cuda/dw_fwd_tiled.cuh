@@ -193,8 +193,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
         if (!a.stats) {
 #pragma unroll
           for (int i = 0; i < kR; ++i) {
-            float y = act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<AC>(o[i])), shift)
-                                : act_fwd_t<AC>(affine(o[i], scale, shift));
+            float y = bn_act_t<AC>(o[i], scale, shift, act_first);
             if (residual) y = y + sbase[P * RS + (i + P) * CS];  // x(oh, ow0 + i), staged exactly
             o[i] = y;
           }

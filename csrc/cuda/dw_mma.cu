@@ -236,7 +236,7 @@ struct MmaEpi {
       if (ok) chan_merge(n, m, M2, 1.f, u, 0.f);
       return pre;
     }
-    float y = act_first ? __fadd_rn(__fmul_rn(scale, act_fwd_t<AC>(pre)), shift) : act_fwd_t<AC>(affine(pre, scale, shift));
+    float y = bn_act_t<AC>(pre, scale, shift, act_first);
     if (residual) y = y + to_f<T>(*xres);
     return y;
   }

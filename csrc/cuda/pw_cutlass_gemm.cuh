@@ -61,9 +61,7 @@ struct BnAct<cutlass::Array<float, N>> {
     dwcuda::with_act(a.act, [&](auto A) {
       constexpr int AC = decltype(A)::value;
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < N; ++i)
-        r[i] = a.act_first ? __fadd_rn(__fmul_rn(s[i], dwcuda::act_fwd_t<AC>(v[i])), b[i])
-                           : dwcuda::act_fwd_t<AC>(dwcuda::affine(v[i], s[i], b[i]));
+      for (int i = 0; i < N; ++i) r[i] = dwcuda::bn_act_t<AC>(v[i], s[i], b[i], a.act_first != 0);
     });
     return r;
   }

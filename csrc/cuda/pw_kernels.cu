@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dw_common.cuh"  // conversions, activations, chan_merge, launch_stats_finalize (shared)
 #include "launch.cuh"
@@ -26,10 +27,11 @@ constexpr int kThreads = 256;
 constexpr int kTX = 32;             // channels_last: channel vectors per block (one warp wide)
 constexpr int kTY = kThreads / kTX;  // channels_last: rows per block iteration
 
-// Storage <-> float and the activations (codes as in torch_ops.ACTIVATIONS, run-time dispatch): the
-// depthwise kernels' (dw_common.cuh), so both paths compute the same values.
-using dwcuda::act_fwd;
-using dwcuda::act_grad;
+// Storage <-> float and the activations (codes as in torch_ops.ACTIVATIONS): the depthwise kernels'
+// (dw_common.cuh), so both paths compute the same values.  The activation and the order are
+// compile-time constants of each kernel's loop (with_act_order, below): one straight path per launch,
+// where a run-time switch per element made every loop body hold all five activations and both orders.
+using dwcuda::act_fwd_t;
 using dwcuda::from_f;
 using dwcuda::to_f;
 
@@ -41,19 +43,33 @@ struct alignas(sizeof(T) * VEC) Pack {
 // ----------------------------------------------------------------------------------------------
 // The per-element work of each mode.  Per-channel constants are loaded once per thread.
 struct ChanConsts {
-  float bias, scale, shift, mean, ca, cb, cd;
+  float bias;
+  dwcuda::ChanCoef k;  // scale, shift, mean, ca, cb, cd
 };
 
 __device__ __forceinline__ ChanConsts load_consts(const ChannelParams& p, int64_t c) {
   ChanConsts q;
   q.bias = p.bias ? p.bias[c] : 0.f;
-  q.scale = p.scale ? p.scale[c] : 1.f;
-  q.shift = p.shift ? p.shift[c] : 0.f;
-  q.mean = p.mean ? p.mean[c] : 0.f;
-  q.ca = p.ca ? p.ca[c] : 0.f;
-  q.cb = p.cb ? p.cb[c] : 0.f;
-  q.cd = p.cd ? p.cd[c] : 0.f;
+  q.k.scale = p.scale ? p.scale[c] : 1.f;
+  q.k.shift = p.shift ? p.shift[c] : 0.f;
+  q.k.mean = p.mean ? p.mean[c] : 0.f;
+  q.k.ca = p.ca ? p.ca[c] : 0.f;
+  q.k.cb = p.cb ? p.cb[c] : 0.f;
+  q.k.cd = p.cd ? p.cd[c] : 0.f;
   return q;
+}
+
+// Calls f(ActTag<act>, bool_constant<act_first>) for the launch's activation and order.  kStats
+// without act_first reduces pre itself: no activation, one instantiation.
+template <Mode MODE, typename F>
+__device__ __forceinline__ void with_act_order(const ChannelParams& p, F&& f) {
+  if (p.act_first) {
+    dwcuda::with_act(p.act, [&](auto A) { f(A, std::true_type{}); });
+  } else if constexpr (MODE == Mode::kStats) {
+    f(dwcuda::ActTag<0>{}, std::false_type{});
+  } else {
+    dwcuda::with_act(p.act, [&](auto A) { f(A, std::false_type{}); });
+  }
 }
 
 // pre = in, or round(in + bias) when the bias was not fused into the GEMM.
@@ -63,30 +79,19 @@ __device__ __forceinline__ T pre_of(const ChannelParams& p, const ChanConsts& q,
 }
 
 // out = the mode's output element; s = what the mode reduces: u (kStats), the rounded dpre (kDpre).
-template <typename T, Mode MODE>
+// A: the activation, FIRST: act_first (compile-time, from with_act_order).
+template <typename T, Mode MODE, int A, bool FIRST>
 __device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& q, T in, T in2, T& out, float& s) {
   if constexpr (MODE == Mode::kBnAct) {  // in2: the residual when p.in2 is set
-    const float v = to_f<T>(pre_of<T>(p, q, in));
-    const float y = p.act_first ? q.scale * act_fwd(v, p.act) + q.shift : act_fwd(q.scale * v + q.shift, p.act);
+    const float y = dwcuda::bn_act_t<A>(to_f<T>(pre_of<T>(p, q, in)), q.k.scale, q.k.shift, FIRST);
     out = from_f<T>(p.in2 ? y + to_f<T>(in2) : y);
   } else if constexpr (MODE == Mode::kStats) {
     const T pre = pre_of<T>(p, q, in);
     out = pre;
     const float v = to_f<T>(pre);
-    s = p.act_first ? act_fwd(v, p.act) : v;
-  } else {  // kDpre: the gradient at pre, as torch_ops.bn_act_bwd
-    const float v = to_f<T>(in);
-    float g = to_f<T>(in2);  // dy
-    float u;
-    if (p.act_first) {
-      u = act_fwd(v, p.act);
-    } else {
-      g *= act_grad(q.scale * v + q.shift, p.act);
-      u = v;
-    }
-    float d = q.ca * g + q.cb * (u - q.mean) + q.cd;
-    if (p.act_first) d *= act_grad(v, p.act);
-    out = from_f<T>(d);
+    s = FIRST ? act_fwd_t<A>(v) : v;
+  } else {  // kDpre: the gradient at pre (in2: dy), as torch_ops.bn_act_bwd and the depthwise backward
+    out = from_f<T>(dwcuda::dpre_t<A>(to_f<T>(in2), to_f<T>(in), q.k, FIRST));
     s = to_f<T>(out);  // dbias sums the rounded dpre, the GEMM operand
   }
 }
@@ -168,7 +173,7 @@ __device__ __forceinline__ void store_partial(const ChannelParams& p, int64_t ch
 // channels [c0, c0 + VEC), c0 = (blockIdx.x*kTX + tx)*VEC, row ty walks rows m = m_begin + ty,
 // + kTY, ... of the chunk blockIdx.y.  VEC > 1 only when C % VEC == 0.
 template <typename T, int VEC, Mode MODE>
-__global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParams p) {
+__global__ void __launch_bounds__(kThreads, 2) channel_cl_kernel(const ChannelParams p) {
   constexpr int NS = num_sums<MODE>();
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t C = p.C;
@@ -190,7 +195,9 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
   T* outp = static_cast<T*>(p.out);
   const bool wr = writes_out<MODE>(p);
 
-  if (active) {
+  if (active) with_act_order<MODE>(p, [&](auto A, auto F) {
+    constexpr int AC = decltype(A)::value;
+    constexpr bool FIRST = decltype(F)::value;
     // U rows per step, their loads issued together (several 16-byte loads in flight per thread: the
     // pass is bound by memory latency otherwise), then applied and accumulated in order.
     constexpr int U = unroll<MODE>();
@@ -215,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
           Pack<T, VEC> yo;
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
-            apply<T, MODE>(p, q[v], xi[u].v[v], in2p ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
+            apply<T, MODE, AC, FIRST>(p, q[v], xi[u].v[v], in2p ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
           if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + (m + u * kTY) * C + c0) = yo;
         }
       }
@@ -224,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
         for (int v = 0; v < VEC; ++v) accumulate<MODE>(acc[v], sv[v], ok);
       }
     }
-  }
+  });
 
   if constexpr (NS > 0) {
     if (p.partial == nullptr) return;  // uniform over the block
@@ -247,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) channel_cl_kernel(const ChannelParam
 // blockIdx.y; thread t takes the VEC-vectors q = j/VEC = q_begin + t, + kThreads, ...
 // VEC > 1 only when HW % VEC == 0 (a vector never straddles two images).
 template <typename T, int VEC, Mode MODE>
-__global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelParams p) {
+__global__ void __launch_bounds__(kThreads, 2) channel_nchw_kernel(const ChannelParams p) {
   constexpr int NS = num_sums<MODE>();
   const int64_t c = blockIdx.x;
   const int64_t HW = p.HW;
@@ -269,6 +276,9 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
   const bool wr = writes_out<MODE>(p);
 
   // U vectors per step, loads first (as in the channels_last kernel), then applied and accumulated in order.
+  with_act_order<MODE>(p, [&](auto A, auto F) {
+  constexpr int AC = decltype(A)::value;
+  constexpr bool FIRST = decltype(F)::value;
   constexpr int U = unroll<MODE>();
   for (; qv < qv_end; qv += U * kThreads) {
     int64_t off[U];
@@ -301,13 +311,14 @@ __global__ void __launch_bounds__(kThreads) channel_nchw_kernel(const ChannelPar
         Pack<T, VEC> yo;
 #pragma unroll
         for (int v = 0; v < VEC; ++v)
-          apply<T, MODE>(p, q, xi[u].v[v], in2p ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[u * VEC + v]);
+          apply<T, MODE, AC, FIRST>(p, q, xi[u].v[v], in2p ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[u * VEC + v]);
         const int64_t out_off = p.out_channel_major ? c * L + (qv + u * kThreads) * VEC : off[u];
         if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
       }
     }
     if constexpr (NS > 0) accumulate<MODE>(acc, sv, ok);
   }
+  });
 
   if constexpr (NS > 0) {
     if (p.partial == nullptr) return;  // uniform over the block
