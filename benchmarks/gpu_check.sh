@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # `make gpu-check`: run on the lent GPU machine, where nothing can be installed.  Uses that machine's
-# python3 (torch with CUDA, triton, ninja, pytest), builds in place for sm_90a with 16 jobs, runs the
-# GPU tests, then the benchmarks, then the demo.  Logs and results go to $OUT (<= 9 files).
+# python3 (torch with CUDA, triton, ninja, pytest), builds in place for sm_90a with 16 jobs, times the
+# tensor-core depthwise kernels against the FMA ones first (their own process), runs the GPU tests,
+# then the benchmarks, then (GPU_CHECK_DEMO=1) the demo.  Logs and results go to $OUT.
 # One deadline for the whole call: GPU_CHECK_BUDGET seconds (default 550) from the start, so that a
 # device call with timeout_s 590 is never cut by the tool (which would lose the results).  Each stage
 # gets at most its own limit and never more than the time left minus what the later stages need at
 # least: build 200 s (53 s on an H200 on 2026-11-26; since then the per-activation CPU epilogues and the
 # tensor-core and CUTLASS kernels were added: the slowest translation units take 40-90 s each on this
-# project's CPU, one core each), tests 240 s (186 s for the GPU subset there), then the
-# benchmarks all that is left but the demo's 75 s, the demo what is left after them (skipped under
-# 45 s).  The benchmarks rewrite their CSV/MD after every suite, so a stage stopped by its limit
+# project's CPU, one core each), the first look 60 s, tests 240 s (186 s for the GPU subset there,
+# leaving the benchmarks at least 120 s), then the benchmarks all that is left (but the demo's 75 s
+# when it is on), the demo what is left after them (skipped under 45 s).  The benchmarks rewrite their CSV/MD after every suite, so a stage stopped by its limit
 # still leaves its log and the results measured so far.
 # Tests: by default the GPU-relevant ones (-k "$GPU_CHECK_K"): the cuda and triton backends and the
 # GPU-marked tests; the CPU-only files (and the CPU emulator of the CUDA kernels) run in CI.
@@ -76,6 +77,17 @@ for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         print(f"{dev}: raised as expected:", str(e).splitlines()[0][:200])
 PYEOF
 
+# First look (its own process, so a fault in the never-run kernels cannot end the call or spoil the
+# later stages): the tensor-core depthwise kernels (cuda_mma) against the FMA ones and eager at issue 3's
+# k=7 case, the comparison that decides whether they become the default.  -> $OUT/first/
+if [ "${GPU_CHECK_FIRST:-1}" = 1 ]; then
+  echo "== first look: k=7, eager vs cuda vs cuda_mma ($(left) s left)"
+  BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 5 $(limit ${FIRST_TIMEOUT:-60} 280) \
+    $PY -m benchmarks.run --quick --suite dw --k 7 --providers eager,cuda,cuda_mma --out "$OUT/first" \
+    > "$OUT/first.log" 2>&1 || echo "first look: exit status $? (see first.log)"
+  grep "^| N=64" "$OUT"/first/*.md 2>/dev/null | grep " eval \| train " | cut -c1-150
+fi
+
 echo "== tests"
 # Workers in parallel (pytest-xdist, when there): a worker that crashes is replaced and its test fails,
 # instead of the crash ending the run; pytest-timeout stops a hung test.
@@ -87,7 +99,7 @@ $PY -c "import pytest_benchmark" 2>/dev/null && TOUT="$TOUT -p no:benchmark"
 # Outcomes are written to outcomes.log as they happen (tests/conftest.py: each failure in full, one
 # `passed <id>` line a passed test), so a run stopped by its limit still names what failed and what passed.
 GPU_CHECK_K=${GPU_CHECK_K-(cuda or triton or gpu) and not cuda_emu}
-OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/outcomes.log" timeout -k 10 $(limit ${TEST_TIMEOUT:-240} 200) \
+OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/outcomes.log" timeout -k 10 $(limit ${TEST_TIMEOUT:-240} 120) \
   $PY -m pytest -q -rfE $XDIST $TOUT --durations=25 tests ${GPU_CHECK_K:+-k "$GPU_CHECK_K"} ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
 tail -40 "$OUT/tests.log"
 if [ -s "$OUT/outcomes.log" ]; then
@@ -97,12 +109,12 @@ fi
 
 if [ "${GPU_CHECK_BENCH:-1}" = 1 ]; then
   echo "== benchmarks ($(left) s left)"
-  BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 10 $(limit ${BENCH_TIMEOUT:-400} 75) \
+  BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 10 $(limit ${BENCH_TIMEOUT:-400} $([ "${GPU_CHECK_DEMO:-0}" = 1 ] && echo 75 || echo 5)) \
     $PY -m benchmarks.run --quick --profile --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
   tail -30 "$OUT/bench.log"
 fi
 
-if [ "${GPU_CHECK_DEMO:-1}" = 1 ] && [ "$(left)" -ge 45 ]; then
+if [ "${GPU_CHECK_DEMO:-0}" = 1 ] && [ "$(left)" -ge 45 ]; then
   echo "== demo ($(left) s left)"
   timeout -k 5 $(limit ${DEMO_TIMEOUT:-90} 5) $PY -m convmixer_kernels demo > "$OUT/demo.log" 2>&1 || status=1
   tail -12 "$OUT/demo.log"

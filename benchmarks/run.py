@@ -114,6 +114,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="comma list of bf16,fp16,fp32 (default bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--providers", default=None, help="comma list: keep only these providers")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--k", default=None, help="comma list: the depthwise suite's kernel sizes to keep")
     ap.add_argument("--profile", action="store_true", help="then print a profile of each fused training step")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -139,6 +140,11 @@ def main(argv=None):
     print(f"{name}: torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}", flush=True)
     ceil = Ceilings(device)
     bench = Bench(device, dtypes, args.quick, only)
+    if args.k:
+        try:
+            bench.ks = {int(v) for v in args.k.split(",")}
+        except ValueError:
+            ap.error(f"--k: expected a comma list of kernel sizes, got {args.k!r}")
     stem = os.path.join(args.out, f"{tag}-{meta['date'][:10]}" + ("-quick" if args.quick else ""))
 
     def save():

@@ -26,6 +26,7 @@ class Bench:
     def __init__(self, device, dtypes, quick=False, providers=None):
         self.device, self.dtypes, self.quick, self.only = device, dtypes, quick, providers
         self.references = True  # time the reference lines (the bare GEMMs) too
+        self.ks = None  # the depthwise suite's kernel sizes to keep (None: all)
         self.rows = []
         cpu_quick = device == "cpu" and quick  # the CI smoke test: tiny shapes, a few rounds each
         self.seconds, self.min_rounds = (0.02, 2) if cpu_quick else (1.0, 5)
@@ -143,6 +144,8 @@ def dw_cases(bench):
 def dw_suite(bench):
     for dtype in bench.dtypes:
         for N, C, H, k, layouts, providers, _ in dw_cases(bench):
+            if bench.ks is not None and k not in bench.ks:
+                continue
             for layout in layouts:
                 shape = (N, C, H, H)
                 xsets, dys = _inputs(bench, shape, shape, dtype, layout)

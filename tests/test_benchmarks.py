@@ -52,11 +52,25 @@ def test_quick_cpu_run_writes_every_suite(tmp_path):
 
 @pytest.mark.parametrize("args,message", [(["--suite", "dw,bogus"], "--suite: unknown ['bogus']"),
                                           (["--dtype", "fp8"], "--dtype: expected a comma list"),
-                                          (["--providers", "eager,cuda_grpah"], "--providers: unknown ['cuda_grpah']")])
+                                          (["--providers", "eager,cuda_grpah"], "--providers: unknown ['cuda_grpah']"),
+                                          (["--k", "7,nine"], "--k: expected a comma list of kernel sizes")])
 def test_bad_arguments(args, message):
     p = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cpu"] + args, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+
+
+def test_kernel_size_filter(tmp_path):
+    """--k keeps only those depthwise kernel sizes (gpu-check's first look times k=7 alone)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--suite", "dw", "--k",
+                        "9", "--providers", "eager,cpu", "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(next(tmp_path.glob("cpu-*-quick.csv")), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["k"] for r in rows} == {"9"} and {r["provider"] for r in rows} == {"eager", "cpu"}
 
 
 def _row(provider, ms, layout="nchw", mode="eval", suite="dw", **kw):
