@@ -335,7 +335,8 @@ def block_eval(kind, x, t, weight, bias, bn_weight, bn_bias, running_mean, runni
 # in-place change: optimizer steps, load_state_dict, copy_) and the same storage (`.data =`, `.to()`),
 # with the same eps, kind, input dtype and device; so its values are what computing them again gives,
 # bit for bit.  Not used while a CUDA graph is captured (the graph must read the parameters on each
-# replay, or a later load_state_dict would not reach it) or under a functorch transform.
+# replay, or a later load_state_dict would not reach it), while torch.jit traces (a trace would keep
+# them as constants) or under a functorch transform.
 _EVAL_OPERANDS = torch.utils.weak.WeakIdKeyDictionary()
 
 
@@ -348,7 +349,8 @@ def _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, runn
                                                cast(running_mean, acc), cast(running_var, acc), eps)
         return _kernel_weight(kind, weight, x), b, scale, shift
 
-    if peek_functorch() is not None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if (peek_functorch() is not None or torch.jit.is_tracing()
+            or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
         return compute()
     sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
     try:

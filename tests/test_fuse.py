@@ -4,6 +4,7 @@ parameter identity, modes/dtypes/devices/formats kept, skip reports, bad input, 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -364,6 +365,19 @@ def test_eval_operands_kept_between_calls_follow_every_change(device, monkeypatc
     ref = ck.unfuse(copy.deepcopy(f)).eval()
     with torch.no_grad():
         torch.testing.assert_close(again, ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_jit_trace_does_not_freeze_the_kept_operands():
+    """A torch.jit trace records the BN folding (the kept operands are not used while tracing), so it
+    follows a later parameter change as the module does."""
+    f = ck.fuse(small_convmixer()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trace's deprecation (newer torch) and shape-check warnings
+        f(x)  # the operands are kept now
+        traced = torch.jit.trace(f, x, check_trace=False)
+        f.get_parameter("3.0.fn.2.bias").add_(0.5)
+        assert torch.equal(traced(x), f(x))
 
 
 def test_eval_of_a_model_made_under_inference_mode():
