@@ -329,8 +329,9 @@ def block_eval(kind, x, t, weight, bias, bn_weight, bn_bias, running_mean, runni
 
 # The eval kernels' operands (kernel weight, bias, BN scale and shift) as of the last eval call, per
 # running_var (weakly: an entry goes with its module's buffer).  Folding BN into (scale, shift) is five
-# small ops, on a GPU five kernel launches next to the block's one or two, and casting a GEMM weight to
-# the autocast dtype one more: for inference at a small batch the launches are the time.  An entry is
+# small ops, on a GPU five kernel launches next to the block's one or two: for inference at a small
+# batch the launches are the time.  (A large weight's cast copy, a GEMM weight under autocast, is cast
+# again on each call instead of kept: keeping it would hold a second copy of the weights.)  An entry is
 # used only while every source tensor is the same object (weak references), at the same version (any
 # in-place change: optimizer steps, load_state_dict, copy_) and the same storage (`.data =`, `.to()`),
 # with the same eps, kind, input dtype and device; so its values are what computing them again gives,
@@ -338,6 +339,7 @@ def block_eval(kind, x, t, weight, bias, bn_weight, bn_bias, running_mean, runni
 # replay, or a later load_state_dict would not reach it), while torch.jit traces (a trace would keep
 # them as constants) or under a functorch transform.
 _EVAL_OPERANDS = torch.utils.weak.WeakIdKeyDictionary()
+_KEEP_WEIGHT_COPY_MAX = 1 << 16  # elements: a depthwise weight cast to fp32 (C*k*k) is kept, a GEMM's is not
 
 
 def _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
@@ -361,9 +363,15 @@ def _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, runn
     entry = _EVAL_OPERANDS.get(running_var)
     if entry is not None and entry[1] == stamp and all(
             (r is None) if s is None else (r is not None and r() is s) for r, s in zip(entry[0], sources)):
-        return entry[2]
+        w, b, scale, shift = entry[2]
+        return (_kernel_weight(kind, weight, x) if w is None else w), b, scale, shift
     value = compute()
-    _EVAL_OPERANDS[running_var] = (tuple(None if s is None else weakref.ref(s) for s in sources), stamp, value)
+    # A kernel weight that is a copy of a large weight (a GEMM weight cast to the autocast dtype) is not
+    # kept: that would hold a second copy of the model's weights for as long as the module lives.
+    w = value[0]
+    kept_w = w if (w is weight or w.numel() <= _KEEP_WEIGHT_COPY_MAX) else None
+    _EVAL_OPERANDS[running_var] = (tuple(None if s is None else weakref.ref(s) for s in sources), stamp,
+                                   (kept_w,) + tuple(value[1:]))
     return value
 
 

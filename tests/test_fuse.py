@@ -367,6 +367,24 @@ def test_eval_operands_kept_between_calls_follow_every_change(device, monkeypatc
         torch.testing.assert_close(again, ref(x), rtol=1e-4, atol=1e-4)
 
 
+def test_kept_operands_hold_no_copy_of_large_weights(monkeypatch):
+    """Under autocast a GEMM weight's cast copy is not kept (it would double the weights' memory for the
+    module's lifetime); it is cast again on each call, with the same result."""
+    from convmixer_kernels import ops
+
+    monkeypatch.setattr(ops, "_KEEP_WEIGHT_COPY_MAX", 0)  # every cast copy counts as large here
+    f = ck.fuse(small_convmixer()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = f(x)
+        kept = [e[2][0] for e in ops._EVAL_OPERANDS.values()]
+        again = f(x)  # from the kept entries, the weights cast again
+    params = {id(p) for p in f.parameters()}
+    assert kept and all(w is None or id(w) in params for w in kept)
+    assert any(w is None for w in kept)
+    assert torch.equal(first, again)
+
+
 def test_jit_trace_does_not_freeze_the_kept_operands():
     """A torch.jit trace records the BN folding (the kept operands are not used while tracing), so it
     follows a later parameter change as the module does."""
