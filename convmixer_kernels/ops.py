@@ -340,6 +340,7 @@ def block_eval(kind, x, t, weight, bias, bn_weight, bn_bias, running_mean, runni
 # them as constants) or under a functorch transform.
 _EVAL_OPERANDS = torch.utils.weak.WeakIdKeyDictionary()
 _KEEP_WEIGHT_COPY_MAX = 1 << 16  # elements: a depthwise weight cast to fp32 (C*k*k) is kept, a GEMM's is not
+_SOURCE = object()  # an operand that is its source tensor itself
 
 
 def _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
@@ -364,14 +365,17 @@ def _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, runn
     if entry is not None and entry[1] == stamp and all(
             (r is None) if s is None else (r is not None and r() is s) for r, s in zip(entry[0], sources)):
         w, b, scale, shift = entry[2]
-        return (_kernel_weight(kind, weight, x) if w is None else w), b, scale, shift
+        w = weight if w is _SOURCE else (_kernel_weight(kind, weight, x) if w is None else w)
+        return w, (bias if b is _SOURCE else b), scale, shift
     value = compute()
-    # A kernel weight that is a copy of a large weight (a GEMM weight cast to the autocast dtype) is not
-    # kept: that would hold a second copy of the model's weights for as long as the module lives.
-    w = value[0]
-    kept_w = w if (w is weight or w.numel() <= _KEEP_WEIGHT_COPY_MAX) else None
+    w, b = value[0], value[1]
+    # Operands that are the source tensors themselves are kept as a mark, not a reference (an entry must
+    # not keep a replaced parameter alive); a copy of a large weight (a GEMM weight cast to the autocast
+    # dtype) is not kept at all: that would hold a second copy of the model's weights.
+    kept_w = _SOURCE if w is weight else (w if w.numel() <= _KEEP_WEIGHT_COPY_MAX else None)
+    kept_b = _SOURCE if (b is not None and b is bias) else b
     _EVAL_OPERANDS[running_var] = (tuple(None if s is None else weakref.ref(s) for s in sources), stamp,
-                                   (kept_w,) + tuple(value[1:]))
+                                   (kept_w, kept_b) + tuple(value[2:]))
     return value
 
 
