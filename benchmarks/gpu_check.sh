@@ -8,7 +8,7 @@
 # gets at most its own limit and never more than the time left minus what the later stages need at
 # least: build 200 s (53 s on an H200 on 2026-11-26; since then the per-activation CPU epilogues and the
 # tensor-core and CUTLASS kernels were added: the slowest translation units take 40-90 s each on this
-# project's CPU, one core each), the first look 60 s, tests 240 s (186 s for the GPU subset there,
+# project's CPU, one core each), the first look 90 s, tests 240 s (186 s for the GPU subset there,
 # leaving the benchmarks at least 120 s), then the benchmarks all that is left (but the demo's 75 s
 # when it is on), the demo what is left after them (skipped under 45 s).  The benchmarks rewrite their CSV/MD after every suite, so a stage stopped by its limit
 # still leaves its log and the results measured so far.
@@ -82,7 +82,7 @@ PYEOF
 # k=7 case, the comparison that decides whether they become the default.  -> $OUT/first/
 if [ "${GPU_CHECK_FIRST:-1}" = 1 ]; then
   echo "== first look: k=7, eager vs cuda vs cuda_mma ($(left) s left)"
-  BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 5 $(limit ${FIRST_TIMEOUT:-60} 280) \
+  BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 5 $(limit ${FIRST_TIMEOUT:-90} 280) \
     $PY -m benchmarks.run --quick --suite dw --k 7 --providers eager,cuda,cuda_mma --out "$OUT/first" \
     > "$OUT/first.log" 2>&1 || echo "first look: exit status $? (see first.log)"
   grep "^| N=64" "$OUT"/first/*.md 2>/dev/null | grep " eval \| train " | cut -c1-150
