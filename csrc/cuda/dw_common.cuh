@@ -467,29 +467,38 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
   return p;
 }
 
+// The operands of a depthwise op as every kernel family takes them (tiled, tensor-core, direct: each
+// parameter block derives from this; dw_launch.cu fills it once per op).  Forward: x, w, bias, scale,
+// shift -> out (y; with stats, pre); backward: dy, x, pre, w, scale, shift, mean, ca, cb, cd -> out
+// (dx).  part: the per-block partial results.
+struct DwOperands {
+  const void* x = nullptr;
+  const void* dy = nullptr;
+  const void* pre = nullptr;
+  const float* w = nullptr;
+  const float* bias = nullptr;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  const float* mean = nullptr;
+  const float* ca = nullptr;
+  const float* cb = nullptr;
+  const float* cd = nullptr;
+  void* out = nullptr;
+  float* part = nullptr;
+  int act = 0;
+  bool act_first = true, residual = false;
+  bool stats = false;  // forward: write pre for the batch statistics (instead of y)
+};
+
 // Parameter block of the tiled kernels (passed by value).
-struct TileArgs {
+struct TileArgs : DwOperands {
   int64_t N, C, H, W;
   int tile_h, tile_w, tiles_w, ntiles, sw, nstrips;
   int smem_w, rs, pl;
   int raw_off;  // see TilePlan
   int64_t cgroups, items, ipb, groups;
   bool vec;  // 16-byte global loads/stores are valid (alignment and divisibility checked on host)
-  const void* x;
-  const void* dy;
-  const void* pre;
-  const float* w;
-  const float* bias;
-  const float* scale;
-  const float* shift;
-  const float* mean;
-  const float* ca;
-  const float* cb;
-  const float* cd;
-  void* out;    // fwd: y, or pre when stats; bwd: dx
-  float* part;  // partial results [groups][C][m]
-  int act;
-  bool act_first, residual, stats;
+  // (part, from DwOperands: partial results [groups][C][m])
 };
 
 // Item `it` of a tiled kernel's block (channel group cg): the tile origin (th0, tw0) and the offset
@@ -517,8 +526,9 @@ __device__ __forceinline__ TileVecs<T, CL> tile_vecs(const TileArgs& a, const Ti
                          m.th0 - K / 2, m.tw0 - a.pl, a.C, c0, m.base};
 }
 
-inline TileArgs make_tile_args(const DwGeom& g, const TilePlan& p) {
+inline TileArgs make_tile_args(const DwGeom& g, const TilePlan& p, const DwOperands& o) {
   TileArgs a{};
+  static_cast<DwOperands&>(a) = o;
   a.N = g.N;
   a.C = g.C;
   a.H = g.H;
@@ -584,39 +594,21 @@ cudaError_t launch_bwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t 
 // dw_fwd (stats = false) or dw_conv_stats (stats = true: part, mean and var as the tiled path) and sets
 // *ran, or leaves the op to the other kernels (*ran = false; cudaErrorNotSupported when the variable
 // says require).  dw_mma_partials: the partial results per channel it would write (0: it would not run).
-cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, const float* bias, const float* scale,
-                          const float* shift, int act, bool act_first, bool residual, bool stats, void* out,
-                          float* part, float* mean, float* var, cudaStream_t stream, bool* ran);
+cudaError_t dw_mma_launch(const DwGeom& g, const DwOperands& o, float* mean, float* var, cudaStream_t stream,
+                          bool* ran);
 int64_t dw_mma_partials(const DwGeom& g);
 // The backward (dw_bwd: dx, dweight, dbias) on tensor cores: the same contract.
-cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, const void* pre, const float* weight,
-                              const float* scale, const float* shift, const float* mean, const float* ca,
-                              const float* cb, const float* cd, int act, bool act_first, bool residual, void* dx,
-                              float* dweight, float* dbias, float* part, cudaStream_t stream, bool* ran);
+cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweight, float* dbias, cudaStream_t stream,
+                              bool* ran);
 int64_t dw_mma_bwd_partials(const DwGeom& g);
 
 // Generic kernels (dw_generic.cu) and the reductions (dw_reduce.cu).
-struct DirectArgs {
+struct DirectArgs : DwOperands {
   int64_t N, C, H, W;
   int k;
   bool cl;
-  const void* x;
-  const void* dy;
-  const void* pre;
-  const float* w;
-  const float* bias;
-  const float* scale;
-  const float* shift;
-  const float* mean;
-  const float* ca;
-  const float* cb;
-  const float* cd;
-  void* out;
   float* dpre;
-  float* part;
   int64_t nsplit;
-  int act;
-  bool act_first, residual, write_pre;
 };
 cudaError_t launch_fwd_direct(const DirectArgs& a, DType dt, const DevInfo& dev, cudaStream_t stream);
 cudaError_t launch_bwd_direct(const DirectArgs& a, DType dt, const DevInfo& dev, cudaStream_t stream);

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) dw_fwd_direct_kernel(const DirectArg
       }
     }
     const float pre = round_to<T>(acc + (a.bias != nullptr ? a.bias[p.c] : 0.f));
-    if (a.write_pre) {
+    if (a.stats) {
       out[e] = from_f<T>(pre);
       continue;
     }

@@ -78,8 +78,9 @@ cudaError_t launch_tiled(bool bwd, const DwGeom& g, const TileArgs& a, const Til
   return g.cl ? tiled_dt<true>(bwd, g, a, p, s) : tiled_dt<false>(bwd, g, a, p, s);
 }
 
-DirectArgs make_direct_args(const DwGeom& g) {
+DirectArgs make_direct_args(const DwGeom& g, const DwOperands& o) {
   DirectArgs d{};
+  static_cast<DwOperands&>(d) = o;
   d.N = g.N;
   d.C = g.C;
   d.H = g.H;
@@ -137,35 +138,28 @@ DwWorkspace dw_bwd_workspace(const DwGeom& g) {
 cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
                                  int act, bool act_first, void* pre, float* mean, float* var,
                                  float* part, cudaStream_t stream) {
+  DwOperands o;
+  o.x = x;
+  o.w = weight;
+  o.bias = bias;
+  o.out = pre;
+  o.part = part;
+  o.act = act;
+  o.act_first = act_first;
+  o.stats = true;
   bool ran = false;
-  CMK_RETURN_IF_ERROR(dw_mma_launch(g, x, weight, bias, nullptr, nullptr, act, act_first, false, true, pre, part, mean,
-                                    var, stream, &ran));
+  CMK_RETURN_IF_ERROR(dw_mma_launch(g, o, mean, var, stream, &ran));
   if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, false, dev);
   if (p.tiled) {
-    TileArgs a = make_tile_args(g, p);
+    TileArgs a = make_tile_args(g, p, o);
     a.vec = vec_ok(g, {x, pre});
-    a.x = x;
-    a.w = weight;
-    a.bias = bias;
-    a.out = pre;
-    a.part = part;
-    a.act = act;
-    a.act_first = act_first;
-    a.stats = true;
     CMK_RETURN_IF_ERROR(launch_tiled(false, g, a, p, stream));
     return launch_stats_finalize(part, p.groups, g.C, mean, var, stream);
   }
-  DirectArgs d = make_direct_args(g);
-  d.x = x;
-  d.w = weight;
-  d.bias = bias;
-  d.out = pre;
-  d.act = act;
-  d.act_first = act_first;
-  d.write_pre = true;
-  CMK_RETURN_IF_ERROR(launch_fwd_direct(d, g.dtype, dev, stream));
+  o.part = nullptr;  // the direct kernel writes pre; the statistics come from the reduction below
+  CMK_RETURN_IF_ERROR(launch_fwd_direct(make_direct_args(g, o), g.dtype, dev, stream));
   ReduceArgs r{};
   r.N = g.N;
   r.C = g.C;
@@ -183,39 +177,27 @@ cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* we
 cudaError_t dw_fwd_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
                           const float* scale, const float* shift, int act, bool act_first,
                           bool residual, void* y, cudaStream_t stream) {
+  DwOperands o;
+  o.x = x;
+  o.w = weight;
+  o.bias = bias;
+  o.scale = scale;
+  o.shift = shift;
+  o.out = y;
+  o.act = act;
+  o.act_first = act_first;
+  o.residual = residual;
   bool ran = false;
-  CMK_RETURN_IF_ERROR(dw_mma_launch(g, x, weight, bias, scale, shift, act, act_first, residual, false, y, nullptr,
-                                    nullptr, nullptr, stream, &ran));
+  CMK_RETURN_IF_ERROR(dw_mma_launch(g, o, nullptr, nullptr, stream, &ran));
   if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, false, dev);
   if (p.tiled) {
-    TileArgs a = make_tile_args(g, p);
+    TileArgs a = make_tile_args(g, p, o);
     a.vec = vec_ok(g, {x, y});
-    a.x = x;
-    a.w = weight;
-    a.bias = bias;
-    a.scale = scale;
-    a.shift = shift;
-    a.out = y;
-    a.act = act;
-    a.act_first = act_first;
-    a.residual = residual;
-    a.stats = false;
     return launch_tiled(false, g, a, p, stream);
   }
-  DirectArgs d = make_direct_args(g);
-  d.x = x;
-  d.w = weight;
-  d.bias = bias;
-  d.scale = scale;
-  d.shift = shift;
-  d.out = y;
-  d.act = act;
-  d.act_first = act_first;
-  d.residual = residual;
-  d.write_pre = false;
-  return launch_fwd_direct(d, g.dtype, dev, stream);
+  return launch_fwd_direct(make_direct_args(g, o), g.dtype, dev, stream);
 }
 
 cudaError_t dw_bwd_reduce_launch(const DwGeom& g, const void* dy, const void* pre, const float* scale,
@@ -246,51 +228,36 @@ cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const 
                           const float* mean, const float* ca, const float* cb, const float* cd,
                           int act, bool act_first, bool residual, void* dx, float* dweight,
                           float* dbias, float* part, float* dpre, cudaStream_t stream) {
+  DwOperands o;
+  o.x = x;
+  o.dy = dy;
+  o.pre = pre;
+  o.w = weight;
+  o.scale = scale;
+  o.shift = shift;
+  o.mean = mean;
+  o.ca = ca;
+  o.cb = cb;
+  o.cd = cd;
+  o.out = dx;
+  o.part = part;
+  o.act = act;
+  o.act_first = act_first;
+  o.residual = residual;
   bool ran = false;
-  CMK_RETURN_IF_ERROR(dw_mma_bwd_launch(g, dy, x, pre, weight, scale, shift, mean, ca, cb, cd, act, act_first,
-                                        residual, dx, dweight, dbias, part, stream, &ran));
+  CMK_RETURN_IF_ERROR(dw_mma_bwd_launch(g, o, dweight, dbias, stream, &ran));
   if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, true, dev);
   const int KK = g.k * g.k;
   if (p.tiled) {
-    TileArgs a = make_tile_args(g, p);
+    TileArgs a = make_tile_args(g, p, o);
     a.vec = vec_ok(g, {dy, x, pre, dx});
-    a.x = x;
-    a.dy = dy;
-    a.pre = pre;
-    a.w = weight;
-    a.scale = scale;
-    a.shift = shift;
-    a.mean = mean;
-    a.ca = ca;
-    a.cb = cb;
-    a.cd = cd;
-    a.out = dx;
-    a.part = part;
-    a.act = act;
-    a.act_first = act_first;
-    a.residual = residual;
     CMK_RETURN_IF_ERROR(launch_tiled(true, g, a, p, stream));
     return launch_sum_finalize(part, p.groups, g.C, KK + 1, dweight, KK, dbias, nullptr, stream);
   }
-  DirectArgs d = make_direct_args(g);
-  d.x = x;
-  d.dy = dy;
-  d.pre = pre;
-  d.w = weight;
-  d.scale = scale;
-  d.shift = shift;
-  d.mean = mean;
-  d.ca = ca;
-  d.cb = cb;
-  d.cd = cd;
-  d.out = dx;
+  DirectArgs d = make_direct_args(g, o);
   d.dpre = dpre;
-  d.part = part;
-  d.act = act;
-  d.act_first = act_first;
-  d.residual = residual;
   d.nsplit = direct_dweight_splits(g, dev);
   CMK_RETURN_IF_ERROR(launch_bwd_direct(d, g.dtype, dev, stream));
   return launch_sum_finalize(part, d.nsplit, g.C, KK + 1, dweight, KK, dbias, nullptr, stream);

@@ -99,17 +99,8 @@ struct MmaGeom {
   bool vec;  // the 16-byte (cp.async) staging path
 };
 
-struct MmaArgs : MmaGeom {
-  const void* x;
-  const float* w;
-  const float* bias;
-  const float* scale;
-  const float* shift;
-  void* out;    // y, or pre when stats
-  float* part;  // stats: [groups][C][3]
-  int act;
-  bool act_first, residual, stats;
-};
+// The forward's: x, w, bias, scale, shift -> out (y, or pre when stats); stats: part [groups][C][3].
+struct MmaArgs : MmaGeom, DwOperands {};
 
 // The zero columns of nrows staged rows (stride SWs): [0, kPadL) and [from, SWs).  Nothing writes them
 // afterwards, so once per block is enough.
@@ -501,22 +492,8 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_cl_kernel(const MmaArgs a) 
 // tiled kernels' layout.
 constexpr int kBwdStages = 3;
 
-struct MmaBwdArgs : MmaGeom {
-  const void* x;
-  const void* dy;
-  const void* pre;
-  const float* w;
-  const float* scale;
-  const float* shift;
-  const float* mean;
-  const float* ca;
-  const float* cb;
-  const float* cd;
-  void* dx;
-  float* part;
-  int act;
-  bool act_first, residual;
-};
+// The backward's: dy, x, pre, w, scale, shift, mean, ca, cb, cd -> out (dx); part as above.
+struct MmaBwdArgs : MmaGeom, DwOperands {};
 
 template <typename T>
 __device__ __forceinline__ uint32_t lds32(const T* p) {
@@ -590,7 +567,7 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArg
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ dy = static_cast<const T*>(a.dy);
   const T* __restrict__ pre = static_cast<const T*>(a.pre);
-  T* __restrict__ dx = static_cast<T*>(a.dx);
+  T* __restrict__ dx = static_cast<T*>(a.out);
 
   zero_pad_columns(ring, (kBwdStages * 3 + 2) * SR, SWs, kPadL + W, tid, kMmaThreads);  // (fills [8, 8 + W))
   auto item_of = [&](int64_t it, int64_t& base, int& h0) { mma_item(a, it, c, base, h0); };
@@ -742,7 +719,7 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_bwd_cl_kernel(const MmaBwdA
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ dy = static_cast<const T*>(a.dy);
   const T* __restrict__ pre = static_cast<const T*>(a.pre);
-  T* __restrict__ dx = static_cast<T*>(a.dx);
+  T* __restrict__ dx = static_cast<T*>(a.out);
 
   zero_pad_columns(dhi, 2 * kClCh * SR, SWs, kPadL + W, tid, kClThreads);  // (dpre fills [8, 8 + W))
   auto item_of = [&](int64_t it, int64_t& base, int& h0) { mma_item(a, it, 0, base, h0); };
@@ -941,6 +918,13 @@ MmaPlan plan_mma(const DwGeom& g, const DevInfo& dev) {
   return finish_plan(p, g, g.cl ? (g.C + kClCh - 1) / kClCh : g.C, g.cl ? 2 : 4, dev);
 }
 
+// The 16-byte staging path: NCHW rows, or channels_last pixels, a whole number of 16-byte vectors, and
+// every tensor operand aligned (absent ones, nullptr, count as aligned).
+bool mma_vec(const DwGeom& g, const DwOperands& o) {
+  return (g.cl ? g.C % 8 == 0 && aligned16(o.out) : g.W % 8 == 0) && aligned16(o.x) && aligned16(o.dy) &&
+         aligned16(o.pre);
+}
+
 void set_geom(MmaGeom& a, const DwGeom& g, const MmaPlan& p) {
   a.N = g.N;
   a.C = g.C;
@@ -1030,28 +1014,16 @@ int64_t dw_mma_bwd_partials(const DwGeom& g) {
   return mma_plan(g, plan_mma_bwd, p, status) ? p.groups : 0;
 }
 
-cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, const float* bias, const float* scale,
-                          const float* shift, int act, bool act_first, bool residual, bool stats, void* out,
-                          float* part, float* mean, float* var, cudaStream_t stream, bool* ran) {
+cudaError_t dw_mma_launch(const DwGeom& g, const DwOperands& o, float* mean, float* var, cudaStream_t stream,
+                          bool* ran) {
   *ran = false;
   MmaPlan p;
   cudaError_t status;
   if (!mma_plan(g, plan_mma, p, status)) return status;
   MmaArgs a{};
   set_geom(a, g, p);
-  // 16-byte path: NCHW rows, or channels_last pixels, a whole number of 16-byte vectors, and aligned.
-  a.vec = (g.cl ? g.C % 8 == 0 && aligned16(out) : g.W % 8 == 0) && aligned16(x);
-  a.x = x;
-  a.w = weight;
-  a.bias = bias;
-  a.scale = scale;
-  a.shift = shift;
-  a.out = out;
-  a.part = part;
-  a.act = act;
-  a.act_first = act_first;
-  a.residual = residual;
-  a.stats = stats;
+  static_cast<DwOperands&>(a) = o;
+  a.vec = mma_vec(g, o);
   const cudaError_t e = with_type_k(g, [&](auto t, auto kt) {
     using T = decltype(t);
     constexpr int K = decltype(kt)::value;
@@ -1061,35 +1033,19 @@ cudaError_t dw_mma_launch(const DwGeom& g, const void* x, const float* weight, c
   });
   if (e != cudaSuccess) return e;
   *ran = true;
-  return stats ? launch_stats_finalize(part, p.groups, g.C, mean, var, stream) : cudaSuccess;
+  return o.stats ? launch_stats_finalize(o.part, p.groups, g.C, mean, var, stream) : cudaSuccess;
 }
 
-cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, const void* pre, const float* weight,
-                              const float* scale, const float* shift, const float* mean, const float* ca,
-                              const float* cb, const float* cd, int act, bool act_first, bool residual, void* dx,
-                              float* dweight, float* dbias, float* part, cudaStream_t stream, bool* ran) {
+cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweight, float* dbias, cudaStream_t stream,
+                              bool* ran) {
   *ran = false;
   MmaPlan p;
   cudaError_t status;
   if (!mma_plan(g, plan_mma_bwd, p, status)) return status;
   MmaBwdArgs a{};
   set_geom(a, g, p);
-  a.vec = (g.cl ? g.C % 8 == 0 && aligned16(dx) : g.W % 8 == 0) && aligned16(x) && aligned16(dy) && aligned16(pre);
-  a.x = x;
-  a.dy = dy;
-  a.pre = pre;
-  a.w = weight;
-  a.scale = scale;
-  a.shift = shift;
-  a.mean = mean;
-  a.ca = ca;
-  a.cb = cb;
-  a.cd = cd;
-  a.dx = dx;
-  a.part = part;
-  a.act = act;
-  a.act_first = act_first;
-  a.residual = residual;
+  static_cast<DwOperands&>(a) = o;
+  a.vec = mma_vec(g, o);
   const cudaError_t e = with_type_k(g, [&](auto t, auto kt) {
     using T = decltype(t);
     constexpr int K = decltype(kt)::value;
@@ -1100,7 +1056,7 @@ cudaError_t dw_mma_bwd_launch(const DwGeom& g, const void* dy, const void* x, co
   if (e != cudaSuccess) return e;
   *ran = true;
   const int KK = g.k * g.k;
-  return launch_sum_finalize(part, p.groups, g.C, KK + 1, dweight, KK, dbias, nullptr, stream);
+  return launch_sum_finalize(o.part, p.groups, g.C, KK + 1, dweight, KK, dbias, nullptr, stream);
 }
 
 }  // namespace dwcuda

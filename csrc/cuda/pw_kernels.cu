@@ -361,7 +361,7 @@ constexpr int max_vec() {
   return 16 / static_cast<int>(sizeof(T));
 }
 
-inline bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+using dwcuda::aligned16;  // nullptr counts as aligned
 
 template <typename T, int VEC, Mode MODE>
 void launch_channel_vec(const ChannelParams& p, cudaStream_t stream) {
