@@ -14,6 +14,9 @@
 # still leaves its log and the results measured so far.
 # Tests: by default the GPU-relevant ones (-k "$GPU_CHECK_K"): the cuda and triton backends and the
 # GPU-marked tests; the CPU-only files (and the CPU emulator of the CUDA kernels) run in CI.
+# A short follow-up call can narrow every stage: GPU_CHECK_K / PYTEST_ARGS (tests), GPU_CHECK_FIRST_ARGS
+# (the first look's benchmark arguments), GPU_CHECK_BENCH_ARGS (the benchmarks'), GPU_CHECK_DIAG=1.
+# FIRST_RESERVE / TEST_RESERVE: the seconds those stages leave for the later ones (280 / 120).
 set -uo pipefail
 T0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-550}
@@ -82,8 +85,8 @@ PYEOF
 # k=7 case, the comparison that decides whether they become the default.  -> $OUT/first/
 if [ "${GPU_CHECK_FIRST:-1}" = 1 ]; then
   echo "== first look: k=7, eager vs cuda vs cuda_mma ($(left) s left)"
-  BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 5 $(limit ${FIRST_TIMEOUT:-90} 280) \
-    $PY -m benchmarks.run --quick --suite dw --k 7 --providers eager,cuda,cuda_mma --out "$OUT/first" \
+  BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 5 $(limit ${FIRST_TIMEOUT:-90} ${FIRST_RESERVE:-280}) \
+    $PY -m benchmarks.run ${GPU_CHECK_FIRST_ARGS:---quick --suite dw --k 7 --providers eager,cuda,cuda_mma} --out "$OUT/first" \
     > "$OUT/first.log" 2>&1 || echo "first look: exit status $? (see first.log)"
   grep "^| N=64" "$OUT"/first/*.md 2>/dev/null | grep " eval \| train " | cut -c1-150
 fi
@@ -99,7 +102,7 @@ $PY -c "import pytest_benchmark" 2>/dev/null && TOUT="$TOUT -p no:benchmark"
 # Outcomes are written to outcomes.log as they happen (tests/conftest.py: each failure in full, one
 # `passed <id>` line a passed test), so a run stopped by its limit still names what failed and what passed.
 GPU_CHECK_K=${GPU_CHECK_K-(cuda or triton or gpu) and not cuda_emu}
-OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/outcomes.log" timeout -k 10 $(limit ${TEST_TIMEOUT:-240} 120) \
+OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/outcomes.log" timeout -k 10 $(limit ${TEST_TIMEOUT:-240} ${TEST_RESERVE:-120}) \
   $PY -m pytest -q -rfE $XDIST $TOUT --durations=25 tests ${GPU_CHECK_K:+-k "$GPU_CHECK_K"} ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
 tail -40 "$OUT/tests.log"
 if [ -s "$OUT/outcomes.log" ]; then
@@ -107,10 +110,17 @@ if [ -s "$OUT/outcomes.log" ]; then
   grep "^==== " "$OUT/outcomes.log"
 fi
 
+# Diagnostics (GPU_CHECK_DIAG=1): where the Triton fp32 stem's BN-weight-gradient error comes from.
+if [ "${GPU_CHECK_DIAG:-0}" = 1 ]; then
+  echo "== diagnostics ($(left) s left)"
+  timeout -k 5 $(limit 60 5) $PY -m benchmarks.diag_stem_fp32 > "$OUT/diag.log" 2>&1 || status=1
+  grep -v Warning "$OUT/diag.log" | tail -12
+fi
+
 if [ "${GPU_CHECK_BENCH:-1}" = 1 ]; then
   echo "== benchmarks ($(left) s left)"
   BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 10 $(limit ${BENCH_TIMEOUT:-400} $([ "${GPU_CHECK_DEMO:-0}" = 1 ] && echo 75 || echo 5)) \
-    $PY -m benchmarks.run --quick --profile --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
+    $PY -m benchmarks.run ${GPU_CHECK_BENCH_ARGS:---quick --profile} --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
   tail -30 "$OUT/bench.log"
 fi
 

@@ -125,9 +125,12 @@ class CaseTimer:
 # the step captured in one CUDA graph.  cuda_ipb1: the CUDA kernels with one item per forward depthwise
 # block (no next tile to copy in while computing), so the same run shows what the cp.async pipeline
 # gains.  cuda_cutlass: the pointwise eval forward as one CUTLASS GEMM with the epilogue fused;
-# cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward);
-# auto_mma: a whole fused model with them (=1: where they apply).  Opt-in while unmeasured; =require
-# raises where they do not apply.
+# cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward;
+# =require raises where they do not apply); auto_mma: a whole fused model with them wherever they apply
+# (=1); cuda_fma: the FMA depthwise kernels only (=0; by default the tensor-core ones run the eval forward
+# where they were measured faster, see csrc/cuda/dw_mma.cu).  cuda_bwd_copy / cuda_bwd_nocopy: the
+# channels_last FMA backward planned with / without room for the cp.async copies of its tile
+# (CONVMIXER_KERNELS_DW_BWD_COPIES, csrc/cuda/dw_common.cuh plan_tiles), to measure that choice.
 PROVIDERS = {
     "eager": ("auto", None), "compile": ("auto", None), "compile_max": ("auto", None),
     "eager_graph": ("auto", None),
@@ -136,6 +139,9 @@ PROVIDERS = {
     "cuda_ipb1": ("cuda", ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1")),
     "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require")),
     "cuda_mma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "require")),
+    "cuda_fma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "0")),
+    "cuda_bwd_copy": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_COPIES", "1")),
+    "cuda_bwd_nocopy": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_COPIES", "0")),
     "auto_mma": ("auto", ("CONVMIXER_KERNELS_DW_MMA", "1")),
 }
 # The providers that run the original (unfused) modules: the baselines every target is measured against.

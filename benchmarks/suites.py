@@ -126,11 +126,13 @@ def dw_cases(bench):
     both = ("nchw", "channels_last")
     if bench.device == "cuda":
         if bench.quick:
-            return [(64, 768, 32, 7, both, ("eager", "cuda", "cuda_ipb1", "cuda_mma"), False),
-                    (64, 768, 32, 9, both, ("eager", "cuda", "cuda_ipb1", "cuda_mma"), False),  # compile: full runs
+            fused = ("eager", "cuda", "cuda_fma", "cuda_mma", "cuda_bwd_copy", "cuda_bwd_nocopy")
+            return [(64, 768, 32, 7, both, fused, False),
+                    (64, 768, 32, 9, both, fused, False),  # compile: full runs
                     (64, 1536, 32, 9, both, ("eager", "cuda"), False),
                     (8, 768, 32, 9, ("channels_last",), ("eager", "eager_graph", "cuda", "cuda_graph"), True)]
-        full = ("eager", "compile", "cuda", "cuda_ipb1", "cuda_mma", "triton")
+        full = ("eager", "compile", "cuda", "cuda_fma", "cuda_ipb1", "cuda_mma", "cuda_bwd_copy", "cuda_bwd_nocopy",
+                "triton")
         cases = [(64, C, 32, k, both, full + (("compile_max",) if (C, k) == (768, 9) else ()), False)
                  for C in (768, 1536) for k in (3, 5, 7, 9)]
         return cases + [(8, 768, 32, k, both, ("eager", "eager_graph", "cuda", "cuda_graph"), True) for k in (7, 9)]
@@ -157,6 +159,8 @@ def dw_suite(bench):
                             continue
                         if prov == "cuda_mma" and (dtype == torch.float32 or k > 9):
                             continue  # the tensor-core forward serves fp16/bf16, k <= 9
+                        if prov.startswith("cuda_bwd_") and (layout != "channels_last" or mode != "train"):
+                            continue  # a channels_last backward plan choice
                         fused, ref = dw_modules(C, k, dtype, bench.device)
                         # bytes: eval x -> y; train_fwd x -> y, pre (saved); train adds dy, x, pre -> dx
                         nb = {"eval": 2, "train_fwd": 3, "train": 7}[mode]
@@ -185,12 +189,13 @@ def gemm_cases(bench, kind):
     if bench.device == "cuda":
         if kind == "pw":
             if bench.quick:
-                return [(64, 768, 32, 1, cl, ("eager", "compile", "cuda", "cuda_cutlass"), False)]
+                # torch: the composite `auto` picks with autograd on CUDA (AUTO_ORDER_GRAD)
+                return [(64, 768, 32, 1, cl, ("eager", "compile", "cuda", "torch", "cuda_cutlass"), False)]
             full = ("eager", "compile", "cuda", "cuda_cutlass", "triton")
             return [(64, 768, 32, 1, both, full + ("compile_max",), False), (64, 1536, 32, 1, both, full, False),
                     (8, 768, 32, 1, cl, ("eager", "eager_graph", "cuda", "cuda_graph"), True)]
         if bench.quick:
-            return [(64, 768, 224, 7, cl, ("eager", "cuda"), False)]
+            return [(64, 768, 224, 7, cl, ("eager", "cuda", "torch"), False)]
         full = ("eager", "compile", "cuda", "triton")
         return [(64, 768, 224, 7, cl, full, False), (64, 1536, 224, 7, cl, full, False),
                 (64, 1024, 224, 14, cl, full, False)]
@@ -296,7 +301,7 @@ def model_cases(bench):
     if bench.device == "cuda":
         cm = ("eager", "compile", "auto", "cuda", "auto_mma")
         if bench.quick:
-            return [("timm:convmixer_768_32", 32, 224, ("eager", "auto", "auto_mma")),
+            return [("timm:convmixer_768_32", 32, 224, ("eager", "auto", "cuda")),
                     ("timm:vit_small_patch16_224", 32, 224, ("eager",))]
         return [("timm:convmixer_1536_20", 64, 224, cm + ("triton",)), ("timm:convmixer_768_32", 64, 224, cm),
                 ("timm:convmixer_1024_20_ks9_p14", 64, 224, cm),

@@ -298,6 +298,7 @@ def test_mma_deterministic_and_close_to_fma(ops, monkeypatch):
     lo parts dropped."""
     a = make_inputs(4, 64, 32, 32, 7, torch.bfloat16, "cuda", bias=True, seed=11)
     args = (a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "0")
     pre_fma, mean_fma, var_fma = ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require")
     bargs = (a["dy"], a["x"], a["pre"], a["weight"], a["scale"], a["shift"], a["mean"], a["ca"], a["cb"], a["cd"],
@@ -315,3 +316,32 @@ def test_mma_deterministic_and_close_to_fma(ops, monkeypatch):
     assert bool((diff <= bound).all()), float((diff / bound).max())
     assert torch.allclose(mean, mean_fma, rtol=1e-3, atol=1e-4)
     assert torch.allclose(var, var_fma, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not _mma_runs_here(), reason="mma.sync needs compute capability 8.0 or newer")
+def test_mma_default_cases(ops, monkeypatch):
+    """With CONVMIXER_KERNELS_DW_MMA unset the tensor-core kernels run the eval forward (dw_fwd) at k=9 and
+    at k=7 in channels_last (where they were measured faster), and nothing else: the default result is
+    bitwise the =require one there and the =0 (FMA) one elsewhere, and the two kernels' results differ in
+    those cases (so the comparison can tell them apart)."""
+    for k, cl, dtype, mma in [(9, False, torch.bfloat16, True), (9, True, torch.float16, True),
+                              (7, True, torch.bfloat16, True), (7, False, torch.bfloat16, False),
+                              (5, True, torch.bfloat16, False), (9, False, torch.float32, False)]:
+        a = make_inputs(2, 40, 24, 24, k, dtype, "cuda", channels_last=cl, bias=True, seed=k)
+        args = (a["x"], a["weight"], a["bias"], a["scale"], a["shift"], 2, True, True)
+        out = {}
+        for mode in (None, "0", "require"):
+            if mode is None:
+                monkeypatch.delenv("CONVMIXER_KERNELS_DW_MMA", raising=False)
+            else:
+                monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", mode)
+            if mode == "require" and not mma:
+                continue
+            out[mode] = (ops.dw_fwd(*args), ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)[0])
+        case = f"k={k} {'cl' if cl else 'nchw'} {dtype}"
+        assert torch.equal(out[None][1], out["0"][1]), f"{case}: the statistics forward left the FMA kernels"
+        if mma:
+            assert torch.equal(out[None][0], out["require"][0]), f"{case}: the eval forward is not the tensor-core one"
+            assert not torch.equal(out["0"][0], out["require"][0]), f"{case}: FMA and tensor-core results equal"
+        else:
+            assert torch.equal(out[None][0], out["0"][0]), f"{case}: the eval forward left the FMA kernels"

@@ -227,3 +227,19 @@ def test_bad_device():
     if not dw._is_interpreted():
         with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
             _fwd({k: (v.cpu() if v is not None else None) for k, v in d.items()})
+
+
+def test_size_limits():
+    """Offsets are int64: an image of more than 2^31 elements passes the checks (tests/test_large_index.py
+    runs one through the kernels on a GPU); what stays int32 (pixel indices, a tap's shift by rows of C*W
+    elements) is checked with an error that names x and the limit.  The tensors are never written, so
+    their pages are never touched."""
+    big = torch.empty(1, 3, 27000, 27000, dtype=torch.bfloat16, device=DEVICE)  # 2.19e9 elements
+    assert dw._check_x(big) is False
+    big_cl = torch.empty(1, 3, 27000, 27000, dtype=torch.bfloat16, device=DEVICE, memory_format=torch.channels_last)
+    assert dw._check_x(big_cl) is True
+    del big, big_cl
+    with pytest.raises(ValueError, match=r"x: one image row of 70000 x 1000 elements .*31\*C\*W"):
+        dw._check_x(torch.empty(1, 70000, 1, 1000, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"x: N\*H\*W = 2147483648 pixels"):
+        dw._check_x(torch.empty(2, 1, 32768, 32768, dtype=torch.bfloat16, device=DEVICE))

@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const Tile
   const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
   // 16-byte path: dy and pre of the next item come in by cp.async (storage-dtype copies) while the
   // block computes the current one; dpre is then computed from the copies.  Else direct loads.
-  const bool async = a.vec;
+  const bool async = a.vec && a.copies;
   constexpr int V = Vec<T>::N;
   T* rawg = reinterpret_cast<T*>(smem + a.raw_off);  // dy over the tile + halo (16-byte aligned)
   T* rawp = rawg + static_cast<size_t>(SR) * SW * (CL ? kCG : 1);  // pre (a multiple of 16 bytes on)

@@ -343,6 +343,7 @@ struct TilePlan {
   int smem_w = 0;       // staged columns: NCHW pl + tile_w + pl, channels_last tile_w + k - 1
   int rs = 0;           // NCHW: row stride in floats (odd: conflict-free strip reads)
   int raw_off = 0;      // floats before the storage-dtype copies of the tile (cp.async targets)
+  bool copies = true;   // shared memory holds those copies (else the tile is staged by direct loads)
   int pl = 0;           // staged columns left of the tile (NCHW: pad rounded up to 8 for 16B loads)
   size_t smem_bytes = 0;
   int64_t items = 0;    // (n, tile) pairs per channel (group)
@@ -398,7 +399,7 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
       }
       if (p.threads == 0) return TilePlan{};
     }
-  } else {
+  } else if (!bwd) {
     p.sw = 1;
     p.tile_w = kR;
     p.pl = P;
@@ -410,26 +411,72 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
       for (int th : {8, 4, 2, 1}) {
         const int TH = static_cast<int>(th < H ? th : H);
         const size_t tile = size_t(TH + K - 1) * p.smem_w * kCG;
-        for (int nw : {4, 2, 1}) {
-          int nwarps = bwd ? (nw < TH ? nw : TH) : TH;
-          const size_t floats = bwd ? tile + size_t(KK) * kCG + 6 * kCG + size_t(KK + 1) * kCG * nwarps
-                                    : tile + (K > 7 ? size_t(KK) * kCG : 0) + 3 * size_t(kCG) * nwarps;
-          int raw_off = 0;
-          const size_t bytes = smem_for(floats, tile, raw_off);
-          if (bytes <= budget) {
-            p.tile_h = TH;
-            p.threads = nwarps * 32;
-            p.raw_off = raw_off;
-            p.smem_bytes = bytes;
-            found = true;
-            break;
-          }
-          if (!bwd) break;
+        const size_t floats = tile + (K > 7 ? size_t(KK) * kCG : 0) + 3 * size_t(kCG) * TH;
+        int raw_off = 0;
+        const size_t bytes = smem_for(floats, tile, raw_off);
+        if (bytes <= budget) {
+          p.tile_h = TH;
+          p.threads = TH * 32;
+          p.raw_off = raw_off;
+          p.smem_bytes = bytes;
+          found = true;
+          break;
         }
-        if (found) break;
       }
     }
     if (!found) return TilePlan{};
+    p.nstrips = p.tile_h;
+    p.smem_rows = p.tile_h + K - 1;
+  } else {
+    // channels_last backward: one warp per strip row of a (tile_h x 16 pixel x 32 channel) tile, each
+    // thread with its own (k*k + 1)-float column of weight-gradient partials in shared memory, so
+    // shared memory (tile, cp.async copies, partial columns) sets how many warps an SM holds.  At k=9
+    // the first plan that fitted (8-row tile with copies, one warp) left one warp per SM: 12.5 ms for
+    // a training step that took 3.5 ms without the copies (H200, 2026-11-27 vs 2026-11-26).  So every
+    // (rows, warps, copies) is scored by the warps an SM holds (shared memory, threads, and the
+    // kernel's 80-register cap), copies counted 1.5x (they hide the staging loads; at k=7 the plan with
+    // them, 8 warps, scores as the one without, 12 warps, and is kept: it was the plan measured there);
+    // ties: more rows.
+    // CONVMIXER_KERNELS_DW_BWD_COPIES=0/1 (measurement knob) allows only plans without/with them.
+    p.sw = 1;
+    p.tile_w = kR;
+    p.pl = P;
+    p.smem_w = p.tile_w + K - 1;
+    p.cgroups = ceil_div(g.C, kCG);
+    const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_COPIES");
+    const int force = (env != nullptr && (env[0] == '0' || env[0] == '1')) ? env[0] - '0' : -1;
+    double best = -1.0;
+    for (int copies = 1; copies >= 0; --copies) {
+      if (force >= 0 && copies != force) continue;
+      for (int th : {8, 4, 2, 1}) {
+        const int TH = static_cast<int>(th < H ? th : H);
+        const size_t tile = size_t(TH + K - 1) * p.smem_w * kCG;
+        for (int nw : {4, 2, 1}) {
+          const int nwarps = nw < TH ? nw : TH;
+          const size_t floats = tile + size_t(KK) * kCG + 6 * kCG + size_t(KK + 1) * kCG * nwarps;
+          int raw_off = 0;
+          const size_t bytes = copies ? smem_for(floats, tile, raw_off)
+                                      : sizeof(float) * static_cast<size_t>(raw_off = static_cast<int>(
+                                                            ceil_div(static_cast<int64_t>(floats), 4) * 4));
+          if (bytes > hard) continue;
+          const int threads = nwarps * 32;
+          int64_t blocks = dev.smem_per_sm / static_cast<int64_t>(bytes + 1024);
+          const int64_t by_threads = 2048 / threads, by_regs = 65536 / (80 * threads);
+          blocks = blocks < by_threads ? blocks : by_threads;
+          blocks = blocks < by_regs ? blocks : by_regs;
+          const double score = double(blocks * nwarps) * (copies ? 1.5 : 1.0) + 1e-3 * TH;
+          if (score > best) {
+            best = score;
+            p.tile_h = TH;
+            p.threads = threads;
+            p.raw_off = raw_off;
+            p.smem_bytes = bytes;
+            p.copies = copies != 0;
+          }
+        }
+      }
+    }
+    if (best < 0) return TilePlan{};
     p.nstrips = p.tile_h;
     p.smem_rows = p.tile_h + K - 1;
   }
@@ -498,6 +545,7 @@ struct TileArgs : DwOperands {
   int raw_off;  // see TilePlan
   int64_t cgroups, items, ipb, groups;
   bool vec;  // 16-byte global loads/stores are valid (alignment and divisibility checked on host)
+  bool copies;  // the plan left room for the cp.async copies of the tile (TilePlan::copies)
   // (part, from DwOperands: partial results [groups][C][m])
 };
 
@@ -543,6 +591,7 @@ inline TileArgs make_tile_args(const DwGeom& g, const TilePlan& p, const DwOpera
   a.rs = p.rs;
   a.pl = p.pl;
   a.raw_off = p.raw_off;
+  a.copies = p.copies;
   a.cgroups = p.cgroups;
   a.items = p.items;
   a.ipb = p.ipb;
@@ -590,7 +639,7 @@ cudaError_t launch_fwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t 
 template <typename T, int K, bool CL>
 cudaError_t launch_bwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream);
 
-// The tensor-core forward (dw_mma.cu; opt-in through CONVMIXER_KERNELS_DW_MMA).  dw_mma_launch runs
+// The tensor-core forward (dw_mma.cu; when it runs: mma_mode, mma_default there).  dw_mma_launch runs
 // dw_fwd (stats = false) or dw_conv_stats (stats = true: part, mean and var as the tiled path) and sets
 // *ran, or leaves the op to the other kernels (*ran = false; cudaErrorNotSupported when the variable
 // says require).  dw_mma_partials: the partial results per channel it would write (0: it would not run).

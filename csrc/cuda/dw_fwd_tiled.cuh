@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
   const int64_t c0 = CL ? cg * kCG : cg;  // first channel of the block
   const int64_t it0 = grp * a.ipb;
   const int64_t it1 = it0 + a.ipb < a.items ? it0 + a.ipb : a.items;
-  const bool async = a.vec;
+  const bool async = a.vec && a.copies;
 
   // Issue the cp.async copies of item m's tile + halo into raw.
   auto issue = [&](const TileItem& m) {

@@ -1,8 +1,8 @@
 // The depthwise convolution on tensor cores (mma.sync, sm_80 and newer): dw_fwd, dw_conv_stats and
-// dw_bwd for fp16/bf16 activations (NCHW and channels_last) and k in {3, 5, 7, 9}.  Opt-in until a GPU run has
-// measured it:
-// CONVMIXER_KERNELS_DW_MMA=1 uses it where it applies, =require makes the op fail where it does not
-// (tests); otherwise the FMA kernels of dw_fwd_tiled.cuh run.
+// dw_bwd for fp16/bf16 activations (NCHW and channels_last) and k in {3, 5, 7, 9}.  By default it runs
+// the eval forward where a GPU run measured it faster (mma_default); CONVMIXER_KERNELS_DW_MMA=1 uses it
+// wherever it applies, =require makes the op fail where it does not (tests), =0 never; otherwise the FMA
+// kernels of dw_fwd_tiled.cuh / dw_bwd_tiled.cuh run.
 //
 // Why.  The FMA kernels do k*k fp32 FMAs an output: for k = 7 that is 49, and the FMA rate bounds
 // them (0.075 ms for N=64, C=768, 32x32 on an H100/H200 at full rate; they reached 18% of it).  A
@@ -845,14 +845,23 @@ struct MmaPlan {
   size_t smem_bytes = 0;
 };
 
-// Mode from CONVMIXER_KERNELS_DW_MMA: 0 off, 1 where it applies, 2 required.
+// Mode from CONVMIXER_KERNELS_DW_MMA: 0 off ("0"), 1 wherever it applies ("1"), 2 required ("require"),
+// 3 (unset, or any other value) the default: where it applies and was measured faster (mma_default).
 int mma_mode() {
   const char* env = std::getenv("CONVMIXER_KERNELS_DW_MMA");
-  if (env == nullptr) return 0;
+  if (env == nullptr) return 3;
+  if (std::strcmp(env, "0") == 0) return 0;
   if (std::strcmp(env, "1") == 0) return 1;
   if (std::strcmp(env, "require") == 0) return 2;
-  return 0;
+  return 3;
 }
+
+// The default: the eval forward (dw_fwd) at k=9 in both layouts and at k=7 in channels_last, where the
+// tensor-core kernels beat the FMA ones (H200, bf16, N=64 C=768 32x32, 2026-11-27: k=9 0.382 vs 0.470 ms
+// NCHW, 0.378 vs 0.552 ms channels_last; k=7 channels_last 0.361 vs 0.408 ms; k=7 NCHW 0.366 vs 0.354,
+// so not there).  Training (statistics forward and backward) stays on the FMA kernels, which were the
+// faster there in every case but channels_last k=9 (see benchmarks/results/NOTES.md).
+bool mma_default(const DwGeom& g, bool eval_fwd) { return eval_fwd && (g.k == 9 || (g.k == 7 && g.cl)); }
 
 // Items and blocks of a plan whose TH, SWs, SR and smem_bytes are set: several items a block, while
 // about four waves of resident blocks remain (residency: shared memory, and by_regs blocks an SM).
@@ -991,10 +1000,10 @@ MmaPlan plan_mma_bwd(const DwGeom& g, const DevInfo& dev) {
 // The plan of a call when the tensor-core kernels are on (CONVMIXER_KERNELS_DW_MMA) and serve it;
 // otherwise *status is what the launcher returns (cudaErrorNotSupported under =require).
 template <typename PlanFn>
-bool mma_plan(const DwGeom& g, PlanFn plan, MmaPlan& p, cudaError_t& status) {
+bool mma_plan(const DwGeom& g, PlanFn plan, bool eval_fwd, MmaPlan& p, cudaError_t& status) {
   status = cudaSuccess;
   const int mode = mma_mode();
-  if (mode == 0) return false;
+  if (mode == 0 || (mode == 3 && !mma_default(g, eval_fwd))) return false;
   p = plan(g, dev_info());
   if (!p.ok && mode == 2) status = cudaErrorNotSupported;
   return p.ok;
@@ -1005,13 +1014,13 @@ bool mma_plan(const DwGeom& g, PlanFn plan, MmaPlan& p, cudaError_t& status) {
 int64_t dw_mma_partials(const DwGeom& g) {
   MmaPlan p;
   cudaError_t status;
-  return mma_plan(g, plan_mma, p, status) ? p.groups : 0;
+  return mma_plan(g, plan_mma, false, p, status) ? p.groups : 0;
 }
 
 int64_t dw_mma_bwd_partials(const DwGeom& g) {
   MmaPlan p;
   cudaError_t status;
-  return mma_plan(g, plan_mma_bwd, p, status) ? p.groups : 0;
+  return mma_plan(g, plan_mma_bwd, false, p, status) ? p.groups : 0;
 }
 
 cudaError_t dw_mma_launch(const DwGeom& g, const DwOperands& o, float* mean, float* var, cudaStream_t stream,
@@ -1019,7 +1028,7 @@ cudaError_t dw_mma_launch(const DwGeom& g, const DwOperands& o, float* mean, flo
   *ran = false;
   MmaPlan p;
   cudaError_t status;
-  if (!mma_plan(g, plan_mma, p, status)) return status;
+  if (!mma_plan(g, plan_mma, !o.stats, p, status)) return status;
   MmaArgs a{};
   set_geom(a, g, p);
   static_cast<DwOperands&>(a) = o;
@@ -1041,7 +1050,7 @@ cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweig
   *ran = false;
   MmaPlan p;
   cudaError_t status;
-  if (!mma_plan(g, plan_mma_bwd, p, status)) return status;
+  if (!mma_plan(g, plan_mma_bwd, false, p, status)) return status;
   MmaBwdArgs a{};
   set_geom(a, g, p);
   static_cast<DwOperands&>(a) = o;
