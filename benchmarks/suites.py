@@ -189,7 +189,7 @@ def gemm_cases(bench, kind):
     if bench.device == "cuda":
         if kind == "pw":
             if bench.quick:
-                # torch: the composite `auto` picks with autograd on CUDA (AUTO_ORDER_GRAD)
+                # torch: the composite `auto` picked with autograd on CUDA until 2026-11-27
                 return [(64, 768, 32, 1, cl, ("eager", "compile", "cuda", "torch", "cuda_cutlass"), False)]
             full = ("eager", "compile", "cuda", "cuda_cutlass", "triton")
             return [(64, 768, 32, 1, both, full + ("compile_max",), False), (64, 1536, 32, 1, both, full, False),

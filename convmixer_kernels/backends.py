@@ -24,12 +24,14 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 # Per op and device type: the backends `auto` may pick, fastest first; AUTO_ORDER_GRAD overrides it
 # when autograd will run the op's backward.  A backend is listed only once its block-level tests
 # (forward and backward) passed on that device, and placed by measurement (benchmarks/results/).
-# CUDA, from `make gpu-check` on an H200 (bf16, benchmarks/results/h200_2026-11-26_gpucheck_bench.md):
-# the depthwise CUDA kernels beat eager in eval (1.3-6.4x) and in training (0.98-5.5x); the
-# pointwise and stem CUDA paths beat eager forward-only (1.4x, 2.0x) but not per training step (0.63x,
-# 0.71x), so with autograd `auto` keeps the torch composite for them (PyTorch ops: conv + the BN
-# math; not itself benchmarked on the GPU yet).  The Triton kernels were slower than the CUDA ones
-# everywhere measured.  The C++ CPU kernels are verified by the CI tests.
+# CUDA, from `make gpu-check` on an H200 (bf16): the depthwise CUDA kernels beat eager in eval (1.3-6.4x,
+# 2026-11-26) and in training.  The pointwise and stem CUDA paths beat eager forward-only; per training
+# step they lose to eager (0.71x pointwise, 2026-11-27) but win against the torch composite, which
+# `auto` used to pick for them with autograd: timm's convmixer_768_32 (batch 32, 224x224, channels_last,
+# autocast) took 139.9 ms a training step that way and 66.8 ms with the CUDA kernels (eager: 62.4 ms;
+# benchmarks/results/nvidia-h200-2026-11-27-followup.md).  So no override on CUDA any more.  The Triton
+# kernels were slower than the CUDA ones everywhere measured.  The C++ CPU kernels are verified by the
+# CI tests.
 AUTO_ORDER = {
     ("dw_block", "cuda"): ("cuda", "torch"),
     ("dw_block", "cpu"): ("cpu", "torch"),
@@ -38,10 +40,7 @@ AUTO_ORDER = {
     ("stem_block", "cuda"): ("cuda", "torch"),
     ("stem_block", "cpu"): ("cpu", "torch"),
 }
-AUTO_ORDER_GRAD = {
-    ("pw_block", "cuda"): ("torch",),
-    ("stem_block", "cuda"): ("torch",),
-}
+AUTO_ORDER_GRAD: dict = {}
 
 _state = threading.local()
 _default = [os.environ.get("CONVMIXER_KERNELS_BACKEND", "auto")]

@@ -856,12 +856,15 @@ int mma_mode() {
   return 3;
 }
 
-// The default: the eval forward (dw_fwd) at k=9 in both layouts and at k=7 in channels_last, where the
-// tensor-core kernels beat the FMA ones (H200, bf16, N=64 C=768 32x32, 2026-11-27: k=9 0.382 vs 0.470 ms
-// NCHW, 0.378 vs 0.552 ms channels_last; k=7 channels_last 0.361 vs 0.408 ms; k=7 NCHW 0.366 vs 0.354,
-// so not there).  Training (statistics forward and backward) stays on the FMA kernels, which were the
-// faster there in every case but channels_last k=9 (see benchmarks/results/NOTES.md).
-bool mma_default(const DwGeom& g, bool eval_fwd) { return eval_fwd && (g.k == 9 || (g.k == 7 && g.cl)); }
+// The default: the eval forward (dw_fwd) at k=9 in both layouts and at k=7 in channels_last, and the
+// training ops (statistics forward, backward) at k=9 in channels_last: where the tensor-core kernels
+// beat the FMA ones (H200, bf16, N=64 C=768 32x32, 2026-11-27; benchmarks/results/NOTES.md): eval k=9
+// 0.379 vs 0.470 ms NCHW, 0.379 vs 0.544 ms channels_last, k=7 channels_last 0.358 vs 0.411 ms (k=7
+// NCHW 0.364 vs 0.355, so not there); a training step k=9 channels_last 3.05 vs 4.36 ms (the FMA kernels
+// were the faster in the other three training cases: 1.45 vs 1.88, 1.85 vs 2.06, 2.49 vs 2.68 ms).
+bool mma_default(const DwGeom& g, bool eval_fwd) {
+  return g.k == 9 ? (eval_fwd || g.cl) : (eval_fwd && g.k == 7 && g.cl);
+}
 
 // Items and blocks of a plan whose TH, SWs, SR and smem_bytes are set: several items a block, while
 // about four waves of resident blocks remain (residency: shared memory, and by_regs blocks an SM).
