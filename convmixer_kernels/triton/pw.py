@@ -33,9 +33,10 @@ over pixels into fp32 partials, summed in a fixed order by ``_sum_reduce_kernel`
 the weight's dtype.  S = x [+ t] (or the stem's patches) is recomputed in the operand load.
 
 Precision.  fp32 accumulation and statistics everywhere; fp32 GEMMs use ``input_precision="ieee"``
-(no TF32), so fp32 results match PyTorch's fp32 reference to fp32 rounding noise, and add each K
-block's dot to the accumulator rather than chaining it through every block (a product then waits
-behind BK + K/BK roundings, not K).
+(no TF32), so fp32 results match PyTorch's fp32 reference to fp32 rounding noise, and sum the K
+blocks' dots with TwoSum (their rounding errors kept) rather than chaining each dot into the
+accumulator (a product then sees about BK roundings, not K; see _gemm_kernel for why a plain add is
+not enough on a GPU).
 """
 
 from __future__ import annotations
@@ -165,6 +166,16 @@ def _patch_col(k, Cimg, sC, sH, sW, P: tl.constexpr, C_FAST: tl.constexpr):
 
 
 @triton.jit
+def _two_sum_into(acc, comp, part):
+    """(s, comp + e) with s = fl(acc + part) and e its exact rounding error (Knuth's TwoSum: no assumption
+    on which of acc and part is larger)."""
+    s = acc + part
+    bb = s - acc
+    e = (acc - (s - bb)) + (part - bb)
+    return s, comp + e
+
+
+@triton.jit
 def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Tile (m, n) of program pid, GROUP_M row-tiles at a time (L2 reuse of the B operand)."""
     width = GROUP_M * num_n
@@ -223,6 +234,7 @@ def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm
         b_col = rn.to(tl.int64) * b_sj
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    comp = tl.zeros((BM, BN), dtype=tl.float32)  # fp32 (IEEE): the rounding errors of the block sums
     for k0 in range(0, K, BK):
         kk = k0 + rk
         k_ok = kk < K
@@ -242,12 +254,20 @@ def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm
             b_row = kk.to(tl.int64) * b_sk
         b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if IEEE:
-            # fp32: each K block's dot starts from zero and is then added, so no product waits behind
-            # more than BK + K/BK roundings (the chained form had K: 588 for the p=14 stem, N*H*W for the
-            # weight gradient), as PyTorch's own fp32 GEMMs and convolutions are nearer to.
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            # fp32: each K block's dot starts from zero and is added with its rounding error kept
+            # (TwoSum into comp), so a product sees about BK roundings, not K (588 for the p=14 stem,
+            # N*H*W for the weight gradient): PyTorch's own fp32 GEMMs and convolutions are that close.
+            # A plain `acc += dot(a, b)` is not enough on a GPU: Triton's combine pass folds an add of a
+            # dot from zero back into the dot's accumulator (the chained form) when the dot has one use;
+            # here it has two.  (2026-11-26/27 on the H200 the stem's BN weight gradient was 6.78e-6 off
+            # both before and after that plain add; a CPU model of the chained sums gives 6.4e-6, of these
+            # 0.5-0.7e-6; the bound is 6.4e-6.)
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            acc, comp = _two_sum_into(acc, comp, part)
         else:
             acc = tl.dot(a, b, acc)
+    if IEEE:
+        acc += comp
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
@@ -323,6 +343,7 @@ def _wgrad_kernel(a_ptr, x_ptr, t_ptr, ws_ptr,
         x_col = rn.to(tl.int64) * x_sj
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    comp = tl.zeros((BM, BN), dtype=tl.float32)
     a_base = b_lo.to(tl.int64) * a_sb
     x_base = b_lo.to(tl.int64) * x_sb
     for bb in range(b_lo, b_hi):
@@ -341,12 +362,15 @@ def _wgrad_kernel(a_ptr, x_ptr, t_ptr, ws_ptr,
             if HAS_T:
                 t = tl.load(t_ptr + x_off, mask=x_mask, other=0.0)
                 b = (b.to(tl.float32) + t.to(tl.float32)).to(x_ptr.dtype.element_ty)
-            if IEEE:  # per-block dots added to acc, as in _gemm_kernel
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            if IEEE:  # per-block dots summed with TwoSum, as in _gemm_kernel
+                part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+                acc, comp = _two_sum_into(acc, comp, part)
             else:
                 acc = tl.dot(a, b, acc)
         a_base += a_sb
         x_base += x_sb
+    if IEEE:
+        acc += comp
 
     ws_off = s.to(tl.int64) * M * N + (rm * N)[:, None] + rn[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=m_ok[:, None] & n_ok[None, :])
