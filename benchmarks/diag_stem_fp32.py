@@ -29,7 +29,8 @@ def _err(a, b):
 
 def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # (cpu: a smoke test of this script)
-    print("cudnn.allow_tf32", torch.backends.cudnn.allow_tf32, "matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    print("cudnn.allow_tf32", torch.backends.cudnn.allow_tf32,
+          "matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     blk = stem(24, 14)
     x = _x(2, 3, 30, 29)
     with torch.no_grad():
@@ -71,7 +72,8 @@ def main():
     for name, pre, out in rows:
         line = f"{name:22s}"
         if pre is not None:
-            line += f" pre err {_err(pre, pre64):.3g} (rel {float(((pre.double().cpu() - pre64).abs() / pre64.abs().clamp_min(1e-3)).max()):.3g})"
+            rel = float(((pre.double().cpu() - pre64).abs() / pre64.abs().clamp_min(1e-3)).max())
+            line += f" pre err {_err(pre, pre64):.3g} (rel {rel:.3g})"
             line += f"  dgamma(own pre, fp64 after) err {_err(dgamma_from(pre), want['d:2.weight']):.3g}"
         line += "  " + "  ".join(f"{k} {_err(out[k], want[k]):.3g}" for k in keys if out.get(k) is not None)
         print(line, flush=True)

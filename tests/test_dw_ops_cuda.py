@@ -340,7 +340,7 @@ def test_mma_default_cases(ops, monkeypatch):
             out[mode] = (ops.dw_fwd(*args), ops.dw_conv_stats(a["x"], a["weight"], a["bias"], 2, True)[0])
         case = f"k={k} {'cl' if cl else 'nchw'} {dtype}"
         if mma and k == 9 and cl:
-            assert torch.equal(out[None][1], out["require"][1]), f"{case}: the statistics forward is not the tensor-core one"
+            assert torch.equal(out[None][1], out["require"][1]), f"{case}: statistics forward not on tensor cores"
         else:
             assert torch.equal(out[None][1], out["0"][1]), f"{case}: the statistics forward left the FMA kernels"
         if mma:
@@ -348,3 +348,19 @@ def test_mma_default_cases(ops, monkeypatch):
             assert not torch.equal(out["0"][0], out["require"][0]), f"{case}: FMA and tensor-core results equal"
         else:
             assert torch.equal(out[None][0], out["0"][0]), f"{case}: the eval forward left the FMA kernels"
+
+
+@pytest.mark.skipif(not _mma_runs_here(), reason="the default uses the tensor-core kernels only on sm_80+")
+@pytest.mark.parametrize("k,cl,dtype,copies", [(9, False, torch.bfloat16, None), (9, True, torch.float16, None),
+                                               (7, True, torch.bfloat16, None), (9, True, torch.bfloat16, "1"),
+                                               (7, True, torch.float16, "0")],
+                         ids=["k9-nchw-bf16", "k9-cl-fp16", "k7-cl-bf16", "k9-cl-bf16-copies", "k7-cl-fp16-nocopies"])
+def test_fma_kernels_where_tensor_cores_are_default(ops, monkeypatch, k, cl, dtype, copies):
+    """CONVMIXER_KERNELS_DW_MMA=0 keeps the FMA kernels selectable where the tensor-core ones are the default
+    (these cases ran on them before): every op against the spec, and both plans of the channels_last FMA
+    backward (CONVMIXER_KERNELS_DW_BWD_COPIES)."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "0")
+    if copies is not None:
+        monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_COPIES", copies)
+    inp = make_inputs(2, 40, 17, 24, k, dtype, "cuda", channels_last=cl, bias=True, seed=k + 3)  # 16-byte paths
+    check_all_ops(ops, inp, 2, True, True, dtype, cl)

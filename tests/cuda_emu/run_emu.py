@@ -109,6 +109,17 @@ def cases(quick: bool):
     out.append(((2, 64, 32, 32), 7, torch.bfloat16, False, 2, True, True, True, 0))
     out.append(((2, 64, 32, 32), 9, torch.bfloat16, True, 2, True, True, True, 0))
     out = [c + ((),) for c in out]
+    # The FMA kernels where the tensor-core ones are the default (eval k=9, k=7 channels_last; training
+    # k=9 channels_last), and both plans of the channels_last FMA backward (with and without room for the
+    # cp.async copies of its tile).
+    fma = (("CONVMIXER_KERNELS_DW_MMA", "0"),)
+    out.append(((2, 64, 32, 32), 9, torch.bfloat16, True, 2, True, True, True, 0, fma))
+    out.append(((2, 37, 17, 23), 9, torch.float16, False, 1, False, True, True, 0, fma))
+    out.append(((2, 16, 12, 16), 7, torch.bfloat16, True, 3, True, True, False, 1, fma))
+    out.append(((2, 40, 16, 16), 9, torch.bfloat16, True, 2, False, True, True, 0,
+                fma + (("CONVMIXER_KERNELS_DW_BWD_COPIES", "1"),)))
+    out.append(((2, 40, 16, 16), 7, torch.float16, True, 4, True, False, True, 0,
+                (("CONVMIXER_KERNELS_DW_BWD_COPIES", "0"),)))
     # The tensor-core forward (dw_mma.cu, CONVMIXER_KERNELS_DW_MMA=require: it runs or the op fails):
     # odd sizes (scalar staging), the 16-byte path, misaligned starts, several row tiles per plane,
     # several items per block (the cp.async ring wraps), every k it serves, both dtypes.
