@@ -399,84 +399,78 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
       }
       if (p.threads == 0) return TilePlan{};
     }
-  } else if (!bwd) {
-    p.sw = 1;
-    p.tile_w = kR;
-    p.pl = P;
-    p.smem_w = p.tile_w + K - 1;
-    p.cgroups = ceil_div(g.C, kCG);
-    bool found = false;
-    for (int pass = 0; pass < 2 && !found; ++pass) {
-      const size_t budget = pass == 0 ? (soft < hard ? soft : hard) : hard;
-      for (int th : {8, 4, 2, 1}) {
-        const int TH = static_cast<int>(th < H ? th : H);
-        const size_t tile = size_t(TH + K - 1) * p.smem_w * kCG;
-        const size_t floats = tile + (K > 7 ? size_t(KK) * kCG : 0) + 3 * size_t(kCG) * TH;
-        int raw_off = 0;
-        const size_t bytes = smem_for(floats, tile, raw_off);
-        if (bytes <= budget) {
-          p.tile_h = TH;
-          p.threads = TH * 32;
-          p.raw_off = raw_off;
-          p.smem_bytes = bytes;
-          found = true;
-          break;
-        }
-      }
-    }
-    if (!found) return TilePlan{};
-    p.nstrips = p.tile_h;
-    p.smem_rows = p.tile_h + K - 1;
   } else {
-    // channels_last backward: one warp per strip row of a (tile_h x 16 pixel x 32 channel) tile, each
-    // thread with its own (k*k + 1)-float column of weight-gradient partials in shared memory, so
-    // shared memory (tile, cp.async copies, partial columns) sets how many warps an SM holds.  At k=9
-    // the first plan that fitted (8-row tile with copies, one warp) left one warp per SM: 12.5 ms for
-    // a training step that took 3.5 ms without the copies (H200, 2026-11-27 vs 2026-11-26).  So every
-    // (rows, warps, copies) is scored by the warps an SM holds (shared memory, threads, and the
-    // kernel's 80-register cap), copies counted 1.5x (they hide the staging loads; at k=7 the plan with
-    // them, 8 warps, scores as the one without, 12 warps, and is kept: it was the plan measured there);
-    // ties: more rows.
-    // CONVMIXER_KERNELS_DW_BWD_COPIES=0/1 (measurement knob) allows only plans without/with them.
     p.sw = 1;
     p.tile_w = kR;
     p.pl = P;
     p.smem_w = p.tile_w + K - 1;
     p.cgroups = ceil_div(g.C, kCG);
-    const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_COPIES");
-    const int force = (env != nullptr && (env[0] == '0' || env[0] == '1')) ? env[0] - '0' : -1;
-    double best = -1.0;
-    for (int copies = 1; copies >= 0; --copies) {
-      if (force >= 0 && copies != force) continue;
-      for (int th : {8, 4, 2, 1}) {
-        const int TH = static_cast<int>(th < H ? th : H);
-        const size_t tile = size_t(TH + K - 1) * p.smem_w * kCG;
-        for (int nw : {4, 2, 1}) {
-          const int nwarps = nw < TH ? nw : TH;
-          const size_t floats = tile + size_t(KK) * kCG + 6 * kCG + size_t(KK + 1) * kCG * nwarps;
+    if (!bwd) {
+      // forward: one warp per strip row, the first (largest) row count that fits the soft budget, else
+      // the device's
+      bool found = false;
+      for (int pass = 0; pass < 2 && !found; ++pass) {
+        const size_t budget = pass == 0 ? (soft < hard ? soft : hard) : hard;
+        for (int th : {8, 4, 2, 1}) {
+          const int TH = static_cast<int>(th < H ? th : H);
+          const size_t tile = size_t(TH + K - 1) * p.smem_w * kCG;
+          const size_t floats = tile + (K > 7 ? size_t(KK) * kCG : 0) + 3 * size_t(kCG) * TH;
           int raw_off = 0;
-          const size_t bytes = copies ? smem_for(floats, tile, raw_off)
-                                      : sizeof(float) * static_cast<size_t>(raw_off = static_cast<int>(
-                                                            ceil_div(static_cast<int64_t>(floats), 4) * 4));
-          if (bytes > hard) continue;
-          const int threads = nwarps * 32;
-          int64_t blocks = dev.smem_per_sm / static_cast<int64_t>(bytes + 1024);
-          const int64_t by_threads = 2048 / threads, by_regs = 65536 / (80 * threads);
-          blocks = blocks < by_threads ? blocks : by_threads;
-          blocks = blocks < by_regs ? blocks : by_regs;
-          const double score = double(blocks * nwarps) * (copies ? 1.5 : 1.0) + 1e-3 * TH;
-          if (score > best) {
-            best = score;
+          const size_t bytes = smem_for(floats, tile, raw_off);
+          if (bytes <= budget) {
             p.tile_h = TH;
-            p.threads = threads;
+            p.threads = TH * 32;
             p.raw_off = raw_off;
             p.smem_bytes = bytes;
-            p.copies = copies != 0;
+            found = true;
+            break;
           }
         }
       }
+      if (!found) return TilePlan{};
+    } else {
+      // backward: one warp per strip row of a (tile_h x 16 pixel x 32 channel) tile, each thread with its
+      // own (k*k + 1)-float column of weight-gradient partials in shared memory, so shared memory (tile,
+      // cp.async copies, partial columns) sets how many warps an SM holds.  At k=9 the first plan that
+      // fitted (8-row tile with copies, one warp) left one warp per SM: 12.5 ms for a training step that
+      // took 3.5 ms without the copies (H200, 2026-11-27 vs 2026-11-26).  So every (rows, warps, copies)
+      // is scored by the warps an SM holds (shared memory, threads, and the kernel's 80-register cap),
+      // copies counted 1.5x (they hide the staging loads; at k=7 the plan with them, 8 warps, scores as
+      // the one without, 12 warps, and is kept: it measured 2.49 ms a step against 2.85 ms); ties: more
+      // rows.  CONVMIXER_KERNELS_DW_BWD_COPIES=0/1 (measurement knob) allows only plans without/with them.
+      const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_COPIES");
+      const int force = (env != nullptr && (env[0] == '0' || env[0] == '1')) ? env[0] - '0' : -1;
+      double best = -1.0;
+      for (int copies = 1; copies >= 0; --copies) {
+        if (force >= 0 && copies != force) continue;
+        for (int th : {8, 4, 2, 1}) {
+          const int TH = static_cast<int>(th < H ? th : H);
+          const size_t tile = size_t(TH + K - 1) * p.smem_w * kCG;
+          for (int nw : {4, 2, 1}) {
+            const int nwarps = nw < TH ? nw : TH;
+            const size_t floats = tile + size_t(KK) * kCG + 6 * kCG + size_t(KK + 1) * kCG * nwarps;
+            int raw_off = 0;
+            const size_t bytes = smem_for(floats, copies ? tile : 0, raw_off);
+            if (bytes > hard) continue;
+            const int threads = nwarps * 32;
+            int64_t blocks = dev.smem_per_sm / static_cast<int64_t>(bytes + 1024);
+            const int64_t by_threads = 2048 / threads, by_regs = 65536 / (80 * threads);
+            blocks = blocks < by_threads ? blocks : by_threads;
+            blocks = blocks < by_regs ? blocks : by_regs;
+            const double score = double(blocks * nwarps) * (copies ? 1.5 : 1.0) + 1e-3 * TH;
+            if (score > best) {
+              best = score;
+              p.tile_h = TH;
+              p.threads = threads;
+              p.raw_off = raw_off;
+              p.smem_bytes = bytes;
+              p.copies = copies != 0;
+            }
+          }
+        }
+      }
+      if (best < 0) return TilePlan{};
     }
-    if (best < 0) return TilePlan{};
     p.nstrips = p.tile_h;
     p.smem_rows = p.tile_h + K - 1;
   }

@@ -1,6 +1,6 @@
 // The depthwise convolution on tensor cores (mma.sync, sm_80 and newer): dw_fwd, dw_conv_stats and
 // dw_bwd for fp16/bf16 activations (NCHW and channels_last) and k in {3, 5, 7, 9}.  By default it runs
-// the eval forward where a GPU run measured it faster (mma_default); CONVMIXER_KERNELS_DW_MMA=1 uses it
+// the ops where a GPU run measured it faster (mma_default); CONVMIXER_KERNELS_DW_MMA=1 uses it
 // wherever it applies, =require makes the op fail where it does not (tests), =0 never; otherwise the FMA
 // kernels of dw_fwd_tiled.cuh / dw_bwd_tiled.cuh run.
 //
@@ -1000,8 +1000,9 @@ MmaPlan plan_mma_bwd(const DwGeom& g, const DevInfo& dev) {
   return finish_plan(p, g, g.cl ? (g.C + kClCh - 1) / kClCh : g.C, g.cl ? 1 : 4, dev);
 }
 
-// The plan of a call when the tensor-core kernels are on (CONVMIXER_KERNELS_DW_MMA) and serve it;
-// otherwise *status is what the launcher returns (cudaErrorNotSupported under =require).
+// The plan of a call when the tensor-core kernels run it (mma_mode, and by default mma_default; eval_fwd:
+// the call is dw_fwd) and serve it; otherwise *status is what the launcher returns
+// (cudaErrorNotSupported under =require).
 template <typename PlanFn>
 bool mma_plan(const DwGeom& g, PlanFn plan, bool eval_fwd, MmaPlan& p, cudaError_t& status) {
   status = cudaSuccess;
