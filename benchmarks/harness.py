@@ -127,8 +127,8 @@ class CaseTimer:
 # gains.  cuda_cutlass: the pointwise eval forward as one CUTLASS GEMM with the epilogue fused;
 # cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward;
 # =require raises where they do not apply); auto_mma: a whole fused model with them wherever they apply
-# (=1); cuda_fma: the FMA depthwise kernels only (=0; by default the tensor-core ones run the eval forward
-# where they were measured faster, see csrc/cuda/dw_mma.cu).  cuda_bwd_copy / cuda_bwd_nocopy: the
+# (=1); cuda_fma: the FMA depthwise kernels only (=0; by default the tensor-core ones run the cases where
+# they were measured faster, see mma_default in csrc/cuda/dw_mma.cu).  cuda_bwd_copy / cuda_bwd_nocopy: the
 # channels_last FMA backward planned with / without room for the cp.async copies of its tile
 # (CONVMIXER_KERNELS_DW_BWD_COPIES, csrc/cuda/dw_common.cuh plan_tiles), to measure that choice.
 PROVIDERS = {

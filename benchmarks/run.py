@@ -203,7 +203,7 @@ def main(argv=None):
 
     # The opt-in CUTLASS pointwise GEMM is timed after everything else: a fault in it would be sticky on the
     # device and fail every row after it.  (The tensor-core depthwise kernels were timed here too until
-    # their first GPU run, 2026-11-27, passed and made them the default for part of the eval forward.)
+    # their first GPU run, 2026-11-27, passed and made them the default where they were faster.)
     late_suite = {"cuda_cutlass": "pw"}
     late = [p for p, s in late_suite.items() if device == "cuda" and s in suites and bench.wants(p)]
     if late:
