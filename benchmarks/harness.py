@@ -131,6 +131,8 @@ class CaseTimer:
 # they were measured faster, see mma_default in csrc/cuda/dw_mma.cu).  cuda_bwd_copy / cuda_bwd_nocopy: the
 # channels_last FMA backward planned with / without room for the cp.async copies of its tile
 # (CONVMIXER_KERNELS_DW_BWD_COPIES, csrc/cuda/dw_common.cuh plan_tiles), to measure that choice.
+# cuda_bwd_staged: that backward computing dpre while staging its tiles, as before the fp32 dpre pass
+# (CONVMIXER_KERNELS_DW_BWD_DPRE=0, csrc/cuda/dw_launch.cu bwd_dpre_pass).
 PROVIDERS = {
     "eager": ("auto", None), "compile": ("auto", None), "compile_max": ("auto", None),
     "eager_graph": ("auto", None),
@@ -142,6 +144,7 @@ PROVIDERS = {
     "cuda_fma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "0")),
     "cuda_bwd_copy": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_COPIES", "1")),
     "cuda_bwd_nocopy": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_COPIES", "0")),
+    "cuda_bwd_staged": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_DPRE", "0")),
     "auto_mma": ("auto", ("CONVMIXER_KERNELS_DW_MMA", "1")),
 }
 # The providers that run the original (unfused) modules: the baselines every target is measured against.

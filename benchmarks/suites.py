@@ -126,13 +126,14 @@ def dw_cases(bench):
     both = ("nchw", "channels_last")
     if bench.device == "cuda":
         if bench.quick:
-            fused = ("eager", "cuda", "cuda_fma", "cuda_mma")  # compile, the plan knobs: full runs
+            # compile, the plan knobs: full runs; cuda_bwd_staged: the dpre pass's first measurement
+            fused = ("eager", "cuda", "cuda_fma", "cuda_mma", "cuda_bwd_staged")
             return [(64, 768, 32, 7, both, fused, False),
                     (64, 768, 32, 9, both, fused, False),
                     (64, 1536, 32, 9, both, ("eager", "cuda"), False),
                     (8, 768, 32, 9, ("channels_last",), ("eager", "eager_graph", "cuda", "cuda_graph"), True)]
         full = ("eager", "compile", "cuda", "cuda_fma", "cuda_ipb1", "cuda_mma", "cuda_bwd_copy", "cuda_bwd_nocopy",
-                "triton")
+                "cuda_bwd_staged", "triton")
         cases = [(64, C, 32, k, both, full + (("compile_max",) if (C, k) == (768, 9) else ()), False)
                  for C in (768, 1536) for k in (3, 5, 7, 9)]
         return cases + [(8, 768, 32, k, both, ("eager", "eager_graph", "cuda", "cuda_graph"), True) for k in (7, 9)]

@@ -364,3 +364,36 @@ def test_fma_kernels_where_tensor_cores_are_default(ops, monkeypatch, k, cl, dty
         monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_COPIES", copies)
     inp = make_inputs(2, 40, 17, 24, k, dtype, "cuda", channels_last=cl, bias=True, seed=k + 3)  # 16-byte paths
     check_all_ops(ops, inp, 2, True, True, dtype, cl)
+
+
+def _kernels_run(fn) -> list[str]:
+    """Names of the CUDA kernels fn() launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("k,dtype,C,act,act_first",
+                         [(7, torch.bfloat16, 40, 2, True), (5, torch.float32, 36, 4, False),
+                          (9, torch.float16, 64, 3, True), (7, torch.bfloat16, 37, 1, True)],
+                         ids=["k7-bf16", "k5-fp32", "k9-fp16", "k7-bf16-C37"])
+def test_cl_backward_dpre_pass(ops, monkeypatch, k, dtype, C, act, act_first):
+    """The channels_last FMA backward takes dpre from the fp32 pass (dw_launch.cu bwd_dpre_pass) where
+    4 | C, and computes it while staging with CONVMIXER_KERNELS_DW_BWD_DPRE=0 or 4 not dividing C: the
+    pass's kernel runs exactly then, both paths match the spec, and since the pass evaluates the same
+    dpre_t the gradients are bitwise those of the staging path.  (The plan with the cp.async copies is
+    forced: the pass serves only that one.)"""
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "0")
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_COPIES", "1")
+    inp = make_inputs(2, C, 17, 24, k, dtype, "cuda", channels_last=True, bias=True, seed=k + C)
+    args = [inp[a] for a in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
+    out = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_DPRE", mode)
+        check_all_ops(ops, inp, act, act_first, True, dtype, True)
+        names = _kernels_run(lambda: out.__setitem__(mode, ops.dw_bwd(*args, act, act_first, True)))
+        ran = any("channel_cl_kernel" in n for n in names)
+        assert ran == (mode == "1" and C % 4 == 0), f"DW_BWD_DPRE={mode} C={C}: dpre pass ran={ran} ({names})"
+    for name, a, b in zip(("dx", "dweight", "dbias"), out["1"], out["0"]):
+        assert torch.equal(a, b), f"{name}: the pass's dpre differs from the staged one"

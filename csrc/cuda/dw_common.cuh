@@ -204,6 +204,33 @@ __device__ __forceinline__ float act_grad_t(float v) {
   }
 }
 
+// act(v) and act'(v) together, the transcendental computed once (erff, tanhf or expf): the same
+// expressions as act_fwd_t and act_grad_t, so the same values.  (As two calls the compiler kept both
+// evaluations: the bf16 GELU dpre pass had 2.75 MUFU.EX2 an element on sm_90a.)
+template <int A>
+__device__ __forceinline__ void act_fwd_grad_t(float v, float& y, float& g) {
+  if constexpr (A == 2) {
+    const float e = erff(v * 0.70710678118654752f);
+    y = 0.5f * v * (1.f + e);
+    const float cdf = 0.5f * (1.f + e);
+    const float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;
+    g = cdf + v * pdf;
+  } else if constexpr (A == 3) {
+    const float k0 = 0.79788456080286536f, k1 = 0.044715f;
+    const float t = tanhf(k0 * (v + k1 * v * v * v));
+    y = 0.5f * v * (1.f + t);
+    g = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * k0 * (1.f + 3.f * k1 * v * v);
+  } else if constexpr (A == 4) {
+    const float ex = expf(-v);
+    y = v / (1.f + ex);
+    const float s = 1.f / (1.f + ex);
+    g = s * (1.f + v * (1.f - s));
+  } else {
+    y = act_fwd_t<A>(v);
+    g = act_grad_t<A>(v);
+  }
+}
+
 template <int A> struct ActTag { static constexpr int value = A; };
 
 // Calls f(ActTag<act>{}) so that f's body sees the activation as a compile-time constant.
@@ -252,16 +279,16 @@ struct ChanCoef {
 
 template <int A>
 __device__ __forceinline__ float dpre_t(float dy, float pre, const ChanCoef& q, bool act_first) {
-  float g, u;
+  float g, u, ag = 1.f;
   if (act_first) {
     g = dy;
-    u = act_fwd_t<A>(pre);
+    act_fwd_grad_t<A>(pre, u, ag);
   } else {
     g = __fmul_rn(dy, act_grad_t<A>(affine(pre, q.scale, q.shift)));
     u = pre;
   }
   float d = __fadd_rn(__fadd_rn(__fmul_rn(q.ca, g), __fmul_rn(q.cb, __fsub_rn(u, q.mean))), q.cd);
-  if (act_first) d = __fmul_rn(d, act_grad_t<A>(pre));
+  if (act_first) d = __fmul_rn(d, ag);
   return d;
 }
 
@@ -492,10 +519,10 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
     const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
     int64_t ipb = (p.items * p.cgroups) / target;
     ipb = ipb < 1 ? 1 : (ipb > 32 ? 32 : ipb);
-    // Measurement knob (benchmarks only): CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK=1 makes every forward
-    // block one item, i.e. no next tile to copy in while computing (the forward kernel as it was
-    // before the cp.async pipeline).  The backward always walked several items; it is left alone.
-    const char* env = bwd ? nullptr : std::getenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK");
+    // Measurement and test knob: CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK=n makes every block walk n items
+    // (=1: no next tile to copy in while computing, the forward kernel as it was before the cp.async
+    // pipeline; n > 1 on small test shapes: the backward's alternating dpre tiles, tests/cuda_emu).
+    const char* env = std::getenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK");
     if (env != nullptr) {
       const long v = std::strtol(env, nullptr, 10);
       if (v >= 1 && v <= 32) ipb = v;
@@ -540,6 +567,9 @@ struct TileArgs : DwOperands {
   int64_t cgroups, items, ipb, groups;
   bool vec;  // 16-byte global loads/stores are valid (alignment and divisibility checked on host)
   bool copies;  // the plan left room for the cp.async copies of the tile (TilePlan::copies)
+  // Backward, channels_last with copies only: dpre precomputed in fp32 ((N, H, W, C), dw_launch.cu),
+  // copied by cp.async straight into the fp32 tile, double-buffered in the copies' space; else null.
+  const float* dpre_in;
   // (part, from DwOperands: partial results [groups][C][m])
 };
 

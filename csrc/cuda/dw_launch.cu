@@ -1,6 +1,7 @@
 // Host launchers of the four depthwise ops (declared in dw.cuh): plan, pick the tiled kernel for
 // (dtype, k, layout) or the generic path, launch on the caller's stream, finalise partials.
 #include "dw_common.cuh"
+#include "pw.cuh"  // the per-channel dpre pass of the channels_last backward
 
 namespace convmixer_kernels {
 namespace dwcuda {
@@ -91,6 +92,42 @@ DirectArgs make_direct_args(const DwGeom& g, const DwOperands& o) {
   return d;
 }
 
+// The channels_last tiled backward takes dpre from a pass of its own (fp32, into the workspace),
+// copied straight into its tiles (dw_bwd_tiled.cuh), where the plan has the cp.async copies and
+// fp32 vectors fit C.  Shape only, so the workspace and the launch agree.
+// CONVMIXER_KERNELS_DW_BWD_DPRE=0 (measurement knob): dpre computed while staging, as before.
+bool bwd_dpre_pass(const DwGeom& g, const TilePlan& p) {
+  if (!(p.tiled && g.cl && p.copies && g.C % 4 == 0)) return false;
+  const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_DPRE");
+  return !(env != nullptr && env[0] == '0');
+}
+
+// dpre = the gradient at the conv output (dpre_t, unrounded) of every element, (N, H, W, C) fp32.
+void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStream_t stream) {
+  pw::ChannelParams q;
+  q.N = g.N;
+  q.C = g.C;
+  q.HW = g.H * g.W;
+  q.cl = true;
+  q.act = o.act;
+  q.act_first = o.act_first;
+  q.in = o.pre;
+  q.in2 = o.dy;
+  q.out = dpre;
+  q.out_f32 = true;
+  q.scale = o.scale;
+  q.shift = o.shift;
+  q.mean = o.mean;
+  q.ca = o.ca;
+  q.cb = o.cb;
+  q.cd = o.cd;
+  const pw::ChannelPlan cp = pw::plan_channels(q.N, q.C, q.HW, true);
+  q.chunk = cp.chunk;
+  q.R = cp.R;
+  const pw::DType dt = g.dtype == kF32 ? pw::DType::kFloat : g.dtype == kF16 ? pw::DType::kHalf : pw::DType::kBFloat16;
+  pw::launch_dpre(q, dt, nullptr, stream);
+}
+
 #define CMK_RETURN_IF_ERROR(expr)            \
   do {                                       \
     const cudaError_t err_ = (expr);         \
@@ -126,6 +163,7 @@ DwWorkspace dw_bwd_workspace(const DwGeom& g) {
   if (p.tiled) {
     w.part = p.groups * g.C * m;
     if (mma > w.part) w.part = mma;
+    if (bwd_dpre_pass(g, p)) w.dpre = g.N * g.C * g.H * g.W;
   } else {
     w.part = direct_dweight_splits(g, dev) * g.C * m;
     w.dpre = g.N * g.C * g.H * g.W;
@@ -253,6 +291,10 @@ cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const 
   if (p.tiled) {
     TileArgs a = make_tile_args(g, p, o);
     a.vec = vec_ok(g, {dy, x, pre, dx});
+    if (a.vec && bwd_dpre_pass(g, p)) {
+      launch_dpre_pass(g, o, dpre, stream);
+      a.dpre_in = dpre;
+    }
     CMK_RETURN_IF_ERROR(launch_tiled(true, g, a, p, stream));
     return launch_sum_finalize(part, p.groups, g.C, KK + 1, dweight, KK, dbias, nullptr, stream);
   }

@@ -146,6 +146,8 @@ const float* fptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float
 void run_bn_act(const Tensor& in, Tensor& out, const OptTensor& bias, const Tensor& scale, const Tensor& shift,
                 int64_t act, bool act_first, bool cl, const OptTensor& residual = OptTensor()) {
   if (in.numel() == 0) return;
+  // the kernels take a bias (not fused into an NCHW GEMM) or a residual (bn_act_fwd), not both
+  TORCH_INTERNAL_ASSERT(!(bias.has_value() && residual.has_value()), "run_bn_act: bias and residual together");
   auto p = channel_params(in, cl, act, act_first);
   p.in = in.data_ptr();
   p.in2 = residual.has_value() ? residual->data_ptr() : nullptr;  // kBnAct's residual

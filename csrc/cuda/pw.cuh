@@ -40,6 +40,9 @@ struct ChannelParams {
   // kDpre with NCHW input only: write dpre channel-major, (C, N*HW) row-major, the layout the
   // weight-gradient GEMM wants.
   bool out_channel_major = false;
+  // kDpre with channels_last input only: out is float, dpre unrounded (the depthwise backward's
+  // staged operand, dw_launch.cu); no sum.
+  bool out_f32 = false;
   const float* bias = nullptr;  // added to `in` and rounded to storage (nullable)
   const float* scale = nullptr;
   const float* shift = nullptr;

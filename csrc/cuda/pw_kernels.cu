@@ -29,7 +29,7 @@ constexpr int kTY = kThreads / kTX;  // channels_last: rows per block iteration
 
 // Storage <-> float and the activations (codes as in torch_ops.ACTIVATIONS): the depthwise kernels'
 // (dw_common.cuh), so both paths compute the same values.  The activation and the order are
-// compile-time constants of each kernel's loop (with_act_order, below): one straight path per launch,
+// compile-time constants of each kernel's loop (with_variant, below): one straight path per launch,
 // where a run-time switch per element made every loop body hold all five activations and both orders.
 using dwcuda::act_fwd_t;
 using dwcuda::from_f;
@@ -41,70 +41,120 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 
 // ----------------------------------------------------------------------------------------------
-// The per-element work of each mode.  Per-channel constants are loaded once per thread.
+// The per-element work of each mode.  Every loop is compiled for one Variant: the mode, the
+// activation, the order, and whether the launch has a bias to add (kBnAct/kStats) and a second
+// input (kBnAct: the residual; kDpre: dy, always).  Run-time flags tested per element had made the
+// loops carry both paths (select, predicated adds) and every per-channel constant of every mode in
+// registers: the bf16 channels_last passes ran 19-65 SASS instructions an element (sm_90a), so they
+// were bound by instruction issue, not by memory (an H200 profile had them at 15-40% of bandwidth).
+template <Mode M, int A, bool FIRST, bool BIAS, bool IN2, bool OUTF = false>
+struct Variant {
+  static constexpr Mode kMode = M;
+  static constexpr int kAct = A;
+  static constexpr bool kFirst = FIRST, kBias = BIAS, kIn2 = IN2;
+  static constexpr bool kOutF = OUTF;  // kDpre: float output (ChannelParams::out_f32)
+};
+
+// Calls f(Variant<...>{}) for the launch's variant.  kStats without act_first reduces pre itself: no
+// activation.  kBnAct takes a bias or a residual, not both (the host checks: pw.cpp run_bn_act).
+// OUTF: the kernel has a float-output variant (kDpre, channels_last, 16-bit storage).
+template <Mode MODE, bool OUTF, typename F>
+__device__ __forceinline__ void with_variant(const ChannelParams& p, F&& f) {
+  const auto by_inputs = [&](auto A, auto FI) {
+    constexpr int AC = decltype(A)::value;
+    constexpr bool FC = decltype(FI)::value;
+    if constexpr (MODE == Mode::kDpre) {
+      if constexpr (OUTF) {
+        if (p.out_f32) {
+          f(Variant<MODE, AC, FC, false, true, true>{});
+          return;
+        }
+      }
+      f(Variant<MODE, AC, FC, false, true>{});
+    } else if constexpr (MODE == Mode::kStats) {
+      if (p.bias) f(Variant<MODE, AC, FC, true, false>{});
+      else f(Variant<MODE, AC, FC, false, false>{});
+    } else {
+      if (p.bias) f(Variant<MODE, AC, FC, true, false>{});
+      else if (p.in2) f(Variant<MODE, AC, FC, false, true>{});
+      else f(Variant<MODE, AC, FC, false, false>{});
+    }
+  };
+  if (p.act_first) {
+    dwcuda::with_act(p.act, [&](auto A) { by_inputs(A, std::true_type{}); });
+  } else if constexpr (MODE == Mode::kStats) {
+    by_inputs(dwcuda::ActTag<0>{}, std::false_type{});
+  } else {
+    dwcuda::with_act(p.act, [&](auto A) { by_inputs(A, std::false_type{}); });
+  }
+}
+
+// The per-channel constants a variant uses, loaded once per thread; the others are compile-time
+// constants, so they take no registers.
 struct ChanConsts {
   float bias;
   dwcuda::ChanCoef k;  // scale, shift, mean, ca, cb, cd
 };
 
+template <typename V>
 __device__ __forceinline__ ChanConsts load_consts(const ChannelParams& p, int64_t c) {
-  ChanConsts q;
-  q.bias = p.bias ? p.bias[c] : 0.f;
-  q.k.scale = p.scale ? p.scale[c] : 1.f;
-  q.k.shift = p.shift ? p.shift[c] : 0.f;
-  q.k.mean = p.mean ? p.mean[c] : 0.f;
-  q.k.ca = p.ca ? p.ca[c] : 0.f;
-  q.k.cb = p.cb ? p.cb[c] : 0.f;
-  q.k.cd = p.cd ? p.cd[c] : 0.f;
+  ChanConsts q{0.f, {1.f, 0.f, 0.f, 0.f, 0.f, 0.f}};
+  if constexpr (V::kBias) q.bias = p.bias[c];
+  if constexpr (V::kMode == Mode::kBnAct || (V::kMode == Mode::kDpre && !V::kFirst)) {
+    q.k.scale = p.scale[c];
+    q.k.shift = p.shift[c];
+  }
+  if constexpr (V::kMode == Mode::kDpre) {
+    q.k.mean = p.mean[c];
+    q.k.ca = p.ca[c];
+    q.k.cb = p.cb[c];
+    q.k.cd = p.cd[c];
+  }
   return q;
 }
 
-// Calls f(ActTag<act>, bool_constant<act_first>) for the launch's activation and order.  kStats
-// without act_first reduces pre itself: no activation, one instantiation.
-template <Mode MODE, typename F>
-__device__ __forceinline__ void with_act_order(const ChannelParams& p, F&& f) {
-  if (p.act_first) {
-    dwcuda::with_act(p.act, [&](auto A) { f(A, std::true_type{}); });
-  } else if constexpr (MODE == Mode::kStats) {
-    f(dwcuda::ActTag<0>{}, std::false_type{});
-  } else {
-    dwcuda::with_act(p.act, [&](auto A) { f(A, std::false_type{}); });
-  }
-}
-
-// pre = in, or round(in + bias) when the bias was not fused into the GEMM.
-template <typename T>
-__device__ __forceinline__ T pre_of(const ChannelParams& p, const ChanConsts& q, T in) {
-  return p.bias ? from_f<T>(to_f<T>(in) + q.bias) : in;
-}
-
 // out = the mode's output element; s = what the mode reduces: u (kStats), the rounded dpre (kDpre).
-// A: the activation, FIRST: act_first (compile-time, from with_act_order).
-template <typename T, Mode MODE, int A, bool FIRST>
-__device__ __forceinline__ void apply(const ChannelParams& p, const ChanConsts& q, T in, T in2, T& out, float& s) {
-  if constexpr (MODE == Mode::kBnAct) {  // in2: the residual when p.in2 is set
-    const float y = dwcuda::bn_act_t<A>(to_f<T>(pre_of<T>(p, q, in)), q.k.scale, q.k.shift, FIRST);
-    out = from_f<T>(p.in2 ? y + to_f<T>(in2) : y);
-  } else if constexpr (MODE == Mode::kStats) {
-    const T pre = pre_of<T>(p, q, in);
+// pre = in, or round(in + bias) when the bias was not fused into the GEMM.
+template <typename T, typename V>
+__device__ __forceinline__ void apply(const ChanConsts& q, T in, T in2, T& out, float& s) {
+  constexpr int A = V::kAct;
+  T pre = in;
+  if constexpr (V::kBias) pre = from_f<T>(to_f<T>(in) + q.bias);
+  if constexpr (V::kMode == Mode::kBnAct) {  // in2: the residual
+    const float y = dwcuda::bn_act_t<A>(to_f<T>(pre), q.k.scale, q.k.shift, V::kFirst);
+    out = from_f<T>(V::kIn2 ? y + to_f<T>(in2) : y);
+  } else if constexpr (V::kMode == Mode::kStats) {
     out = pre;
     const float v = to_f<T>(pre);
-    s = FIRST ? act_fwd_t<A>(v) : v;
+    s = V::kFirst ? act_fwd_t<A>(v) : v;
   } else {  // kDpre: the gradient at pre (in2: dy), as torch_ops.bn_act_bwd and the depthwise backward
-    out = from_f<T>(dwcuda::dpre_t<A>(to_f<T>(in2), to_f<T>(in), q.k, FIRST));
+    out = from_f<T>(dwcuda::dpre_t<A>(to_f<T>(in2), to_f<T>(pre), q.k, V::kFirst));
     s = to_f<T>(out);  // dbias sums the rounded dpre, the GEMM operand
   }
 }
 
-// Which tensors a mode reads and writes.
-template <Mode MODE>
-__device__ __forceinline__ bool writes_out(const ChannelParams& p) {
-  return MODE != Mode::kStats || p.bias != nullptr;
+// Which tensors a variant reads and writes.
+template <typename V>
+constexpr bool reads_in2() {
+  return V::kIn2;
 }
-// Rows (vectors) a thread loads together: more loads in flight per thread, within the registers.
+template <typename V>
+constexpr bool writes_out() {
+  return V::kMode != Mode::kStats || V::kBias;
+}
+// Rows (vectors) a thread loads together: more loads in flight per thread, within the registers
+// (only the constants a variant uses are held).
 template <Mode MODE>
 constexpr int unroll() {
-  return MODE == Mode::kBnAct ? 4 : 2;
+  return MODE == Mode::kDpre ? 2 : 4;
+}
+// Blocks an SM must hold (__launch_bounds__): the register budget of a thread.
+#ifndef CMK_PW_MINB
+#define CMK_PW_MINB 2
+#endif
+template <Mode MODE>
+constexpr int min_blocks() {
+  return MODE == Mode::kDpre ? 2 : CMK_PW_MINB;
 }
 // Values a thread keeps per channel: kStats the (count, mean, M2) of u, kDpre the sum of dpre.
 template <Mode MODE>
@@ -120,27 +170,42 @@ struct Acc {
   float n, m, M2;  // plain (no initialisers): it also lives in __shared__ arrays
 };
 constexpr Acc kAcc0{0.f, 0.f, 0.f};
-template <Mode MODE, int CNT>
-__device__ __forceinline__ void accumulate(Acc& a, const float (&v)[CNT], const bool (&ok)[CNT]) {
+
+// Accumulates one step of NV channels (or one channel's NV vectors, NCHW) that share the valid
+// entries ok[0..CNT): every channel has the same count, so the count's reciprocal and the merge
+// weight cnt / (n + cnt) are computed once per step, not per channel (each was an fp32 division).
+// Same arithmetic per channel as dwcuda::chan_merge, with f computed once.
+template <Mode MODE, int NV, int CNT>
+__device__ __forceinline__ void accumulate(Acc (&a)[NV], const float (&v)[NV][CNT], const bool (&ok)[CNT]) {
   if constexpr (MODE == Mode::kDpre) {
 #pragma unroll
-    for (int i = 0; i < CNT; ++i)
-      if (ok[i]) a.n += v[i];
+    for (int c = 0; c < NV; ++c)
+#pragma unroll
+      for (int i = 0; i < CNT; ++i)
+        if (ok[i]) a[c].n += v[c][i];
   } else if constexpr (MODE == Mode::kStats) {
-    float cnt = 0.f, sum = 0.f;
+    float cnt = 0.f;
 #pragma unroll
-    for (int i = 0; i < CNT; ++i)
-      if (ok[i]) {
-        cnt += 1.f;
-        sum += v[i];
-      }
+    for (int i = 0; i < CNT; ++i) cnt += ok[i] ? 1.f : 0.f;
     if (cnt == 0.f) return;
-    const float ml = sum / cnt;
-    float m2 = 0.f;
+    const float inv = cnt == float(CNT) ? 1.f / float(CNT) : 1.f / cnt;  // exact for CNT a power of two
+    const float n = a[0].n, nn = n + cnt, f = cnt / nn;  // a[c].n is the same for every c
 #pragma unroll
-    for (int i = 0; i < CNT; ++i)
-      if (ok[i]) m2 = fmaf(v[i] - ml, v[i] - ml, m2);
-    dwcuda::chan_merge(a.n, a.m, a.M2, cnt, ml, m2);
+    for (int c = 0; c < NV; ++c) {
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < CNT; ++i)
+        if (ok[i]) sum += v[c][i];
+      const float ml = sum * inv;
+      float m2 = 0.f;
+#pragma unroll
+      for (int i = 0; i < CNT; ++i)
+        if (ok[i]) m2 = fmaf(v[c][i] - ml, v[c][i] - ml, m2);
+      const float d = ml - a[c].m;
+      a[c].m = a[c].m + d * f;
+      a[c].M2 = a[c].M2 + m2 + (d * (n * f)) * d;  // 0 when n == 0, even for |d| past 1e19
+      a[c].n = nn;
+    }
   }
 }
 
@@ -168,12 +233,92 @@ __device__ __forceinline__ void store_partial(const ChannelParams& p, int64_t ch
   }
 }
 
+// VEC storage elements as one load / store (16 bytes when VEC is the full vector).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* src) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(src);
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T, VEC>& v) {
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&v);  // one 16-byte store
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(dst) = v;
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // channels_last: the (M, C) row-major matrix, M = N*H*W.  Block (kTX, kTY): lane tx owns the VEC
 // channels [c0, c0 + VEC), c0 = (blockIdx.x*kTX + tx)*VEC, row ty walks rows m = m_begin + ty,
 // + kTY, ... of the chunk blockIdx.y.  VEC > 1 only when C % VEC == 0.
+template <typename T, int VEC, typename V>
+__device__ __forceinline__ void cl_loop(const ChannelParams& p, int64_t c0, int64_t m_begin, int64_t m_end,
+                                        Acc (&acc)[VEC]) {
+  constexpr Mode MODE = V::kMode;
+  constexpr int U = unroll<MODE>();
+  const int64_t C = p.C;
+  ChanConsts q[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) q[v] = load_consts<V>(p, c0 + v);
+  // U rows per step, kTY apart: their loads issued together (several 16-byte loads in flight per
+  // thread), then applied, stored and accumulated in order.  Pointers advance by a step's rows.
+  const int64_t row = int64_t(kTY) * C;
+  const int64_t m0 = m_begin + threadIdx.y;
+  const T* in = static_cast<const T*>(p.in) + m0 * C + c0;
+  const T* in2 = static_cast<const T*>(p.in2) + (reads_in2<V>() ? m0 * C + c0 : 0);
+  T* out = static_cast<T*>(p.out) + (writes_out<V>() && !V::kOutF ? m0 * C + c0 : 0);
+  float* outf = static_cast<float*>(p.out) + (V::kOutF ? m0 * C + c0 : 0);
+  for (int64_t m = m0; m < m_end; m += U * kTY, in += U * row) {
+    Pack<T, VEC> xi[U], gi[U];
+    bool ok[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      ok[u] = m + u * kTY < m_end;
+      if (ok[u]) {
+        xi[u] = load_pack<T, VEC>(in + u * row);
+        if constexpr (reads_in2<V>()) gi[u] = load_pack<T, VEC>(in2 + u * row);
+      }
+    }
+    float sv[VEC][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sv[v][u] = 0.f;
+      if (ok[u]) {
+        if constexpr (V::kOutF) {  // unrounded float dpre, VEC / 4 16-byte stores (VEC is 8 or 1)
+          float yo[VEC];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v)
+            yo[v] = dwcuda::dpre_t<V::kAct>(to_f<T>(gi[u].v[v]), to_f<T>(xi[u].v[v]), q[v].k, V::kFirst);
+          float* dst = outf + u * row;
+          if constexpr (VEC % 4 == 0) {
+#pragma unroll
+            for (int v = 0; v < VEC; v += 4)
+              *reinterpret_cast<float4*>(dst + v) = make_float4(yo[v], yo[v + 1], yo[v + 2], yo[v + 3]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) dst[v] = yo[v];
+          }
+        } else {
+          Pack<T, VEC> yo;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v)
+            apply<T, V>(q[v], xi[u].v[v], reads_in2<V>() ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
+          if constexpr (writes_out<V>()) store_pack<T, VEC>(out + u * row, yo);
+        }
+      }
+    }
+    if constexpr (num_sums<MODE>() > 0 && !V::kOutF) accumulate<MODE, VEC, U>(acc, sv, ok);
+    if constexpr (reads_in2<V>()) in2 += U * row;
+    if constexpr (writes_out<V>()) {
+      if constexpr (V::kOutF) outf += U * row;
+      else out += U * row;
+    }
+  }
+}
+
 template <typename T, int VEC, Mode MODE>
-__global__ void __launch_bounds__(kThreads, 2) channel_cl_kernel(const ChannelParams p) {
+__global__ void __launch_bounds__(kThreads, min_blocks<MODE>()) channel_cl_kernel(const ChannelParams p) {
   constexpr int NS = num_sums<MODE>();
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t C = p.C;
@@ -183,55 +328,11 @@ __global__ void __launch_bounds__(kThreads, 2) channel_cl_kernel(const ChannelPa
   const int64_t m_begin = int64_t(blockIdx.y) * p.chunk;
   const int64_t m_end = m_begin + p.chunk < M ? m_begin + p.chunk : M;
 
-  ChanConsts q[VEC];
   Acc acc[VEC];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    acc[v] = kAcc0;
-    if (active) q[v] = load_consts(p, c0 + v);
-  }
-  const T* in = static_cast<const T*>(p.in);
-  const T* in2p = static_cast<const T*>(p.in2);
-  T* outp = static_cast<T*>(p.out);
-  const bool wr = writes_out<MODE>(p);
-
-  if (active) with_act_order<MODE>(p, [&](auto A, auto F) {
-    constexpr int AC = decltype(A)::value;
-    constexpr bool FIRST = decltype(F)::value;
-    // U rows per step, their loads issued together (several 16-byte loads in flight per thread: the
-    // pass is bound by memory latency otherwise), then applied and accumulated in order.
-    constexpr int U = unroll<MODE>();
-    for (int64_t m = m_begin + ty; m < m_end; m += U * kTY) {
-      Pack<T, VEC> xi[U], gi[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (m + u * kTY < m_end) {
-          const int64_t off = (m + u * kTY) * C + c0;
-          xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off);
-          if (MODE != Mode::kStats && in2p) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in2p + off);
-        }
-      }
-      float sv[VEC][U];
-      bool ok[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        ok[u] = m + u * kTY < m_end;
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) sv[v][u] = 0.f;
-        if (ok[u]) {
-          Pack<T, VEC> yo;
-#pragma unroll
-          for (int v = 0; v < VEC; ++v)
-            apply<T, MODE, AC, FIRST>(p, q[v], xi[u].v[v], in2p ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[v][u]);
-          if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + (m + u * kTY) * C + c0) = yo;
-        }
-      }
-      if constexpr (NS > 0) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) accumulate<MODE>(acc[v], sv[v], ok);
-      }
-    }
-  });
+  for (int v = 0; v < VEC; ++v) acc[v] = kAcc0;
+  constexpr bool OUTF = MODE == Mode::kDpre && !std::is_same<T, float>::value;  // float T: out is float already
+  if (active) with_variant<MODE, OUTF>(p, [&](auto V) { cl_loop<T, VEC, decltype(V)>(p, c0, m_begin, m_end, acc); });
 
   if constexpr (NS > 0) {
     if (p.partial == nullptr) return;  // uniform over the block
@@ -253,10 +354,10 @@ __global__ void __launch_bounds__(kThreads, 2) channel_cl_kernel(const ChannelPa
 // NCHW: block (kThreads) owns channel c = blockIdx.x and positions j = n*HW + hw in the chunk
 // blockIdx.y; thread t takes the VEC-vectors q = j/VEC = q_begin + t, + kThreads, ...
 // VEC > 1 only when HW % VEC == 0 (a vector never straddles two images).
-template <typename T, int VEC, Mode MODE>
-__global__ void __launch_bounds__(kThreads, 2) channel_nchw_kernel(const ChannelParams p) {
-  constexpr int NS = num_sums<MODE>();
-  const int64_t c = blockIdx.x;
+template <typename T, int VEC, typename V>
+__device__ __forceinline__ void nchw_loop(const ChannelParams& p, int64_t c, Acc (&acc)[1]) {
+  constexpr Mode MODE = V::kMode;
+  constexpr int U = unroll<MODE>();
   const int64_t HW = p.HW;
   const int64_t L = p.N * HW;
   const int64_t j_begin = int64_t(blockIdx.y) * p.chunk;  // a multiple of 8, so of VEC
@@ -267,28 +368,22 @@ __global__ void __launch_bounds__(kThreads, 2) channel_nchw_kernel(const Channel
   int64_t n = qv / HWv;
   int64_t hv = qv - n * HWv;
   const int64_t dn = kThreads / HWv, dh = kThreads % HWv;
-
-  const ChanConsts q = load_consts(p, c);
-  Acc acc = kAcc0;
+  const ChanConsts q = load_consts<V>(p, c);
   const T* in = static_cast<const T*>(p.in);
-  const T* in2p = static_cast<const T*>(p.in2);
-  T* outp = static_cast<T*>(p.out);
-  const bool wr = writes_out<MODE>(p);
-
+  const T* in2 = static_cast<const T*>(p.in2);
+  T* out = static_cast<T*>(p.out);
   // U vectors per step, loads first (as in the channels_last kernel), then applied and accumulated in order.
-  with_act_order<MODE>(p, [&](auto A, auto F) {
-  constexpr int AC = decltype(A)::value;
-  constexpr bool FIRST = decltype(F)::value;
-  constexpr int U = unroll<MODE>();
   for (; qv < qv_end; qv += U * kThreads) {
     int64_t off[U];
     Pack<T, VEC> xi[U], gi[U];
+    bool ok[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       off[u] = (n * p.C + c) * HW + hv * VEC;
-      if (qv + u * kThreads < qv_end) {
-        xi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in + off[u]);
-        if (MODE != Mode::kStats && in2p) gi[u] = *reinterpret_cast<const Pack<T, VEC>*>(in2p + off[u]);
+      ok[u] = qv + u * kThreads < qv_end;
+      if (ok[u]) {
+        xi[u] = load_pack<T, VEC>(in + off[u]);
+        if constexpr (reads_in2<V>()) gi[u] = load_pack<T, VEC>(in2 + off[u]);
       }
       hv += dh;
       n += dn;
@@ -297,40 +392,49 @@ __global__ void __launch_bounds__(kThreads, 2) channel_nchw_kernel(const Channel
         ++n;
       }
     }
-    float sv[U * VEC];
-    bool ok[U * VEC];
+    float sv[1][U * VEC];
+    bool okv[U * VEC];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const bool here = qv + u * kThreads < qv_end;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        ok[u * VEC + v] = here;
-        sv[u * VEC + v] = 0.f;
+        okv[u * VEC + v] = ok[u];
+        sv[0][u * VEC + v] = 0.f;
       }
-      if (here) {
+      if (ok[u]) {
         Pack<T, VEC> yo;
 #pragma unroll
         for (int v = 0; v < VEC; ++v)
-          apply<T, MODE, AC, FIRST>(p, q, xi[u].v[v], in2p ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[u * VEC + v]);
-        const int64_t out_off = p.out_channel_major ? c * L + (qv + u * kThreads) * VEC : off[u];
-        if (wr) *reinterpret_cast<Pack<T, VEC>*>(outp + out_off) = yo;
+          apply<T, V>(q, xi[u].v[v], reads_in2<V>() ? gi[u].v[v] : xi[u].v[v], yo.v[v], sv[0][u * VEC + v]);
+        if constexpr (writes_out<V>()) {
+          const int64_t out_off = p.out_channel_major ? c * L + (qv + u * kThreads) * VEC : off[u];
+          store_pack<T, VEC>(out + out_off, yo);
+        }
       }
     }
-    if constexpr (NS > 0) accumulate<MODE>(acc, sv, ok);
+    if constexpr (num_sums<MODE>() > 0) accumulate<MODE, 1, U * VEC>(acc, sv, okv);
   }
-  });
+}
+
+template <typename T, int VEC, Mode MODE>
+__global__ void __launch_bounds__(kThreads, min_blocks<MODE>()) channel_nchw_kernel(const ChannelParams p) {
+  constexpr int NS = num_sums<MODE>();
+  const int64_t c = blockIdx.x;
+  Acc acc[1] = {kAcc0};
+  with_variant<MODE, false>(p, [&](auto V) { nchw_loop<T, VEC, decltype(V)>(p, c, acc); });
 
   if constexpr (NS > 0) {
     if (p.partial == nullptr) return;  // uniform over the block
     __shared__ Acc red[kThreads / 32];
+    Acc a = acc[0];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-      const Acc b{__shfl_down_sync(0xffffffffu, acc.n, o), __shfl_down_sync(0xffffffffu, acc.m, o),
-                  __shfl_down_sync(0xffffffffu, acc.M2, o)};
-      merge<MODE>(acc, b);
+      const Acc b{__shfl_down_sync(0xffffffffu, a.n, o), __shfl_down_sync(0xffffffffu, a.m, o),
+                  __shfl_down_sync(0xffffffffu, a.M2, o)};
+      merge<MODE>(a, b);
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) red[warp] = acc;
+    if (lane == 0) red[warp] = a;
     __syncthreads();
     if (threadIdx.x == 0) {
       Acc t = red[0];
@@ -338,20 +442,6 @@ __global__ void __launch_bounds__(kThreads, 2) channel_nchw_kernel(const Channel
       store_partial<MODE>(p, blockIdx.y, c, t);
     }
   }
-}
-
-// One warp per channel: fixed-order sum of the R partial sums of dpre (strided by lane, then a
-// butterfly).
-__global__ void __launch_bounds__(kThreads) sum_finalize_kernel(const float* partial, int64_t R, int64_t C,
-                                                                float* out) {
-  const int64_t c = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (c >= C) return;  // the whole warp leaves together
-  float s = 0.f;
-  for (int64_t r = lane; r < R; r += 32) s += partial[r * C + c];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (lane == 0) out[c] = s;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -404,10 +494,8 @@ void stats_impl(const ChannelParams& p, float* mean, float* var, cudaStream_t st
 template <typename T>
 void dpre_impl(const ChannelParams& p, float* dsum, cudaStream_t stream) {
   launch_channel<T, Mode::kDpre>(p, stream);
-  if (dsum != nullptr) {
-    CMK_LAUNCH(sum_finalize_kernel, static_cast<unsigned>(ceil_div(p.C, kThreads / 32)), kThreads, 0, stream)(
-        p.partial, p.R, p.C, dsum);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (dsum != nullptr) {  // the depthwise ops' coalesced fixed-order finalize, one column per channel
+    C10_CUDA_CHECK(dwcuda::launch_sum_finalize(p.partial, p.R, p.C, 1, dsum, 1, nullptr, nullptr, stream));
   }
 }
 
