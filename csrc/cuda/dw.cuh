@@ -30,7 +30,8 @@ struct DwGeom {
 
 // Float workspaces the entry point allocates (as ATen tensors, so no cudaMalloc happens inside a
 // launch and CUDA graphs can capture the ops).  part: per-block partial results; dpre: the
-// gradient at the conv output, materialised only by the generic (runtime-k) backward path.
+// gradient at the conv output, materialised by the generic (runtime-k) backward path and by the
+// channels_last tiled backward's dpre pass.
 struct DwWorkspace {
   int64_t part = 1;  // floats (at least 1 so the tensor is never empty)
   int64_t dpre = 1;  // floats

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <initializer_list>
 
+#include "chan.cuh"
 #include "dw.cuh"
 #include "launch.cuh"  // CMK_LAUNCH, CMK_DYNAMIC_SMEM (the emulator replaces them)
 
@@ -539,18 +540,11 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
 // parameter block derives from this; dw_launch.cu fills it once per op).  Forward: x, w, bias, scale,
 // shift -> out (y; with stats, pre); backward: dy, x, pre, w, scale, shift, mean, ca, cb, cd -> out
 // (dx).  part: the per-block partial results.
-struct DwOperands {
+struct DwOperands : ChanPtrs {
   const void* x = nullptr;
   const void* dy = nullptr;
   const void* pre = nullptr;
   const float* w = nullptr;
-  const float* bias = nullptr;
-  const float* scale = nullptr;
-  const float* shift = nullptr;
-  const float* mean = nullptr;
-  const float* ca = nullptr;
-  const float* cb = nullptr;
-  const float* cd = nullptr;
   void* out = nullptr;
   float* part = nullptr;
   int act = 0;

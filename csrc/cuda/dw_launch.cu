@@ -115,17 +115,39 @@ void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStr
   q.in2 = o.dy;
   q.out = dpre;
   q.out_f32 = true;
-  q.scale = o.scale;
-  q.shift = o.shift;
-  q.mean = o.mean;
-  q.ca = o.ca;
-  q.cb = o.cb;
-  q.cd = o.cd;
+  static_cast<ChanPtrs&>(q) = o;  // scale, shift, mean, ca, cb, cd (the backward has no bias)
   const pw::ChannelPlan cp = pw::plan_channels(q.N, q.C, q.HW, true);
   q.chunk = cp.chunk;
   q.R = cp.R;
   const pw::DType dt = g.dtype == kF32 ? pw::DType::kFloat : g.dtype == kF16 ? pw::DType::kHalf : pw::DType::kBFloat16;
   pw::launch_dpre(q, dt, nullptr, stream);
+}
+
+// The forward ops' common operands: x convolved with w (+ bias) -> out, activation and order.
+DwOperands fwd_operands(const void* x, const float* w, const float* bias, void* out, int act, bool act_first) {
+  DwOperands o;
+  o.x = x;
+  o.w = w;
+  o.bias = bias;
+  o.out = out;
+  o.act = act;
+  o.act_first = act_first;
+  return o;
+}
+
+// A per-channel reduction over pre (mode 0: statistics; mode 1: the backward's sums, which also
+// take dy, scale, shift, mean) into part.
+ReduceArgs reduce_args(const DwGeom& g, const void* pre, float* part, int act, bool act_first, int mode) {
+  ReduceArgs r{};
+  r.N = g.N;
+  r.C = g.C;
+  r.HW = g.H * g.W;
+  r.pre = pre;
+  r.part = part;
+  r.act = act;
+  r.act_first = act_first;
+  r.mode = mode;
+  return r;
 }
 
 #define CMK_RETURN_IF_ERROR(expr)            \
@@ -176,14 +198,8 @@ DwWorkspace dw_bwd_workspace(const DwGeom& g) {
 cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
                                  int act, bool act_first, void* pre, float* mean, float* var,
                                  float* part, cudaStream_t stream) {
-  DwOperands o;
-  o.x = x;
-  o.w = weight;
-  o.bias = bias;
-  o.out = pre;
+  DwOperands o = fwd_operands(x, weight, bias, pre, act, act_first);
   o.part = part;
-  o.act = act;
-  o.act_first = act_first;
   o.stats = true;
   bool ran = false;
   CMK_RETURN_IF_ERROR(dw_mma_launch(g, o, mean, var, stream, &ran));
@@ -198,15 +214,7 @@ cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* we
   }
   o.part = nullptr;  // the direct kernel writes pre; the statistics come from the reduction below
   CMK_RETURN_IF_ERROR(launch_fwd_direct(make_direct_args(g, o), g.dtype, dev, stream));
-  ReduceArgs r{};
-  r.N = g.N;
-  r.C = g.C;
-  r.HW = g.H * g.W;
-  r.pre = pre;
-  r.part = part;
-  r.act = act;
-  r.act_first = act_first;
-  r.mode = 0;
+  const ReduceArgs r = reduce_args(g, pre, part, act, act_first, 0);
   const int64_t nsplit = reduce_splits(g, dev);
   CMK_RETURN_IF_ERROR(launch_channel_reduce(r, g, nsplit, vec_ok(g, {pre}), stream));
   return launch_stats_finalize(part, nsplit, g.C, mean, var, stream);
@@ -215,15 +223,9 @@ cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* we
 cudaError_t dw_fwd_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
                           const float* scale, const float* shift, int act, bool act_first,
                           bool residual, void* y, cudaStream_t stream) {
-  DwOperands o;
-  o.x = x;
-  o.w = weight;
-  o.bias = bias;
+  DwOperands o = fwd_operands(x, weight, bias, y, act, act_first);
   o.scale = scale;
   o.shift = shift;
-  o.out = y;
-  o.act = act;
-  o.act_first = act_first;
   o.residual = residual;
   bool ran = false;
   CMK_RETURN_IF_ERROR(dw_mma_launch(g, o, nullptr, nullptr, stream, &ran));
@@ -243,19 +245,11 @@ cudaError_t dw_bwd_reduce_launch(const DwGeom& g, const void* dy, const void* pr
                                  bool act_first, float* sum_g, float* sum_gxhat, float* part,
                                  cudaStream_t stream) {
   const DevInfo dev = dev_info();
-  ReduceArgs r{};
-  r.N = g.N;
-  r.C = g.C;
-  r.HW = g.H * g.W;
+  ReduceArgs r = reduce_args(g, pre, part, act, act_first, 1);
   r.dy = dy;
-  r.pre = pre;
   r.scale = scale;
   r.shift = shift;
   r.mean = mean;
-  r.part = part;
-  r.act = act;
-  r.act_first = act_first;
-  r.mode = 1;
   const int64_t nsplit = reduce_splits(g, dev);
   CMK_RETURN_IF_ERROR(launch_channel_reduce(r, g, nsplit, vec_ok(g, {dy, pre}), stream));
   return launch_sum_finalize(part, nsplit, g.C, 2, sum_g, 1, sum_gxhat, invstd, stream);

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "chan.cuh"
+
 namespace convmixer_kernels {
 namespace pw {
 
@@ -26,8 +28,10 @@ enum class Mode : int {
 };
 
 // Element (n, c, h, w) lives at ((n*H + h)*W + w)*C + c for channels_last (`cl`), else at
-// (n*C + c)*HW + hw.  Every pointer is in the storage dtype unless it says float.
-struct ChannelParams {
+// (n*C + c)*HW + hw.  Every pointer is in the storage dtype unless it says float.  Per-channel
+// vectors (ChanPtrs): bias (added to `in` and rounded to storage), scale, shift (kBnAct, kDpre),
+// mean, ca, cb, cd (kDpre).
+struct ChannelParams : ChanPtrs {
   int64_t N = 0, C = 0, HW = 0;
   bool cl = false;
   int act = 0;
@@ -43,13 +47,6 @@ struct ChannelParams {
   // kDpre with channels_last input only: out is float, dpre unrounded (the depthwise backward's
   // staged operand, dw_launch.cu); no sum.
   bool out_f32 = false;
-  const float* bias = nullptr;  // added to `in` and rounded to storage (nullable)
-  const float* scale = nullptr;
-  const float* shift = nullptr;
-  const float* mean = nullptr;
-  const float* ca = nullptr;
-  const float* cb = nullptr;
-  const float* cd = nullptr;
   // Workspace (an ATen tensor allocated by the caller, size from plan_channels):
   float* partial = nullptr;  // kStats: (R, C, 3); kDpre with a sum: (R, C); else nullptr
   int64_t chunk = 0;         // from plan_channels
