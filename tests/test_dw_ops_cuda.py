@@ -376,8 +376,9 @@ def _kernels_run(fn) -> list[str]:
 
 @pytest.mark.parametrize("k,dtype,C,act,act_first",
                          [(7, torch.bfloat16, 40, 2, True), (5, torch.float32, 36, 4, False),
-                          (9, torch.float16, 64, 3, True), (7, torch.bfloat16, 37, 1, True)],
-                         ids=["k7-bf16", "k5-fp32", "k9-fp16", "k7-bf16-C37"])
+                          (9, torch.float16, 64, 3, True), (7, torch.bfloat16, 37, 1, True),
+                          (5, torch.bfloat16, 44, 2, False)],
+                         ids=["k7-bf16", "k5-fp32", "k9-fp16", "k7-bf16-C37", "k5-bf16-C44"])
 def test_cl_backward_dpre_pass(ops, monkeypatch, k, dtype, C, act, act_first):
     """The channels_last FMA backward takes dpre from the fp32 pass (dw_launch.cu bwd_dpre_pass) where
     4 | C, and computes it while staging with CONVMIXER_KERNELS_DW_BWD_DPRE=0 or 4 not dividing C: the

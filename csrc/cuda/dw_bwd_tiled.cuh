@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const Tile
     }
   };
   // Precomputed dpre (channels_last only): tile buffers ds and the copies' space, alternating.
-  const bool pre_dpre = CL && async && a.dpre_in != nullptr;
+  const bool pre_dpre = CL && a.copies && a.dpre_in != nullptr;  // any alignment of dy, pre, x (the pass's own)
   auto issue_dpre = [&](const TileItem& m, float* dst) {
     const auto tv = tile_vecs<float, K, CL>(a, m, RS, c0);
     for (int e = tid; e < tv.count(); e += nthreads) tv.copy(e, a.dpre_in, dst);
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const Tile
     const int th0 = item.th0, tw0 = item.tw0;
     const int64_t base = item.base;
 
-    if (async) cp_async_wait_all();
+    if (async || pre_dpre) cp_async_wait_all();
     __syncthreads();  // the previous item's strips are done with ds; prologue writes visible
 
     const float* dcur = ds;

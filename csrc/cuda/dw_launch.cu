@@ -285,7 +285,7 @@ cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const 
   if (p.tiled) {
     TileArgs a = make_tile_args(g, p, o);
     a.vec = vec_ok(g, {dy, x, pre, dx});
-    if (a.vec && bwd_dpre_pass(g, p)) {
+    if (bwd_dpre_pass(g, p)) {  // the kernel copies the pass's fp32 tiles whatever dy, pre, x's alignment
       launch_dpre_pass(g, o, dpre, stream);
       a.dpre_in = dpre;
     }

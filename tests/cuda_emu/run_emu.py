@@ -129,6 +129,8 @@ def cases(quick: bool):
     out.append(((3, 36, 10, 10), 5, torch.float32, True, 2, True, True, True, 0,
                 (("CONVMIXER_KERNELS_DW_BWD_COPIES", "1"), ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "3"))))
     out.append(((4, 40, 9, 7), 3, torch.float16, True, 4, False, False, False, 0, ()))
+    out.append(((2, 36, 9, 11), 5, torch.bfloat16, True, 2, True, True, True, 0,  # 4 | C, 8 does not: scalar pass
+                (("CONVMIXER_KERNELS_DW_BWD_COPIES", "1"),)))
     # The tensor-core forward (dw_mma.cu, CONVMIXER_KERNELS_DW_MMA=require: it runs or the op fails):
     # odd sizes (scalar staging), the 16-byte path, misaligned starts, several row tiles per plane,
     # several items per block (the cp.async ring wraps), every k it serves, both dtypes.
