@@ -131,56 +131,56 @@ __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const Tile
       dcur = (ji & 1) ? alt : ds;
       if (ji + 1 < nit) issue_dpre(tile_item<CL>(a, it + 1, cg), (ji & 1) ? ds : alt);
     } else {
-    // ---- stage dpre over the tile + halo (zero outside the image) ----
-    with_act(act, [&](auto A) {
-      constexpr int AC = decltype(A)::value;
-      if (async) {
-        // each thread converts the vectors it copied itself
-        const auto tv = tile_vecs<T, K, CL>(a, item, RS, c0);
-        for (int e = tid; e < tv.count(); e += nthreads) {
-          int ro, fo;
-          float v[V];
-          if (tv.at(e, ro, fo) >= 0) {
-            float gv[V], pv[V];
-            load_vec_smem<T>(rawg + ro, gv);
-            load_vec_smem<T>(rawp + ro, pv);
-#pragma unroll
-            for (int j = 0; j < V; ++j) v[j] = dpre_t<AC>(gv[j], pv[j], coef_of(fo % kCG + j), act_first);
-          } else {
-#pragma unroll
-            for (int j = 0; j < V; ++j) v[j] = 0.f;
+      // ---- stage dpre over the tile + halo (zero outside the image) ----
+      with_act(act, [&](auto A) {
+        constexpr int AC = decltype(A)::value;
+        if (async) {
+          // each thread converts the vectors it copied itself
+          const auto tv = tile_vecs<T, K, CL>(a, item, RS, c0);
+          for (int e = tid; e < tv.count(); e += nthreads) {
+            int ro, fo;
+            float v[V];
+            if (tv.at(e, ro, fo) >= 0) {
+              float gv[V], pv[V];
+              load_vec_smem<T>(rawg + ro, gv);
+              load_vec_smem<T>(rawp + ro, pv);
+  #pragma unroll
+              for (int j = 0; j < V; ++j) v[j] = dpre_t<AC>(gv[j], pv[j], coef_of(fo % kCG + j), act_first);
+            } else {
+  #pragma unroll
+              for (int j = 0; j < V; ++j) v[j] = 0.f;
+            }
+            tv.store(ds, fo, v);
           }
-          tv.store(ds, fo, v);
-        }
-      } else if constexpr (!CL) {
-        const int gh0 = th0 - P, gw0 = tw0 - a.pl;
-        for (int e = tid; e < SR * SW; e += nthreads) {
-          const int r = e / SW, q = e - r * SW;
-          const int gh = gh0 + r, gw = gw0 + q;
-          float v = 0.f;
-          if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
-            const int64_t off = base + static_cast<int64_t>(gh) * W + gw;
-            v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), qc, act_first);
+        } else if constexpr (!CL) {
+          const int gh0 = th0 - P, gw0 = tw0 - a.pl;
+          for (int e = tid; e < SR * SW; e += nthreads) {
+            const int r = e / SW, q = e - r * SW;
+            const int gh = gh0 + r, gw = gw0 + q;
+            float v = 0.f;
+            if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
+              const int64_t off = base + static_cast<int64_t>(gh) * W + gw;
+              v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), qc, act_first);
+            }
+            ds[r * RS + q] = v;
           }
-          ds[r * RS + q] = v;
-        }
-      } else {
-        const int gh0 = th0 - P, gw0 = tw0 - a.pl;
-        for (int e = tid; e < SR * SW * kCG; e += nthreads) {
-          const int pix = e >> 5, chl = e & 31;
-          const int r = pix / SW, col = pix - r * SW;
-          const int gh = gh0 + r, gw = gw0 + col;
-          float v = 0.f;
-          if (gh >= 0 && gh < H && gw >= 0 && gw < W && c0 + chl < a.C) {
-            const int64_t off = base + (static_cast<int64_t>(gh) * W + gw) * a.C + c0 + chl;
-            v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), coef_of(chl), act_first);
+        } else {
+          const int gh0 = th0 - P, gw0 = tw0 - a.pl;
+          for (int e = tid; e < SR * SW * kCG; e += nthreads) {
+            const int pix = e >> 5, chl = e & 31;
+            const int r = pix / SW, col = pix - r * SW;
+            const int gh = gh0 + r, gw = gw0 + col;
+            float v = 0.f;
+            if (gh >= 0 && gh < H && gw >= 0 && gw < W && c0 + chl < a.C) {
+              const int64_t off = base + (static_cast<int64_t>(gh) * W + gw) * a.C + c0 + chl;
+              v = dpre_t<AC>(to_f<T>(dy[off]), to_f<T>(pre[off]), coef_of(chl), act_first);
+            }
+            ds[e] = v;
           }
-          ds[e] = v;
         }
-      }
-    });
-    __syncthreads();
-    if (async && ji + 1 < nit) issue(tile_item<CL>(a, it + 1, cg));
+      });
+      __syncthreads();
+      if (async && ji + 1 < nit) issue(tile_item<CL>(a, it + 1, cg));
     }
 
     // ---- strips ----
@@ -205,7 +205,8 @@ __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const Tile
         for (int i = 0; i < kR; ++i) xr[i] = i < nvalid ? to_f<T>(x[obase + i * ostride]) : 0.f;
       }
 
-      const float* sbase = CL ? dcur + static_cast<size_t>(ty * SW + tx) * kCG + lane : dcur + ty * RS + tx + (a.pl - P);
+      const float* sbase =
+          CL ? dcur + static_cast<size_t>(ty * SW + tx) * kCG + lane : dcur + ty * RS + tx + (a.pl - P);
       float dxa[kR];
 #pragma unroll
       for (int i = 0; i < kR; ++i) dxa[i] = 0.f;
