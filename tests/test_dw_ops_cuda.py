@@ -374,27 +374,30 @@ def _kernels_run(fn) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-@pytest.mark.parametrize("k,dtype,C,act,act_first",
-                         [(7, torch.bfloat16, 40, 2, True), (5, torch.float32, 36, 4, False),
-                          (9, torch.float16, 64, 3, True), (7, torch.bfloat16, 37, 1, True),
-                          (5, torch.bfloat16, 44, 2, False)],
-                         ids=["k7-bf16", "k5-fp32", "k9-fp16", "k7-bf16-C37", "k5-bf16-C44"])
-def test_cl_backward_dpre_pass(ops, monkeypatch, k, dtype, C, act, act_first):
-    """The channels_last FMA backward takes dpre from the fp32 pass (dw_launch.cu bwd_dpre_pass) where
-    4 | C, and computes it while staging with CONVMIXER_KERNELS_DW_BWD_DPRE=0 or 4 not dividing C: the
-    pass's kernel runs exactly then, both paths match the spec, and since the pass evaluates the same
-    dpre_t the gradients are bitwise those of the staging path.  (The plan with the cp.async copies is
-    forced: the pass serves only that one.)"""
+@pytest.mark.parametrize("k,dtype,C,W,cl,act,act_first",
+                         [(7, torch.bfloat16, 40, 24, True, 2, True), (5, torch.float32, 36, 24, True, 4, False),
+                          (9, torch.float16, 64, 24, True, 3, True), (7, torch.bfloat16, 37, 24, True, 1, True),
+                          (5, torch.bfloat16, 44, 24, True, 2, False), (7, torch.bfloat16, 37, 24, False, 2, True),
+                          (9, torch.float32, 8, 20, False, 1, False), (7, torch.float16, 8, 22, False, 4, True)],
+                         ids=["cl-k7-bf16", "cl-k5-fp32", "cl-k9-fp16", "cl-k7-bf16-C37", "cl-k5-bf16-C44",
+                              "nchw-k7-bf16", "nchw-k9-fp32", "nchw-k7-fp16-W22"])
+def test_backward_dpre_pass(ops, monkeypatch, k, dtype, C, W, cl, act, act_first):
+    """The FMA depthwise backward takes dpre from the fp32 pass (dw_launch.cu bwd_dpre_pass) where 16-byte
+    fp32 vectors fit its tile rows (channels_last: 4 | C; NCHW: 4 | W), and computes it while staging with
+    CONVMIXER_KERNELS_DW_BWD_DPRE=0 or where they do not fit: the pass's kernel runs exactly then, both
+    paths match the spec, and since the pass evaluates the same dpre_t the gradients are bitwise those of
+    the staging path.  (The channels_last plan with the cp.async copies is forced: the pass needs them.)"""
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "0")
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_COPIES", "1")
-    inp = make_inputs(2, C, 17, 24, k, dtype, "cuda", channels_last=True, bias=True, seed=k + C)
+    inp = make_inputs(2, C, 17, W, k, dtype, "cuda", channels_last=cl, bias=True, seed=k + C)
     args = [inp[a] for a in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
+    fits = C % 4 == 0 if cl else W % 4 == 0
     out = {}
     for mode in ("1", "0"):
         monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_DPRE", mode)
-        check_all_ops(ops, inp, act, act_first, True, dtype, True)
+        check_all_ops(ops, inp, act, act_first, True, dtype, cl)
         names = _kernels_run(lambda: out.__setitem__(mode, ops.dw_bwd(*args, act, act_first, True)))
-        ran = any("channel_cl_kernel" in n for n in names)
-        assert ran == (mode == "1" and C % 4 == 0), f"DW_BWD_DPRE={mode} C={C}: dpre pass ran={ran} ({names})"
+        ran = any("channel_cl_kernel" in n or "channel_nchw_kernel" in n for n in names)
+        assert ran == (mode == "1" and fits), f"DW_BWD_DPRE={mode} C={C} W={W}: dpre pass ran={ran} ({names})"
     for name, a, b in zip(("dx", "dweight", "dbias"), out["1"], out["0"]):
         assert torch.equal(a, b), f"{name}: the pass's dpre differs from the staged one"

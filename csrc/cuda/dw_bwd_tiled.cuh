@@ -17,11 +17,12 @@ namespace dwcuda {
 // are summed over the block's threads in a fixed order at the end and written to
 // part[(group * C + c) * (k*k + 1) + tap] (tap k*k is the bias gradient).
 // Staging (16-byte path): dy and pre of the next item are copied in with cp.async while the block
-// computes the current one, as in the forward kernel.  channels_last with a.dpre_in (dw_launch.cu):
-// dpre was computed by a pass of its own (fp32, unrounded: the same values), and its tiles are
-// copied by cp.async straight into two alternating fp32 tiles, so staging costs no instructions
-// beyond the copies: computed here, dpre was evaluated for every staged element, halo included
-// (2.4x the outputs at k=7), about 100 SASS instructions per staged element at bf16 (sm_90a).
+// computes the current one, as in the forward kernel.  With a.dpre_in (dw_launch.cu) dpre was
+// computed by a pass of its own (fp32, unrounded: the same values): channels_last copies its tiles
+// by cp.async straight into two alternating fp32 tiles; NCHW copies them into the copies' space and
+// moves them into the odd-stride tile (no arithmetic).  Computed here, dpre was evaluated for every
+// staged element, halo included (2.4x the outputs at k=7 channels_last, 1.8x NCHW at 32x32), about
+// 100 SASS instructions per staged element at bf16 (sm_90a).
 template <typename T, int K, bool CL>
 __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const TileArgs a) {
   constexpr int P = K / 2;
@@ -100,15 +101,18 @@ __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const Tile
       return qc;
     }
   };
-  // Precomputed dpre (channels_last only): tile buffers ds and the copies' space, alternating.
-  const bool pre_dpre = CL && a.copies && a.dpre_in != nullptr;  // any alignment of dy, pre, x (the pass's own)
+  // Precomputed dpre (any alignment of dy, pre, x: the tiles come from the pass's own buffer).
+  // channels_last: tile buffers ds and the copies' space, alternating; NCHW: the copies' space holds
+  // the next item's fp32 tile while the block computes the current one from ds.
+  const bool pre_dpre = a.copies && a.dpre_in != nullptr;
+  float* const alt = smem + a.raw_off;
   auto issue_dpre = [&](const TileItem& m, float* dst) {
     const auto tv = tile_vecs<float, K, CL>(a, m, RS, c0);
     for (int e = tid; e < tv.count(); e += nthreads) tv.copy(e, a.dpre_in, dst);
     cp_async_commit();
   };
   if (pre_dpre) {
-    if (it0 < it1) issue_dpre(tile_item<CL>(a, it0, cg), ds);
+    if (it0 < it1) issue_dpre(tile_item<CL>(a, it0, cg), CL ? ds : alt);
   } else if (async && it0 < it1) {
     issue(tile_item<CL>(a, it0, cg));
   }
@@ -124,12 +128,22 @@ __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const Tile
     __syncthreads();  // the previous item's strips are done with ds; prologue writes visible
 
     const float* dcur = ds;
-    if (pre_dpre) {
+    if (pre_dpre && CL) {
       // this item's tile arrived in buffer ji & 1 (ds, then the copies' space); the other buffer's
       // strips (item ji - 1) are done
-      float* const alt = smem + a.raw_off;
       dcur = (ji & 1) ? alt : ds;
       if (ji + 1 < nit) issue_dpre(tile_item<CL>(a, it + 1, cg), (ji & 1) ? ds : alt);
+    } else if (pre_dpre) {
+      // NCHW: the item's fp32 copy (zero outside the image) into the odd-stride tile
+      const auto tv = tile_vecs<float, K, CL>(a, item, RS, c0);
+      for (int e = tid; e < tv.count(); e += nthreads) {
+        int ro, fo;
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
+        if (tv.at(e, ro, fo) >= 0) load_vec_smem<float>(alt + ro, v);
+        tv.store(ds, fo, v);
+      }
+      __syncthreads();
+      if (ji + 1 < nit) issue_dpre(tile_item<CL>(a, it + 1, cg), alt);
     } else {
       // ---- stage dpre over the tile + halo (zero outside the image) ----
       with_act(act, [&](auto A) {

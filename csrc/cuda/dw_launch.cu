@@ -92,23 +92,23 @@ DirectArgs make_direct_args(const DwGeom& g, const DwOperands& o) {
   return d;
 }
 
-// The channels_last tiled backward takes dpre from a pass of its own (fp32, into the workspace),
-// copied straight into its tiles (dw_bwd_tiled.cuh), where the plan has the cp.async copies and
-// fp32 vectors fit C.  Shape only, so the workspace and the launch agree.
-// CONVMIXER_KERNELS_DW_BWD_DPRE=0 (measurement knob): dpre computed while staging, as before.
+// The tiled backward takes dpre from a pass of its own (fp32, into the workspace), copied into its
+// tiles by cp.async (dw_bwd_tiled.cuh), where the plan has room for the copies and 16-byte fp32
+// vectors fit the tile rows (channels_last: 4 | C; NCHW: 4 | W).  Shape only, so the workspace and
+// the launch agree.  CONVMIXER_KERNELS_DW_BWD_DPRE=0 (measurement knob): dpre computed while staging.
 bool bwd_dpre_pass(const DwGeom& g, const TilePlan& p) {
-  if (!(p.tiled && g.cl && p.copies && g.C % 4 == 0)) return false;
+  if (!(p.tiled && p.copies && (g.cl ? g.C % 4 == 0 : g.W % 4 == 0))) return false;
   const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_DPRE");
   return !(env != nullptr && env[0] == '0');
 }
 
-// dpre = the gradient at the conv output (dpre_t, unrounded) of every element, (N, H, W, C) fp32.
+// dpre = the gradient at the conv output (dpre_t, unrounded) of every element, fp32 in x's layout.
 void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStream_t stream) {
   pw::ChannelParams q;
   q.N = g.N;
   q.C = g.C;
   q.HW = g.H * g.W;
-  q.cl = true;
+  q.cl = g.cl;
   q.act = o.act;
   q.act_first = o.act_first;
   q.in = o.pre;
@@ -116,7 +116,7 @@ void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStr
   q.out = dpre;
   q.out_f32 = true;
   static_cast<ChanPtrs&>(q) = o;  // scale, shift, mean, ca, cb, cd (the backward has no bias)
-  const pw::ChannelPlan cp = pw::plan_channels(q.N, q.C, q.HW, true);
+  const pw::ChannelPlan cp = pw::plan_channels(q.N, q.C, q.HW, g.cl);
   q.chunk = cp.chunk;
   q.R = cp.R;
   const pw::DType dt = g.dtype == kF32 ? pw::DType::kFloat : g.dtype == kF16 ? pw::DType::kHalf : pw::DType::kBFloat16;

@@ -44,8 +44,8 @@ struct ChannelParams : ChanPtrs {
   // kDpre with NCHW input only: write dpre channel-major, (C, N*HW) row-major, the layout the
   // weight-gradient GEMM wants.
   bool out_channel_major = false;
-  // kDpre with channels_last input only: out is float, dpre unrounded (the depthwise backward's
-  // staged operand, dw_launch.cu); no sum.
+  // kDpre only: out is float, dpre unrounded, in pre's layout (the depthwise backward's staged
+  // operand, dw_launch.cu); not with out_channel_major, no sum.
   bool out_f32 = false;
   // Workspace (an ATen tensor allocated by the caller, size from plan_channels):
   float* partial = nullptr;  // kStats: (R, C, 3); kDpre with a sum: (R, C); else nullptr

@@ -57,7 +57,7 @@ struct Variant {
 
 // Calls f(Variant<...>{}) for the launch's variant.  kStats without act_first reduces pre itself: no
 // activation.  kBnAct takes a bias or a residual, not both (the host checks: pw.cpp run_bn_act).
-// OUTF: the kernel has a float-output variant (kDpre, channels_last, 16-bit storage).
+// OUTF: the kernel has a float-output variant (kDpre, 16-bit storage).
 template <Mode MODE, bool OUTF, typename F>
 __device__ __forceinline__ void with_variant(const ChannelParams& p, F&& f) {
   const auto by_inputs = [&](auto A, auto FI) {
@@ -247,6 +247,26 @@ __device__ __forceinline__ void store_pack(T* dst, const Pack<T, VEC>& v) {
   }
 }
 
+// kDpre with a float output (ChannelParams::out_f32): VEC unrounded dpre values from pre and dy at
+// dst, 16-byte stores when VEC is a multiple of 4 (dst is then 16-byte aligned: VEC-element offsets
+// into the pass's own buffer).  q[v * qstride]: element v's channel constants.
+template <typename T, int VEC, typename V>
+__device__ __forceinline__ void store_dpre_f32(float* dst, const ChanConsts* q, int qstride, const Pack<T, VEC>& pre,
+                                               const Pack<T, VEC>& dy) {
+  float yo[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v)
+    yo[v] = dwcuda::dpre_t<V::kAct>(to_f<T>(dy.v[v]), to_f<T>(pre.v[v]), q[v * qstride].k, V::kFirst);
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int v = 0; v < VEC; v += 4)
+      *reinterpret_cast<float4*>(dst + v) = make_float4(yo[v], yo[v + 1], yo[v + 2], yo[v + 3]);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) dst[v] = yo[v];
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // channels_last: the (M, C) row-major matrix, M = N*H*W.  Block (kTX, kTY): lane tx owns the VEC
 // channels [c0, c0 + VEC), c0 = (blockIdx.x*kTX + tx)*VEC, row ty walks rows m = m_begin + ty,
@@ -285,20 +305,8 @@ __device__ __forceinline__ void cl_loop(const ChannelParams& p, int64_t c0, int6
 #pragma unroll
       for (int v = 0; v < VEC; ++v) sv[v][u] = 0.f;
       if (ok[u]) {
-        if constexpr (V::kOutF) {  // unrounded float dpre, VEC / 4 16-byte stores (VEC is 8 or 1)
-          float yo[VEC];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v)
-            yo[v] = dwcuda::dpre_t<V::kAct>(to_f<T>(gi[u].v[v]), to_f<T>(xi[u].v[v]), q[v].k, V::kFirst);
-          float* dst = outf + u * row;
-          if constexpr (VEC % 4 == 0) {
-#pragma unroll
-            for (int v = 0; v < VEC; v += 4)
-              *reinterpret_cast<float4*>(dst + v) = make_float4(yo[v], yo[v + 1], yo[v + 2], yo[v + 3]);
-          } else {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) dst[v] = yo[v];
-          }
+        if constexpr (V::kOutF) {
+          store_dpre_f32<T, VEC, V>(outf + u * row, q, 1, xi[u], gi[u]);
         } else {
           Pack<T, VEC> yo;
 #pragma unroll
@@ -402,6 +410,10 @@ __device__ __forceinline__ void nchw_loop(const ChannelParams& p, int64_t c, Acc
         sv[0][u * VEC + v] = 0.f;
       }
       if (ok[u]) {
+        if constexpr (V::kOutF) {  // (never channel-major: the depthwise backward's operand)
+          store_dpre_f32<T, VEC, V>(static_cast<float*>(p.out) + off[u], &q, 0, xi[u], gi[u]);
+          continue;
+        }
         Pack<T, VEC> yo;
 #pragma unroll
         for (int v = 0; v < VEC; ++v)
@@ -412,7 +424,7 @@ __device__ __forceinline__ void nchw_loop(const ChannelParams& p, int64_t c, Acc
         }
       }
     }
-    if constexpr (num_sums<MODE>() > 0) accumulate<MODE, 1, U * VEC>(acc, sv, okv);
+    if constexpr (num_sums<MODE>() > 0 && !V::kOutF) accumulate<MODE, 1, U * VEC>(acc, sv, okv);
   }
 }
 
@@ -421,7 +433,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<MODE>()) channel_nchw_ker
   constexpr int NS = num_sums<MODE>();
   const int64_t c = blockIdx.x;
   Acc acc[1] = {kAcc0};
-  with_variant<MODE, false>(p, [&](auto V) { nchw_loop<T, VEC, decltype(V)>(p, c, acc); });
+  constexpr bool OUTF = MODE == Mode::kDpre && !std::is_same<T, float>::value;  // float T: out is float already
+  with_variant<MODE, OUTF>(p, [&](auto V) { nchw_loop<T, VEC, decltype(V)>(p, c, acc); });
 
   if constexpr (NS > 0) {
     if (p.partial == nullptr) return;  // uniform over the block

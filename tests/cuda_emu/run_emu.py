@@ -121,7 +121,7 @@ def cases(quick: bool):
     out.append(((2, 40, 16, 16), 7, torch.float16, True, 4, True, False, True, 0,
                 (("CONVMIXER_KERNELS_DW_BWD_COPIES", "0"),)))
     # The channels_last backward with dpre computed while staging (CONVMIXER_KERNELS_DW_BWD_DPRE=0; the
-    # default takes it from the fp32 dpre pass where the plan has the copies and 4 | C), and the pass
+    # default takes it from the fp32 dpre pass where the plan has the copies and 4 | C, NCHW: 4 | W), and the pass
     # with fp32 storage (whose plan is forced to the copies) and several items per block (its tiles
     # alternate between two buffers).
     out.append(((2, 16, 12, 16), 7, torch.bfloat16, True, 3, False, True, True, 0,
@@ -131,6 +131,11 @@ def cases(quick: bool):
     out.append(((4, 40, 9, 7), 3, torch.float16, True, 4, False, False, False, 0, ()))
     out.append(((2, 36, 9, 11), 5, torch.bfloat16, True, 2, True, True, True, 0,  # 4 | C, 8 does not: scalar pass
                 (("CONVMIXER_KERNELS_DW_BWD_COPIES", "1"),)))
+    # NCHW (the pass where 4 | W): the staging path kept, several items per block through the copy space
+    out.append(((2, 16, 12, 16), 7, torch.float16, False, 2, True, True, True, 0,
+                (("CONVMIXER_KERNELS_DW_BWD_DPRE", "0"),)))
+    out.append(((3, 8, 20, 12), 5, torch.float32, False, 4, False, True, True, 0,
+                (("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "3"),)))
     # The tensor-core forward (dw_mma.cu, CONVMIXER_KERNELS_DW_MMA=require: it runs or the op fails):
     # odd sizes (scalar staging), the 16-byte path, misaligned starts, several row tiles per plane,
     # several items per block (the cp.async ring wraps), every k it serves, both dtypes.
