@@ -160,7 +160,9 @@ def dw_suite(bench):
                             continue
                         if prov == "cuda_mma" and (dtype == torch.float32 or k > 9):
                             continue  # the tensor-core forward serves fp16/bf16, k <= 9
-                        if prov.startswith("cuda_bwd_") and (layout != "channels_last" or mode != "train"):
+                        if prov.startswith("cuda_bwd_") and mode != "train":
+                            continue  # a backward choice
+                        if prov in ("cuda_bwd_copy", "cuda_bwd_nocopy") and layout != "channels_last":
                             continue  # a channels_last backward plan choice
                         fused, ref = dw_modules(C, k, dtype, bench.device)
                         # bytes: eval x -> y; train_fwd x -> y, pre (saved); train adds dy, x, pre -> dx
