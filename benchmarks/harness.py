@@ -131,8 +131,8 @@ class CaseTimer:
 # they were measured faster, see mma_default in csrc/cuda/dw_mma.cu).  cuda_bwd_copy / cuda_bwd_nocopy: the
 # channels_last FMA backward planned with / without room for the cp.async copies of its tile
 # (CONVMIXER_KERNELS_DW_BWD_COPIES, csrc/cuda/dw_common.cuh plan_tiles), to measure that choice.
-# cuda_bwd_staged: the FMA backward (both layouts) computing dpre while staging its tiles, as before the
-# fp32 dpre pass (CONVMIXER_KERNELS_DW_BWD_DPRE=0, csrc/cuda/dw_launch.cu bwd_dpre_pass).
+# cuda_bwd_staged: the depthwise backward (FMA, both layouts; tensor cores, channels_last) computing dpre
+# while staging its tiles, as before the fp32 dpre pass (CONVMIXER_KERNELS_DW_BWD_DPRE=0, dw_launch.cu).
 PROVIDERS = {
     "eager": ("auto", None), "compile": ("auto", None), "compile_max": ("auto", None),
     "eager_graph": ("auto", None),

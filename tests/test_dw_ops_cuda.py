@@ -374,24 +374,33 @@ def _kernels_run(fn) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-@pytest.mark.parametrize("k,dtype,C,W,cl,act,act_first",
-                         [(7, torch.bfloat16, 40, 24, True, 2, True), (5, torch.float32, 36, 24, True, 4, False),
-                          (9, torch.float16, 64, 24, True, 3, True), (7, torch.bfloat16, 37, 24, True, 1, True),
-                          (5, torch.bfloat16, 44, 24, True, 2, False), (7, torch.bfloat16, 37, 24, False, 2, True),
-                          (9, torch.float32, 8, 20, False, 1, False), (7, torch.float16, 8, 22, False, 4, True)],
+@pytest.mark.parametrize("k,dtype,C,W,cl,act,act_first,mma",
+                         [(7, torch.bfloat16, 40, 24, True, 2, True, False),
+                          (5, torch.float32, 36, 24, True, 4, False, False),
+                          (9, torch.float16, 64, 24, True, 3, True, False),
+                          (7, torch.bfloat16, 37, 24, True, 1, True, False),
+                          (5, torch.bfloat16, 44, 24, True, 2, False, False),
+                          (7, torch.bfloat16, 37, 24, False, 2, True, False),
+                          (9, torch.float32, 8, 20, False, 1, False, False),
+                          (7, torch.float16, 8, 22, False, 4, True, False),
+                          (9, torch.bfloat16, 64, 24, True, 2, True, True),
+                          (5, torch.float16, 37, 23, True, 3, False, True),
+                          (7, torch.bfloat16, 16, 24, False, 2, True, True)],
                          ids=["cl-k7-bf16", "cl-k5-fp32", "cl-k9-fp16", "cl-k7-bf16-C37", "cl-k5-bf16-C44",
-                              "nchw-k7-bf16", "nchw-k9-fp32", "nchw-k7-fp16-W22"])
-def test_backward_dpre_pass(ops, monkeypatch, k, dtype, C, W, cl, act, act_first):
-    """The FMA depthwise backward takes dpre from the fp32 pass (dw_launch.cu bwd_dpre_pass) where 16-byte
-    fp32 vectors fit its tile rows (channels_last: 4 | C; NCHW: 4 | W), and computes it while staging with
-    CONVMIXER_KERNELS_DW_BWD_DPRE=0 or where they do not fit: the pass's kernel runs exactly then, both
-    paths match the spec, and since the pass evaluates the same dpre_t the gradients are bitwise those of
-    the staging path.  (The channels_last plan with the cp.async copies is forced: the pass needs them.)"""
-    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "0")
+                              "nchw-k7-bf16", "nchw-k9-fp32", "nchw-k7-fp16-W22", "mma-cl-k9-bf16",
+                              "mma-cl-k5-fp16-C37", "mma-nchw-k7-bf16"])
+def test_backward_dpre_pass(ops, monkeypatch, k, dtype, C, W, cl, act, act_first, mma):
+    """The depthwise backward takes dpre from the fp32 pass (dw_launch.cu launch_dpre_pass): the FMA kernels
+    where 16-byte fp32 vectors fit their tile rows (channels_last: 4 | C; NCHW: 4 | W), the tensor-core ones
+    in channels_last (mma; CONVMIXER_KERNELS_DW_MMA=require).  With CONVMIXER_KERNELS_DW_BWD_DPRE=0, or
+    elsewhere, they compute it while staging.  The pass's kernel runs exactly then, both paths match the
+    spec, and since the pass evaluates the same dpre_t the gradients are bitwise those of the staging path.
+    (The FMA channels_last plan with the cp.async copies is forced: the pass needs them.)"""
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require" if mma else "0")
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_COPIES", "1")
     inp = make_inputs(2, C, 17, W, k, dtype, "cuda", channels_last=cl, bias=True, seed=k + C)
     args = [inp[a] for a in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
-    fits = C % 4 == 0 if cl else W % 4 == 0
+    fits = cl if mma else (C % 4 == 0 if cl else W % 4 == 0)
     out = {}
     for mode in ("1", "0"):
         monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_DPRE", mode)

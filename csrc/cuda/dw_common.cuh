@@ -550,6 +550,9 @@ struct DwOperands : ChanPtrs {
   int act = 0;
   bool act_first = true, residual = false;
   bool stats = false;  // forward: write pre for the batch statistics (instead of y)
+  // Backward: dpre precomputed in fp32, in x's layout (launch_dpre_pass), which the kernel stages
+  // instead of computing it from dy and pre; null: computed while staging.
+  const float* dpre_in = nullptr;
 };
 
 // Parameter block of the tiled kernels (passed by value).
@@ -561,9 +564,6 @@ struct TileArgs : DwOperands {
   int64_t cgroups, items, ipb, groups;
   bool vec;  // 16-byte global loads/stores are valid (alignment and divisibility checked on host)
   bool copies;  // the plan left room for the cp.async copies of the tile (TilePlan::copies)
-  // Backward, channels_last with copies only: dpre precomputed in fp32 ((N, H, W, C), dw_launch.cu),
-  // copied by cp.async straight into the fp32 tile, double-buffered in the copies' space; else null.
-  const float* dpre_in;
   // (part, from DwOperands: partial results [groups][C][m])
 };
 
@@ -665,9 +665,17 @@ cudaError_t dw_mma_launch(const DwGeom& g, const DwOperands& o, float* mean, flo
                           bool* ran);
 int64_t dw_mma_partials(const DwGeom& g);
 // The backward (dw_bwd: dx, dweight, dbias) on tensor cores: the same contract.
-cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweight, float* dbias, cudaStream_t stream,
-                              bool* ran);
+cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweight, float* dbias, float* dpre,
+                              cudaStream_t stream, bool* ran);
 int64_t dw_mma_bwd_partials(const DwGeom& g);
+// Whether the tensor-core backward would take dpre from the fp32 pass (channels_last; shape only, so
+// the workspace and the launch agree), and the pass itself (dw_launch.cu): dpre of every element,
+// fp32 in x's layout, from o's dy, pre and per-channel coefficients.
+bool dw_mma_bwd_dpre_pass(const DwGeom& g);
+void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStream_t stream);
+// CONVMIXER_KERNELS_DW_BWD_DPRE=0 (measurement knob): no dpre pass, the backward kernels compute
+// dpre while staging.
+bool dpre_pass_allowed();
 
 // Generic kernels (dw_generic.cu) and the reductions (dw_reduce.cu).
 struct DirectArgs : DwOperands {

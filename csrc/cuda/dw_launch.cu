@@ -97,31 +97,10 @@ DirectArgs make_direct_args(const DwGeom& g, const DwOperands& o) {
 // vectors fit the tile rows (channels_last: 4 | C; NCHW: 4 | W).  Shape only, so the workspace and
 // the launch agree.  CONVMIXER_KERNELS_DW_BWD_DPRE=0 (measurement knob): dpre computed while staging.
 bool bwd_dpre_pass(const DwGeom& g, const TilePlan& p) {
-  if (!(p.tiled && p.copies && (g.cl ? g.C % 4 == 0 : g.W % 4 == 0))) return false;
-  const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_DPRE");
-  return !(env != nullptr && env[0] == '0');
+  return p.tiled && p.copies && (g.cl ? g.C % 4 == 0 : g.W % 4 == 0) && dpre_pass_allowed();
 }
 
-// dpre = the gradient at the conv output (dpre_t, unrounded) of every element, fp32 in x's layout.
-void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStream_t stream) {
-  pw::ChannelParams q;
-  q.N = g.N;
-  q.C = g.C;
-  q.HW = g.H * g.W;
-  q.cl = g.cl;
-  q.act = o.act;
-  q.act_first = o.act_first;
-  q.in = o.pre;
-  q.in2 = o.dy;
-  q.out = dpre;
-  q.out_f32 = true;
-  static_cast<ChanPtrs&>(q) = o;  // scale, shift, mean, ca, cb, cd (the backward has no bias)
-  const pw::ChannelPlan cp = pw::plan_channels(q.N, q.C, q.HW, g.cl);
-  q.chunk = cp.chunk;
-  q.R = cp.R;
-  const pw::DType dt = g.dtype == kF32 ? pw::DType::kFloat : g.dtype == kF16 ? pw::DType::kHalf : pw::DType::kBFloat16;
-  pw::launch_dpre(q, dt, nullptr, stream);
-}
+
 
 // The forward ops' common operands: x convolved with w (+ bias) -> out, activation and order.
 DwOperands fwd_operands(const void* x, const float* w, const float* bias, void* out, int act, bool act_first) {
@@ -158,6 +137,32 @@ ReduceArgs reduce_args(const DwGeom& g, const void* pre, float* part, int act, b
 
 }  // namespace
 
+bool dpre_pass_allowed() {
+  const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_DPRE");
+  return !(env != nullptr && env[0] == '0');
+}
+
+// dpre = the gradient at the conv output (dpre_t, unrounded) of every element, fp32 in x's layout.
+void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStream_t stream) {
+  pw::ChannelParams q;
+  q.N = g.N;
+  q.C = g.C;
+  q.HW = g.H * g.W;
+  q.cl = g.cl;
+  q.act = o.act;
+  q.act_first = o.act_first;
+  q.in = o.pre;
+  q.in2 = o.dy;
+  q.out = dpre;
+  q.out_f32 = true;
+  static_cast<ChanPtrs&>(q) = o;  // scale, shift, mean, ca, cb, cd (the backward has no bias)
+  const pw::ChannelPlan cp = pw::plan_channels(q.N, q.C, q.HW, g.cl);
+  q.chunk = cp.chunk;
+  q.R = cp.R;
+  const pw::DType dt = g.dtype == kF32 ? pw::DType::kFloat : g.dtype == kF16 ? pw::DType::kHalf : pw::DType::kBFloat16;
+  pw::launch_dpre(q, dt, nullptr, stream);
+}
+
 DwWorkspace dw_conv_stats_workspace(const DwGeom& g) {
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, false, dev);
@@ -182,6 +187,7 @@ DwWorkspace dw_bwd_workspace(const DwGeom& g) {
   const int64_t m = int64_t(g.k) * g.k + 1;
   DwWorkspace w;
   const int64_t mma = dw_mma_bwd_partials(g) * g.C * m;
+  if (mma > 0 && dw_mma_bwd_dpre_pass(g)) w.dpre = g.N * g.C * g.H * g.W;
   if (p.tiled) {
     w.part = p.groups * g.C * m;
     if (mma > w.part) w.part = mma;
@@ -277,7 +283,7 @@ cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const 
   o.act_first = act_first;
   o.residual = residual;
   bool ran = false;
-  CMK_RETURN_IF_ERROR(dw_mma_bwd_launch(g, o, dweight, dbias, stream, &ran));
+  CMK_RETURN_IF_ERROR(dw_mma_bwd_launch(g, o, dweight, dbias, dpre, stream, &ran));
   if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, true, dev);

@@ -686,7 +686,10 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArg
 // Backward, channels_last: a block (8 warps) per 8 channels, warp w computes channel c0 + w.  x, dy and
 // pre come in pixel-major (8 channels a pixel: one 16-byte vector) by cp.async, double buffered; dpre is
 // computed per (pixel, channel) into hi/lo planes per channel; dx goes out through the pre buffer just
-// consumed (pixel-major, 16-byte stores); the weight-gradient products read x straight from the
+// consumed (pixel-major, 16-byte stores).  With a.dpre_in (the fp32 dpre pass, dw_launch.cu) the third
+// buffer of a stage holds that dpre (fp32, twice the size: two 16-byte copies a pixel) instead of pre,
+// and the planes are split from it: computing dpre here was about 150 SASS instructions per staged
+// element, most of the kernel's (sm_90a, bf16, k=9). the weight-gradient products read x straight from the
 // pixel-major buffer (zero outside [0, W)).  Each warp's dweight fragments are its channel's whole block
 // sum; dbias: each thread sums one channel (tid % 8), the 32 threads of a channel are added in order.
 // Without the 16-byte path the buffers are filled by plain loads when the item is computed.
@@ -701,8 +704,10 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_bwd_cl_kernel(const MmaBwdA
   const int Wr = (W + 7) & ~7;
   const int raw_el = SR * Wr * kClCh;  // one tensor's pixels of an item (a multiple of 64)
   const int pl = SR * SWs;
-  T* const raw0 = reinterpret_cast<T*>(smem_f4);  // stage s: x, dy, pre (pixel-major)
-  T* const dhi = raw0 + static_cast<size_t>(kClBwdStages) * 3 * raw_el;  // [channel][plane]
+  const float* __restrict__ dpre_in = a.dpre_in;
+  const int slots = dpre_in != nullptr ? 4 : 3;  // x, dy, then pre, or fp32 dpre in two slots
+  T* const raw0 = reinterpret_cast<T*>(smem_f4);  // stage s: x, dy, pre | dpre (pixel-major)
+  T* const dhi = raw0 + static_cast<size_t>(kClBwdStages) * slots * raw_el;  // [channel][plane]
   T* const dlo = dhi + static_cast<size_t>(kClCh) * pl;
   float* const red = reinterpret_cast<float*>(dlo + static_cast<size_t>(kClCh) * pl);  // [threads]
 
@@ -728,7 +733,8 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_bwd_cl_kernel(const MmaBwdA
       int64_t base;
       int h0;
       item_of(it, base, h0);
-      T* buf = raw0 + static_cast<size_t>(s) * 3 * raw_el;
+      T* buf = raw0 + static_cast<size_t>(s) * slots * raw_el;
+      float* dbuf = reinterpret_cast<float*>(buf + 2 * raw_el);
       for (int e = tid; e < SR * W; e += kClThreads) {
         const int r = e / W, q = e - r * W;
         const int gh = h0 - P + r;
@@ -737,7 +743,12 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_bwd_cl_kernel(const MmaBwdA
         const int so = (r * Wr + q) * kClCh;
         cp_async16(buf + so, x + off, ok);
         cp_async16(buf + raw_el + so, dy + off, ok);
-        cp_async16(buf + 2 * raw_el + so, pre + off, ok);
+        if (dpre_in != nullptr) {
+          cp_async16(dbuf + so, dpre_in + off, ok);
+          cp_async16(dbuf + so + 4, dpre_in + off + 4, ok);
+        } else {
+          cp_async16(buf + 2 * raw_el + so, pre + off, ok);
+        }
       }
     }
     cp_async_commit();
@@ -770,10 +781,11 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_bwd_cl_kernel(const MmaBwdA
     int64_t base;
     int h0;
     item_of(it0 + ji, base, h0);
-    T* rx = raw0 + static_cast<size_t>(ji % kClBwdStages) * 3 * raw_el;
+    T* rx = raw0 + static_cast<size_t>(ji % kClBwdStages) * slots * raw_el;
     T* rdy = rx + raw_el;
-    T* rpre = rx + 2 * raw_el;
-    if (!a.vec) {  // plain loads of the item's x, dy and pre (zero outside the image and past C)
+    T* rpre = rx + 2 * raw_el;  // pre, or dpre (fp32); then the dx outputs
+    float* rdp = reinterpret_cast<float*>(rpre);
+    if (!a.vec) {  // plain loads of the item's x, dy and pre | dpre (zero outside the image and past C)
       for (int e = tid; e < SR * W * kClCh; e += kClThreads) {
         const int ch = e % kClCh, pix = e / kClCh;
         const int r = pix / W, q = pix - r * W;
@@ -783,27 +795,41 @@ __global__ void __launch_bounds__(kClThreads) dw_mma_bwd_cl_kernel(const MmaBwdA
         const int so = (r * Wr + q) * kClCh + ch;
         rx[so] = ok ? x[off] : from_f<T>(0.f);
         rdy[so] = ok ? dy[off] : from_f<T>(0.f);
-        rpre[so] = ok ? pre[off] : from_f<T>(0.f);
+        if (dpre_in != nullptr) rdp[so] = ok ? dpre_in[off] : 0.f;
+        else rpre[so] = ok ? pre[off] : from_f<T>(0.f);
       }
       __syncthreads();
     }
     // ---- dpre planes (zero outside the image and past C); dbias over the item's own rows ----
-    with_act(a.act, [&](auto A) {
-      constexpr int AC = decltype(A)::value;
+    // (the dpre value, then its hi/lo split and dbias: the same values either way)
+    auto put = [&](int r, int q, float d) {
+      if (r >= P && r < P + a.TH) db += d;
+      const T hi = from_f<T>(d);
+      const int po = my_ch * pl + r * SWs + kPadL + q;
+      dhi[po] = hi;
+      dlo[po] = from_f<T>(d - to_f<T>(hi));
+    };
+    if (dpre_in != nullptr) {
       for (int e = tid; e < SR * W * kClCh; e += kClThreads) {
         const int pix = e / kClCh;  // channel: my_ch
         const int r = pix / W, q = pix - r * W;
         const int gh = h0 - P + r;
-        const int so = (r * Wr + q) * kClCh + my_ch;
-        float d = 0.f;
-        if (gh >= 0 && gh < H && cm_ok) d = dpre_t<AC>(to_f<T>(rdy[so]), to_f<T>(rpre[so]), qc, act_first);
-        if (r >= P && r < P + a.TH) db += d;
-        const T hi = from_f<T>(d);
-        const int po = my_ch * pl + r * SWs + kPadL + q;
-        dhi[po] = hi;
-        dlo[po] = from_f<T>(d - to_f<T>(hi));
+        put(r, q, gh >= 0 && gh < H && cm_ok ? rdp[(r * Wr + q) * kClCh + my_ch] : 0.f);
       }
-    });
+    } else {
+      with_act(a.act, [&](auto A) {
+        constexpr int AC = decltype(A)::value;
+        for (int e = tid; e < SR * W * kClCh; e += kClThreads) {
+          const int pix = e / kClCh;  // channel: my_ch
+          const int r = pix / W, q = pix - r * W;
+          const int gh = h0 - P + r;
+          const int so = (r * Wr + q) * kClCh + my_ch;
+          float d = 0.f;
+          if (gh >= 0 && gh < H && cm_ok) d = dpre_t<AC>(to_f<T>(rdy[so]), to_f<T>(rpre[so]), qc, act_first);
+          put(r, q, d);
+        }
+      });
+    }
     __syncthreads();  // dpre ready; rpre is free for the outputs
     // ---- dx of channel c0 + warp, pixel-major into rpre ----
     plane_units<T, K, true>(phi, SWs, nunits, units_w, 0, 1, bfr, g, t4, [&](int lr, int ow, float s0, float s1) {
@@ -991,8 +1017,8 @@ MmaPlan plan_mma_bwd(const DwGeom& g, const DevInfo& dev) {
   const int64_t Wr = (g.W + 7) / 8 * 8;
   auto bytes = [&](int64_t TH) {
     const int64_t SR = TH + g.k - 1;
-    return g.cl ? static_cast<int64_t>(kClBwdStages) * 3 * SR * Wr * kClCh * 2 + 2 * kClCh * SR * SWs * 2 +
-                      kClThreads * 4
+    return g.cl ? static_cast<int64_t>(kClBwdStages) * (dw_mma_bwd_dpre_pass(g) ? 4 : 3) * SR * Wr * kClCh * 2 +
+                      2 * kClCh * SR * SWs * 2 + kClThreads * 4
                 : (static_cast<int64_t>(kBwdStages) * 3 + 2) * SR * SWs * 2 + (kMmaThreads / 32) * (KK + 1) * 4;
   };
   if (!plan_rows(p, g, SWs, g.cl ? 200 * 1024 : 64 * 1024, bytes, dev)) return MmaPlan{};
@@ -1020,6 +1046,8 @@ int64_t dw_mma_partials(const DwGeom& g) {
   cudaError_t status;
   return mma_plan(g, plan_mma, false, p, status) ? p.groups : 0;
 }
+
+bool dw_mma_bwd_dpre_pass(const DwGeom& g) { return g.cl && dpre_pass_allowed(); }
 
 int64_t dw_mma_bwd_partials(const DwGeom& g) {
   MmaPlan p;
@@ -1049,8 +1077,8 @@ cudaError_t dw_mma_launch(const DwGeom& g, const DwOperands& o, float* mean, flo
   return o.stats ? launch_stats_finalize(o.part, p.groups, g.C, mean, var, stream) : cudaSuccess;
 }
 
-cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweight, float* dbias, cudaStream_t stream,
-                              bool* ran) {
+cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweight, float* dbias, float* dpre,
+                              cudaStream_t stream, bool* ran) {
   *ran = false;
   MmaPlan p;
   cudaError_t status;
@@ -1059,6 +1087,10 @@ cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweig
   set_geom(a, g, p);
   static_cast<DwOperands&>(a) = o;
   a.vec = mma_vec(g, o);
+  if (dw_mma_bwd_dpre_pass(g)) {  // (the pass's buffer is 16-byte aligned: a.vec's copies of it are too)
+    launch_dpre_pass(g, o, dpre, stream);
+    a.dpre_in = dpre;
+  }
   const cudaError_t e = with_type_k(g, [&](auto t, auto kt) {
     using T = decltype(t);
     constexpr int K = decltype(kt)::value;

@@ -159,6 +159,10 @@ def cases(quick: bool):
     out.append(((1, 8, 150, 20), 3, torch.bfloat16, True, 1, False, True, True, 0, cl1))
     out.append(((7, 8, 8, 8), 7, torch.float16, True, 2, True, True, True, 0, cl_ring))
     out.append(((1, 3, 5, 4), 9, torch.float16, True, 0, False, True, True, 0, cl1))
+    # its backward computing dpre while staging (by default it takes the fp32 dpre pass's), both paths
+    staged = (("CONVMIXER_KERNELS_DW_BWD_DPRE", "0"),)
+    out.append(((2, 16, 12, 16), 9, torch.bfloat16, True, 2, True, True, True, 0, cl1 + staged))
+    out.append(((2, 37, 17, 23), 5, torch.float16, True, 3, False, True, False, 0, cl1 + staged))
     return out
 
 
