@@ -668,8 +668,8 @@ int64_t dw_mma_partials(const DwGeom& g);
 cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweight, float* dbias, float* dpre,
                               cudaStream_t stream, bool* ran);
 int64_t dw_mma_bwd_partials(const DwGeom& g);
-// Whether the tensor-core backward would take dpre from the fp32 pass (channels_last; shape only, so
-// the workspace and the launch agree), and the pass itself (dw_launch.cu): dpre of every element,
+// Whether the tensor-core backward would run and take dpre from the fp32 pass (channels_last, where
+// its plan fits; shape only, so the workspace and the launch agree), and the pass itself (dw_launch.cu): dpre of every element,
 // fp32 in x's layout, from o's dy, pre and per-channel coefficients.
 bool dw_mma_bwd_dpre_pass(const DwGeom& g);
 void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStream_t stream);

@@ -187,7 +187,7 @@ DwWorkspace dw_bwd_workspace(const DwGeom& g) {
   const int64_t m = int64_t(g.k) * g.k + 1;
   DwWorkspace w;
   const int64_t mma = dw_mma_bwd_partials(g) * g.C * m;
-  if (mma > 0 && dw_mma_bwd_dpre_pass(g)) w.dpre = g.N * g.C * g.H * g.W;
+  if (dw_mma_bwd_dpre_pass(g)) w.dpre = g.N * g.C * g.H * g.W;
   if (p.tiled) {
     w.part = p.groups * g.C * m;
     if (mma > w.part) w.part = mma;

@@ -869,6 +869,7 @@ struct MmaPlan {
   int TH = 0, tiles_h = 0, SWs = 0, SR = 0;
   int64_t items = 0, ipb = 1, groups = 0, blocks = 0;
   size_t smem_bytes = 0;
+  bool dpre_pass = false;  // backward, channels_last: stages the fp32 dpre pass's values
 };
 
 // Mode from CONVMIXER_KERNELS_DW_MMA: 0 off ("0"), 1 wherever it applies ("1"), 2 required ("require"),
@@ -1015,13 +1016,20 @@ MmaPlan plan_mma_bwd(const DwGeom& g, const DevInfo& dev) {
   SWs = (SWs + 15) / 16 * 16 + 8;
   const int64_t KK = int64_t(g.k) * g.k;
   const int64_t Wr = (g.W + 7) / 8 * 8;
+  // channels_last with the dpre pass: a fourth buffer slot a stage (fp32 dpre in place of pre); where
+  // even 16 rows of that do not fit, the kernel computes dpre itself (three slots).
+  p.dpre_pass = g.cl && dpre_pass_allowed();
   auto bytes = [&](int64_t TH) {
     const int64_t SR = TH + g.k - 1;
-    return g.cl ? static_cast<int64_t>(kClBwdStages) * (dw_mma_bwd_dpre_pass(g) ? 4 : 3) * SR * Wr * kClCh * 2 +
+    return g.cl ? static_cast<int64_t>(kClBwdStages) * (p.dpre_pass ? 4 : 3) * SR * Wr * kClCh * 2 +
                       2 * kClCh * SR * SWs * 2 + kClThreads * 4
                 : (static_cast<int64_t>(kBwdStages) * 3 + 2) * SR * SWs * 2 + (kMmaThreads / 32) * (KK + 1) * 4;
   };
-  if (!plan_rows(p, g, SWs, g.cl ? 200 * 1024 : 64 * 1024, bytes, dev)) return MmaPlan{};
+  if (!plan_rows(p, g, SWs, g.cl ? 200 * 1024 : 64 * 1024, bytes, dev)) {
+    if (!p.dpre_pass) return MmaPlan{};
+    p.dpre_pass = false;
+    if (!plan_rows(p, g, SWs, 200 * 1024, bytes, dev)) return MmaPlan{};
+  }
   // registers: 96-162 a thread (NCHW, 128 threads)
   return finish_plan(p, g, g.cl ? (g.C + kClCh - 1) / kClCh : g.C, g.cl ? 1 : 4, dev);
 }
@@ -1047,7 +1055,11 @@ int64_t dw_mma_partials(const DwGeom& g) {
   return mma_plan(g, plan_mma, false, p, status) ? p.groups : 0;
 }
 
-bool dw_mma_bwd_dpre_pass(const DwGeom& g) { return g.cl && dpre_pass_allowed(); }
+bool dw_mma_bwd_dpre_pass(const DwGeom& g) {
+  MmaPlan p;
+  cudaError_t status;
+  return mma_plan(g, plan_mma_bwd, false, p, status) && p.dpre_pass;
+}
 
 int64_t dw_mma_bwd_partials(const DwGeom& g) {
   MmaPlan p;
@@ -1087,7 +1099,7 @@ cudaError_t dw_mma_bwd_launch(const DwGeom& g, const DwOperands& o, float* dweig
   set_geom(a, g, p);
   static_cast<DwOperands&>(a) = o;
   a.vec = mma_vec(g, o);
-  if (dw_mma_bwd_dpre_pass(g)) {  // (the pass's buffer is 16-byte aligned: a.vec's copies of it are too)
+  if (p.dpre_pass) {  // (the pass's buffer is 16-byte aligned: a.vec's copies of it are too)
     launch_dpre_pass(g, o, dpre, stream);
     a.dpre_in = dpre;
   }

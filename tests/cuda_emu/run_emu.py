@@ -163,6 +163,8 @@ def cases(quick: bool):
     staged = (("CONVMIXER_KERNELS_DW_BWD_DPRE", "0"),)
     out.append(((2, 16, 12, 16), 9, torch.bfloat16, True, 2, True, True, True, 0, cl1 + staged))
     out.append(((2, 37, 17, 23), 5, torch.float16, True, 3, False, True, False, 0, cl1 + staged))
+    # W = 64 at k=9: the pass's fourth buffer slot does not fit, the plan falls back to the staging
+    out.append(((1, 8, 16, 64), 9, torch.bfloat16, True, 2, True, True, True, 0, cl1))
     return out
 
 
