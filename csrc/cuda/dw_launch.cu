@@ -100,8 +100,6 @@ bool bwd_dpre_pass(const DwGeom& g, const TilePlan& p) {
   return p.tiled && p.copies && (g.cl ? g.C % 4 == 0 : g.W % 4 == 0) && dpre_pass_allowed();
 }
 
-
-
 // The forward ops' common operands: x convolved with w (+ bias) -> out, activation and order.
 DwOperands fwd_operands(const void* x, const float* w, const float* bias, void* out, int act, bool act_first) {
   DwOperands o;
@@ -144,21 +142,12 @@ bool dpre_pass_allowed() {
 
 // dpre = the gradient at the conv output (dpre_t, unrounded) of every element, fp32 in x's layout.
 void launch_dpre_pass(const DwGeom& g, const DwOperands& o, float* dpre, cudaStream_t stream) {
-  pw::ChannelParams q;
-  q.N = g.N;
-  q.C = g.C;
-  q.HW = g.H * g.W;
-  q.cl = g.cl;
-  q.act = o.act;
-  q.act_first = o.act_first;
+  pw::ChannelParams q = pw::channel_params(g.N, g.C, g.H * g.W, g.cl, o.act, o.act_first);
   q.in = o.pre;
   q.in2 = o.dy;
   q.out = dpre;
   q.out_f32 = true;
   static_cast<ChanPtrs&>(q) = o;  // scale, shift, mean, ca, cb, cd (the backward has no bias)
-  const pw::ChannelPlan cp = pw::plan_channels(q.N, q.C, q.HW, g.cl);
-  q.chunk = cp.chunk;
-  q.R = cp.R;
   const pw::DType dt = g.dtype == kF32 ? pw::DType::kFloat : g.dtype == kF16 ? pw::DType::kHalf : pw::DType::kBFloat16;
   pw::launch_dpre(q, dt, nullptr, stream);
 }

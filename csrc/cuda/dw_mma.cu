@@ -686,11 +686,11 @@ __global__ void __launch_bounds__(kMmaThreads) dw_mma_bwd_kernel(const MmaBwdArg
 // Backward, channels_last: a block (8 warps) per 8 channels, warp w computes channel c0 + w.  x, dy and
 // pre come in pixel-major (8 channels a pixel: one 16-byte vector) by cp.async, double buffered; dpre is
 // computed per (pixel, channel) into hi/lo planes per channel; dx goes out through the pre buffer just
-// consumed (pixel-major, 16-byte stores).  With a.dpre_in (the fp32 dpre pass, dw_launch.cu) the third
+// consumed (pixel-major, 16-byte stores); the weight-gradient products read x straight from the
+// pixel-major buffer (zero outside [0, W)).  With a.dpre_in (the fp32 dpre pass, dw_launch.cu) the third
 // buffer of a stage holds that dpre (fp32, twice the size: two 16-byte copies a pixel) instead of pre,
 // and the planes are split from it: computing dpre here was about 150 SASS instructions per staged
-// element, most of the kernel's (sm_90a, bf16, k=9). the weight-gradient products read x straight from the
-// pixel-major buffer (zero outside [0, W)).  Each warp's dweight fragments are its channel's whole block
+// element, most of the kernel's (sm_90a, bf16, k=9).  Each warp's dweight fragments are its channel's whole block
 // sum; dbias: each thread sums one channel (tid % 8), the 32 threads of a channel are added in order.
 // Without the 16-byte path the buffers are filled by plain loads when the item is computed.
 constexpr int kClBwdStages = 2;

@@ -127,17 +127,8 @@ void check_gemm_weight(const Tensor& w, const Tensor& x, bool stem) {
 // Passes.
 
 pw::ChannelParams channel_params(const Tensor& like, bool cl, int64_t act, bool act_first) {
-  pw::ChannelParams p;
-  p.N = like.size(0);
-  p.C = like.size(1);
-  p.HW = like.size(2) * like.size(3);
-  p.cl = cl;
-  p.act = static_cast<int>(act);
-  p.act_first = act_first;
-  const auto plan = pw::plan_channels(p.N, p.C, p.HW, cl);
-  p.chunk = plan.chunk;
-  p.R = plan.R;
-  return p;
+  return pw::channel_params(like.size(0), like.size(1), like.size(2) * like.size(3), cl, static_cast<int>(act),
+                            act_first);
 }
 
 const float* fptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }

@@ -78,6 +78,22 @@ inline ChannelPlan plan_channels(int64_t N, int64_t C, int64_t HW, bool cl) {
   return {chunk, ceil_div(L, chunk)};
 }
 
+// A pass's parameters for an (N, C, H*W) tensor in layout cl, with its plan (inputs, outputs and
+// per-channel vectors still to set).
+inline ChannelParams channel_params(int64_t N, int64_t C, int64_t HW, bool cl, int act, bool act_first) {
+  ChannelParams p;
+  p.N = N;
+  p.C = C;
+  p.HW = HW;
+  p.cl = cl;
+  p.act = act;
+  p.act_first = act_first;
+  const ChannelPlan plan = plan_channels(N, C, HW, cl);
+  p.chunk = plan.chunk;
+  p.R = plan.R;
+  return p;
+}
+
 // Each launcher checks its launches (C10_CUDA_KERNEL_LAUNCH_CHECK) and runs on `stream`.
 // kBnAct and kDpre (with or without `dsum`, the per-channel sum of dpre in float) and kStats
 // (mean, var in float; needs p.partial).

@@ -148,14 +148,9 @@ template <Mode MODE>
 constexpr int unroll() {
   return MODE == Mode::kDpre ? 2 : 4;
 }
-// Blocks an SM must hold (__launch_bounds__): the register budget of a thread.
-#ifndef CMK_PW_MINB
-#define CMK_PW_MINB 2
-#endif
-template <Mode MODE>
-constexpr int min_blocks() {
-  return MODE == Mode::kDpre ? 2 : CMK_PW_MINB;
-}
+// Blocks an SM must hold (__launch_bounds__), so 128 registers a thread: with 3 (80 registers) the
+// 16-bit kernels spilled 0.5-3 KB (ptxas, sm_90a, 2026-11-27).
+constexpr int kMinBlocks = 2;
 // Values a thread keeps per channel: kStats the (count, mean, M2) of u, kDpre the sum of dpre.
 template <Mode MODE>
 constexpr int num_sums() {
@@ -326,7 +321,7 @@ __device__ __forceinline__ void cl_loop(const ChannelParams& p, int64_t c0, int6
 }
 
 template <typename T, int VEC, Mode MODE>
-__global__ void __launch_bounds__(kThreads, min_blocks<MODE>()) channel_cl_kernel(const ChannelParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) channel_cl_kernel(const ChannelParams p) {
   constexpr int NS = num_sums<MODE>();
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t C = p.C;
@@ -429,7 +424,7 @@ __device__ __forceinline__ void nchw_loop(const ChannelParams& p, int64_t c, Acc
 }
 
 template <typename T, int VEC, Mode MODE>
-__global__ void __launch_bounds__(kThreads, min_blocks<MODE>()) channel_nchw_kernel(const ChannelParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) channel_nchw_kernel(const ChannelParams p) {
   constexpr int NS = num_sums<MODE>();
   const int64_t c = blockIdx.x;
   Acc acc[1] = {kAcc0};

@@ -166,17 +166,8 @@ namespace pwk = convmixer_kernels::pw;
 
 pwk::ChannelParams pw_params(const Tensor& like, int64_t act, bool act_first) {
   convmixer_kernels::check_storage_dtype(like, "pre", false);
-  pwk::ChannelParams p;
-  p.N = like.size(0);
-  p.C = like.size(1);
-  p.HW = like.size(2) * like.size(3);
-  p.cl = convmixer_kernels::is_channels_last(like, "pre");
-  p.act = static_cast<int>(act);
-  p.act_first = act_first;
-  const auto plan = pwk::plan_channels(p.N, p.C, p.HW, p.cl);
-  p.chunk = plan.chunk;
-  p.R = plan.R;
-  return p;
+  return pwk::channel_params(like.size(0), like.size(1), like.size(2) * like.size(3),
+                             convmixer_kernels::is_channels_last(like, "pre"), static_cast<int>(act), act_first);
 }
 
 pwk::DType pw_dtype(const Tensor& t) {
