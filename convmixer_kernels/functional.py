@@ -7,6 +7,7 @@ import torch
 from . import backends
 from .ops import block_direct as _block_direct
 from .ops import block_eval as _block_eval
+from .ops import bn_ops_ok as _bn_ops_ok
 from .ops import dw_block as _dw_block_op
 from .ops import pw_block as _pw_block_op
 from .ops import stem_block as _stem_block_op
@@ -150,14 +151,15 @@ def _block_op(kind, op, grad):
     return lambda *args: _block_direct(kind, grad, *args)
 
 
-def _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n_local):
+def _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n_local,
+            backend):
     """The running-statistics update after a block op; count is the op's (a tensor: the synced batch's
     with a sync group), n_local the same number on the host when there is no sync group."""
     if training and running_mean is not None:
         if _peek_functorch() is not None:
             _check_vmap_running_stats(mean, running_mean)
         update_running_stats(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(),
-                             count if flags[2] else n_local, momentum)
+                             count if flags[2] else n_local, momentum, backend)
 
 
 def _check_vmap_running_stats(mean, running_mean):
@@ -171,10 +173,19 @@ def _check_vmap_running_stats(mean, running_mean):
             "torch.func.replace_all_batch_norm_modules_ (see functorch's 'Patching Batch Norm').")
 
 
-def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, backend="torch"):
     """nn.BatchNorm2d's update, exactly once per forward, with no host synchronisation.  count (values per
     channel behind mean and var) is a tensor or a number; a number saves four tiny ops (on a GPU, four
-    kernel launches) a block."""
+    kernel launches) a block, and with a compiled backend the whole update is one op (bn_update_running)
+    unless torch.compile traces it (inductor fuses the PyTorch ops)."""
+    if (not isinstance(count, torch.Tensor) and not torch.compiler.is_compiling()
+            and (num_batches_tracked is None
+                 or (num_batches_tracked.dtype == torch.int64 and num_batches_tracked.numel() == 1))
+            and (momentum is not None or num_batches_tracked is not None)
+            and _bn_ops_ok(backend, running_mean, running_var, mean, var)):
+        torch.ops.convmixer_kernels.bn_update_running(running_mean, running_var, num_batches_tracked, mean, var,
+                                                      float(count), None if momentum is None else float(momentum))
+        return
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
@@ -247,7 +258,7 @@ def dw_block(
     op = _block_op("dw", _dw_block_op, grad)
     y, _pre, mean, var, count = op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), act,
                                    order == "act_norm", bool(residual), *flags, name)
-    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n, name)
     return y
 
 
@@ -313,7 +324,7 @@ def pw_block(
     op = _block_op("pw", _pw_block_op, grad)
     y, _pre, mean, var, count = op(x, residual, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                    float(eps), act, order == "act_norm", *flags, name)
-    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n, name)
     return y
 
 
@@ -360,5 +371,5 @@ def patch_embed(
     op = _block_op("stem", _stem_block_op, grad)
     y, _pre, mean, var, count = op(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), act,
                                    order == "act_norm", *flags, name)
-    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n)
+    _finish(training, running_mean, running_var, num_batches_tracked, mean, var, count, momentum, flags, n, name)
     return y

@@ -126,6 +126,45 @@ if _ext.loaded():
             torch.library.register_fake(f"{LIB}::{_name}", _fake)
 
 
+# The per-channel BatchNorm ops of the extension (csrc/ops.cpp, arithmetic in csrc/bn_math.h): the (C,)
+# vectors around a block op, one kernel (or CPU loop) each where PyTorch took five to seven small ops.  A
+# training step of a block made about seventeen of those (on a GPU as many launches, and their host time);
+# with these, three.  No Triton variants: they serve every compiled backend.
+def _fake_bn_params(mean, var, weight, bias, eps):
+    return torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _fake_bn_bwd_coefs(sum_g, sum_gxhat, scale, invstd, count, batch_stats):
+    return torch.empty_like(sum_g), torch.empty_like(sum_g)
+
+
+def _fake_bn_update_running(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    return None
+
+
+BN_OPS = {"bn_params": _fake_bn_params, "bn_bwd_coefs": _fake_bn_bwd_coefs,
+          "bn_update_running": _fake_bn_update_running}
+_HAS_BN_OPS = _ext.loaded() and all(hasattr(torch.ops.convmixer_kernels, n) for n in BN_OPS)
+if _HAS_BN_OPS:
+    for _name, _fake in BN_OPS.items():
+        torch.library.register_fake(f"{LIB}::{_name}", _fake)
+
+
+def bn_ops_ok(backend: str, first: torch.Tensor, *vecs) -> bool:
+    """Whether a block's BatchNorm bookkeeping runs as the bn_* ops: a compiled backend (the `torch`
+    backend stays plain PyTorch: it is the specification), the extension built for the device, no functorch
+    transform (the ops have no batching rules), and every vector (None allowed) in first's dtype and
+    contiguous.  Otherwise the PyTorch ops, which also cast (a model converted to bfloat16 keeps bfloat16 BN
+    parameters while the statistics are float32)."""
+    if backend == "torch" or not _HAS_BN_OPS or peek_functorch() is not None:
+        return False
+    dev = first.device.type
+    if not (dev == "cpu" or (dev == "cuda" and _ext.built_with_cuda())):
+        return False
+    return first.dtype in (torch.float32, torch.float64) and first.is_contiguous() and all(
+        v is None or (v.dtype == first.dtype and v.is_contiguous()) for v in vecs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton ops: the same schemas with a `_triton` suffix, implemented for CPU (interpreter) and CUDA
 # by the launchers in convmixer_kernels/triton/ (imported lazily: the package works without triton).
@@ -173,22 +212,25 @@ def _bn_affine(C, acc, device, bn_weight, bn_bias):
     return gamma, beta
 
 
-def _bn_scale_shift(C, acc, device, bn_weight, bn_bias, mean, var, eps):
+def _bn_scale_shift(C, acc, device, bn_weight, bn_bias, mean, var, eps, backend="torch"):
+    """(invstd, scale, shift): invstd = 1/sqrt(var + eps), scale = gamma*invstd, shift = beta - mean*scale."""
+    if bn_ops_ok(backend, mean, var, bn_weight, bn_bias):
+        return torch.ops.convmixer_kernels.bn_params(mean, var, bn_weight, bn_bias, eps)
     gamma, beta = _bn_affine(C, acc, device, bn_weight, bn_bias)
     invstd = torch.rsqrt(var + eps)
     scale = gamma * invstd
-    return gamma, invstd, scale, beta - mean * scale
+    return invstd, scale, beta - mean * scale
 
 
 def _keep(keep, bn):
-    """Hands the forward's (gamma, invstd, scale, shift) to the caller that asked for them (keep: a list or None)."""
+    """Hands the forward's (invstd, scale, shift) to the caller that asked for them (keep: a list or None)."""
     if keep is not None:
         keep.append(bn)
 
 
 def _kept_or(ctx, compute):
-    """The forward's (gamma, invstd, scale, shift) when its caller kept them on ctx (ops.block_direct: five
-    small ops, or kernel launches, fewer in each backward), else computed again (the custom op's autograd,
+    """The forward's (invstd, scale, shift) when its caller kept them on ctx (ops.block_direct: an op, or a
+    kernel launch, fewer in each backward), else computed again (the custom op's autograd,
     whose context only sees the op's inputs and outputs).  The same values either way."""
     bn = getattr(ctx, "bn", None)
     return bn if bn is not None else compute()
@@ -227,11 +269,15 @@ def _all_reduce(t, group: str):
     return t
 
 
-def _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first, batch_stats, group):
+def _bn_bwd_coefs(ops, dy, pre, invstd, scale, shift, mean, count, act, act_first, batch_stats, group, backend):
     """BN backward sums (local dbeta, dgamma) and the per-channel coefficients of dpre (see torch_ops.dw_bwd);
     with a sync group the sums entering the coefficients are the group's (as nn.SyncBatchNorm does)."""
     sum_g, sum_gx = ops.dw_bwd_reduce(dy, pre, scale, shift, mean, invstd, act, act_first)
     ca = scale
+    n = pre.numel() // pre.shape[1]  # values per channel: count's value without reading the device tensor
+    if not group and type(n) is int and bn_ops_ok(backend, sum_g, sum_gx, scale, invstd):
+        cb, cd = torch.ops.convmixer_kernels.bn_bwd_coefs(sum_g, sum_gx, scale, invstd, float(n), batch_stats)
+        return sum_g, sum_gx, ca, cb, cd
     if batch_stats:
         g_sum, gx_sum = sum_g, sum_gx
         if group:
@@ -304,9 +350,9 @@ def _dw_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running
     pre, mean, var, count = _statistics(lambda: ops.dw_conv_stats(x, w, b, act, act_first), x, x.shape[1],
                                         running_mean, running_var, batch_stats, need_pre,
                                         x.shape[0] * x.shape[2] * x.shape[3], sync_group)
-    bn = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    bn = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps, backend)
     _keep(keep, bn)
-    _g, _i, scale, shift = bn
+    _i, scale, shift = bn
     if batch_stats or need_pre:
         # pre is at hand (training): y from it in one elementwise pass (read pre and x, write y) instead
         # of computing the convolution again; the same values (pre is the rounded conv output both use).
@@ -323,7 +369,8 @@ def block_eval(kind, x, t, weight, bias, bn_weight, bn_bias, running_mean, runni
     dispatch: functional.py calls it when autograd will not record the op and nothing is tracing.  That
     dispatch (autograd key, redispatch, the Python op wrapper) and the op's extra outputs cost about a
     third of a block's host time, which is what inference at a small batch on a GPU waits for."""
-    w, b, scale, shift = _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    w, b, scale, shift = _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                                        backend)
     return _fwd_kernel(kind, backend_ops(backend), x, t, w, b, scale, shift, act, act_first, residual)
 
 
@@ -343,13 +390,13 @@ _KEEP_WEIGHT_COPY_MAX = 1 << 16  # elements: a depthwise weight cast to fp32 (C*
 _SOURCE = object()  # an operand that is its source tensor itself
 
 
-def _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+def _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, backend):
     acc = acc_dtype(x.dtype)
 
     def compute():
         b = None if bias is None else cast(bias, acc)
-        _g, _i, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias,
-                                               cast(running_mean, acc), cast(running_var, acc), eps)
+        _i, scale, shift = _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias,
+                                           cast(running_mean, acc), cast(running_var, acc), eps, backend)
         return _kernel_weight(kind, weight, x), b, scale, shift
 
     if (peek_functorch() is not None or torch.jit.is_tracing()
@@ -360,7 +407,7 @@ def _eval_operands(kind, x, weight, bias, bn_weight, bn_bias, running_mean, runn
         stamp = tuple(None if s is None else (s._version, s.data_ptr()) for s in sources)
     except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version counter
         return compute()
-    stamp += (kind, eps, x.dtype, x.device)
+    stamp += (kind, eps, x.dtype, x.device, backend)
     entry = _EVAL_OPERANDS.get(running_var)
     if entry is not None and entry[1] == stamp and all(
             (r is None) if s is None else (r is not None and r() is s) for r, s in zip(entry[0], sources)):
@@ -459,10 +506,10 @@ def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     dy = dy.contiguous(memory_format=memory_format_of(x))  # no-op unless autograd handed another layout
-    gamma, invstd, scale, shift = _kept_or(ctx, lambda: _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias,
-                                                                        mean, var, eps))
-    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
-                                              batch_stats, group)
+    invstd, scale, shift = _kept_or(ctx, lambda: _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean,
+                                                                 var, eps, backend))
+    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, invstd, scale, shift, mean, count, act, act_first,
+                                              batch_stats, group, backend)
     dx, dweight, dbias = ops.dw_bwd(dy, x, pre, _kernel_weight("dw", weight, x), scale, shift, mean, ca, cb, cd, act,
                                     act_first, residual)
     return (dx,) + _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g) + (None,) * 10
@@ -474,8 +521,9 @@ dw_block.register_autograd(_first_order_only(_dw_block_backward), setup_context=
 # ---------------------------------------------------------------------------------------------
 # The pointwise-block and stem ops: GEMM (+ stats) then the light BN pass in training (the GEMM is not
 # recomputed), one GEMM with the whole epilogue in eval.
-def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act,
+def _gemm_block_forward(kind, backend, x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act,
                         act_first, batch_stats, need_pre, group, keep=None):
+    ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     w = _kernel_weight(kind, weight, x)
     b = None if bias is None else cast(bias, acc)
@@ -485,9 +533,9 @@ def _gemm_block_forward(kind, ops, x, t, weight, bias, bn_weight, bn_bias, runni
         (lambda: ops.stem_gemm_stats(x, w, b, act, act_first))
     pre, mean, var, count = _statistics(stats, x, C, running_mean, running_var, batch_stats, need_pre,
                                         x.shape[0] * (x.shape[2] // p) * (x.shape[3] // p), group)
-    bn = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps)
+    bn = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps, backend)
     _keep(keep, bn)
-    _g, _i, scale, shift = bn
+    _i, scale, shift = bn
     if pre.numel() > 0:
         y = ops.bn_act_fwd(pre, scale, shift, act, act_first)
     else:
@@ -507,7 +555,7 @@ def pw_block(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
 
 def _pw_block_forward(x, t, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
                       batch_stats, need_pre, sync_group, backend, *, keep=None):
-    return _gemm_block_forward("pw", backend_ops(backend), x, t, weight, bias, bn_weight, bn_bias, running_mean,
+    return _gemm_block_forward("pw", backend, x, t, weight, bias, bn_weight, bn_bias, running_mean,
                                running_var, eps, act, act_first, batch_stats, need_pre, sync_group, keep)
 
 
@@ -522,7 +570,7 @@ def stem_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, e
 
 def _stem_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, act, act_first,
                         batch_stats, need_pre, sync_group, backend, *, keep=None):
-    return _gemm_block_forward("stem", backend_ops(backend), x, None, weight, bias, bn_weight, bn_bias, running_mean,
+    return _gemm_block_forward("stem", backend, x, None, weight, bias, bn_weight, bn_bias, running_mean,
                                running_var, eps, act, act_first, batch_stats, need_pre, sync_group, keep)
 
 
@@ -561,10 +609,10 @@ def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
     ops = backend_ops(backend)
     acc = acc_dtype(x.dtype)
     dy = dy.contiguous(memory_format=memory_format_of(pre))
-    gamma, invstd, scale, shift = _kept_or(ctx, lambda: _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight,
-                                                                        bn_bias, mean, var, eps))
-    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, gamma, invstd, scale, shift, mean, count, act, act_first,
-                                              batch_stats, group)
+    invstd, scale, shift = _kept_or(ctx, lambda: _bn_scale_shift(weight.shape[0], acc, x.device, bn_weight, bn_bias,
+                                                                 mean, var, eps, backend))
+    sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, invstd, scale, shift, mean, count, act, act_first,
+                                              batch_stats, group, backend)
     w = _kernel_weight(ctx.kind, weight, x)
     if ctx.kind == "pw":
         ds, dweight, dbias = ops.pw_bwd(dy, x, t, pre, w, scale, shift, mean, ca, cb, cd, act, act_first)
@@ -595,7 +643,7 @@ def _direct_function(name, forward, setup, backward):
         kept = []
         output = forward(*inputs, keep=kept)
         setup(ctx, inputs, output)
-        ctx.bn = kept[0]  # (gamma, invstd, scale, shift): (C,) vectors backward would compute again
+        ctx.bn = kept[0]  # (invstd, scale, shift): (C,) vectors backward would compute again
         ctx.mark_non_differentiable(*output[1:])  # pre, mean, var, count: gradients flow through y only
         ctx.set_materialize_grads(False)  # no zero-filled pre-sized gradients for them
         return output

@@ -58,6 +58,13 @@ TORCH_LIBRARY(convmixer_kernels, m) {
         " -> Tensor");
   m.def("bn_act_bwd(Tensor dy, Tensor pre, Tensor scale, Tensor shift, Tensor mean, Tensor ca,"
         " Tensor cb, Tensor cd, int act, bool act_first) -> Tensor");
+  // Per-channel BatchNorm bookkeeping of the block ops: (C,) vectors, one kernel each (bn_math.h).
+  m.def("bn_params(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor invstd, Tensor scale, Tensor shift)");
+  m.def("bn_bwd_coefs(Tensor sum_g, Tensor sum_gxhat, Tensor scale, Tensor invstd, float count, bool batch_stats)"
+        " -> (Tensor cb, Tensor cd)");
+  m.def("bn_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked,"
+        " Tensor mean, Tensor var, float count, float? momentum) -> ()");
   m.def("build_info() -> str", &convmixer_kernels::build_info);
 }
 

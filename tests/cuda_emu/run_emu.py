@@ -33,8 +33,8 @@ def build(jobs: int = 2):
     bdir = os.environ.get("CMK_EMU_BUILD", "/tmp/cmk_emu_build")
     os.makedirs(bdir, exist_ok=True)
     wrappers = []
-    cus = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "dw_*.cu"))) + [os.path.join(ROOT, "csrc", "cuda",
-                                                                                        "pw_kernels.cu")]
+    cus = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "dw_*.cu"))) + [
+        os.path.join(ROOT, "csrc", "cuda", f) for f in ("pw_kernels.cu", "bn_kernels.cu")]
     for cu in cus:
         w = os.path.join(bdir, os.path.basename(cu)[:-3] + "_emu.cpp")
         text = f'#include "{cu}"\n'
@@ -225,6 +225,60 @@ def check_pw(mod, case, seed):
         assert ((dsum.double() - s_ref).abs() <= 1e-5 * (1 + s_ref.abs())).all(), "dpre channel sums differ"
 
 
+def bn_cases():
+    # (C, gamma/beta given, momentum): fewer channels than a block's threads, several blocks (params,
+    # coefs) and several trips of the one-block running update; momentum None is the cumulative average.
+    return [(37, True, 0.1), (600, False, None), (1, True, None), (257, True, 1.0)]
+
+
+def check_bn(mod, case, seed):
+    """The BatchNorm kernels against the formulas in float64 (the 2x rule against PyTorch's float32 ops of
+    convmixer_kernels.ops/functional), bitwise against the extension's CPU ops when it is built (one
+    formula, csrc/bn_math.h), and num_batches_tracked incremented exactly once."""
+    from convmixer_kernels import functional, ops
+
+    C, affine, momentum = case
+    g = torch.Generator().manual_seed(seed)
+    mean, var = torch.randn(C, generator=g) * 3, torch.rand(C, generator=g) * 4 + 1e-3
+    gamma, beta = (torch.randn(C, generator=g), torch.randn(C, generator=g)) if affine else (None, None)
+    eps = 1e-5
+    got = mod.bn_params(mean, var, gamma, beta, eps)
+    theirs = ops._bn_scale_shift(C, torch.float32, "cpu", gamma, beta, mean, var, eps, "torch")
+    oracle = ops._bn_scale_shift(C, torch.float64, "cpu", None if gamma is None else gamma.double(),
+                                 None if beta is None else beta.double(), mean.double(), var.double(), eps, "torch")
+    for name, a, b, o in zip(("invstd", "scale", "shift"), got, theirs, oracle):
+        check_2x(f"bn_params {name}", a, b, o, torch.float32)
+    invstd, scale = got[0], got[1]
+    sum_g, sum_gx = torch.randn(C, generator=g) * 50, torch.randn(C, generator=g) * 50
+    n = 4 * 17 * 23
+    cb, cd = mod.bn_bwd_coefs(sum_g, sum_gx, scale, invstd, float(n), True)
+    want = (-scale * invstd * sum_gx / n, -scale * sum_g / n)
+    want64 = (-scale.double() * invstd.double() * sum_gx.double() / n, -scale.double() * sum_g.double() / n)
+    for name, a, b, o in zip(("cb", "cd"), (cb, cd), want, want64):
+        check_2x(f"bn_bwd_coefs {name}", a, b, o, torch.float32)
+    z = mod.bn_bwd_coefs(sum_g, sum_gx, scale, invstd, float(n), False)
+    assert all(torch.equal(t, torch.zeros(C)) for t in z), "bn_bwd_coefs without batch statistics: not zeros"
+    rm0, rv0 = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.5
+    nbt0 = torch.tensor(4, dtype=torch.int64)
+    rm, rv, nbt = rm0.clone(), rv0.clone(), nbt0.clone()
+    mod.bn_update_running(rm, rv, nbt, mean, var, float(n), momentum)
+    assert int(nbt) == 5, f"num_batches_tracked {int(nbt)}, expected 5"
+    t_rm, t_rv, t_n = rm0.clone(), rv0.clone(), nbt0.clone()
+    functional.update_running_stats(t_rm, t_rv, t_n, mean, var, n, momentum, "torch")
+    o_rm, o_rv, o_n = rm0.double(), rv0.double(), nbt0.clone()
+    functional.update_running_stats(o_rm, o_rv, o_n, mean.double(), var.double(), n, momentum, "torch")
+    check_2x("running_mean", rm, t_rm, o_rm, torch.float32)
+    check_2x("running_var", rv, t_rv, o_rv, torch.float32)
+    if ops._HAS_BN_OPS:  # the extension's CPU loops: the same formula, so the same bits
+        cpu = torch.ops.convmixer_kernels
+        assert all(torch.equal(a, b) for a, b in zip(got, cpu.bn_params(mean, var, gamma, beta, eps))), "bn_params"
+        assert all(torch.equal(a, b) for a, b in zip((cb, cd), cpu.bn_bwd_coefs(sum_g, sum_gx, scale, invstd,
+                                                                                 float(n), True))), "bn_bwd_coefs"
+        c_rm, c_rv, c_n = rm0.clone(), rv0.clone(), nbt0.clone()
+        cpu.bn_update_running(c_rm, c_rv, c_n, mean, var, float(n), momentum)
+        assert torch.equal(c_rm, rm) and torch.equal(c_rv, rv) and int(c_n) == 5, "bn_update_running"
+
+
 def describe(c):
     shape, k, dt, cl, act, af, res, bias, off, env = c
     extra = "".join(f" {k}={v}" for k, v in env)
@@ -270,19 +324,19 @@ def main():
                 else:
                     os.environ[name] = v
         print(f"ok   {tag} ({time.time() - t1:.1f}s)", flush=True)
-    pcs = pw_cases(args.quick)
-    if args.only:
-        pcs = [c for c in pcs if args.only in f"pw {c}"]
-    for n, c in enumerate(pcs):
-        try:
-            check_pw(mod, c, n)
-        except Exception as e:  # noqa: BLE001
-            fails += 1
-            print(f"FAIL pw {c}: {e}", flush=True)
-            continue
-        print(f"ok   pw {c}", flush=True)
-    cs = cs + pcs
-    print(f"{len(cs) - fails}/{len(cs)} passed")
+    total = len(cs)
+    for label, more, check in (("pw", pw_cases(args.quick), check_pw), ("bn", bn_cases(), check_bn)):
+        more = [c for c in more if args.only in f"{label} {c}"] if args.only else more
+        total += len(more)
+        for n, c in enumerate(more):
+            try:
+                check(mod, c, n)
+            except Exception as e:  # noqa: BLE001
+                fails += 1
+                print(f"FAIL {label} {c}: {e}", flush=True)
+                continue
+            print(f"ok   {label} {c}", flush=True)
+    print(f"{total - fails}/{total} passed")
     return 1 if fails else 0
 
 
