@@ -159,10 +159,16 @@ def bn_ops_ok(backend: str, first: torch.Tensor, *vecs) -> bool:
     if backend == "torch" or not _HAS_BN_OPS or peek_functorch() is not None:
         return False
     dev = first.device.type
-    if not (dev == "cpu" or (dev == "cuda" and _ext.built_with_cuda())):
+    dt = first.dtype
+    if not (dev == "cpu" or (dev == "cuda" and _ext.built_with_cuda())) or dt not in _BN_DTYPES:
         return False
-    return first.dtype in (torch.float32, torch.float64) and first.is_contiguous() and all(
-        v is None or (v.dtype == first.dtype and v.is_contiguous()) for v in vecs)
+    for v in (first,) + vecs:  # a plain loop: this runs three times a block step (host time)
+        if v is not None and (v.dtype != dt or not v.is_contiguous()):
+            return False
+    return True
+
+
+_BN_DTYPES = (torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------

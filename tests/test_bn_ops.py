@@ -156,19 +156,20 @@ def _ops_in_step(block, x, backend):
     return [e.name for e in prof.events()]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
-def test_training_step_takes_the_bn_ops(kind):
+def test_training_step_takes_the_bn_ops(kind, device):
     """A training step of a fused block with a compiled backend runs each BN op once, and none of the PyTorch
     ops they replace; the `torch` backend (the specification) keeps the PyTorch ops."""
     torch.manual_seed(0)
     if kind == "dw":
-        block, x = ck.FusedDepthwiseBlock(8, kernel_size=3), torch.randn(2, 8, 5, 6, requires_grad=True)
+        block, x = ck.FusedDepthwiseBlock(8, kernel_size=3), torch.randn(2, 8, 5, 6)
     elif kind == "pw":
-        block, x = ck.FusedPointwiseBlock(8, 12), torch.randn(2, 8, 5, 6, requires_grad=True)
+        block, x = ck.FusedPointwiseBlock(8, 12), torch.randn(2, 8, 5, 6)
     else:
-        block, x = ck.FusedPatchEmbed(12, patch_size=2), torch.randn(2, 3, 6, 8, requires_grad=True)
-    block.train()
-    names = _ops_in_step(block, x, "cpu")
+        block, x = ck.FusedPatchEmbed(12, patch_size=2), torch.randn(2, 3, 6, 8)
+    block, x = block.to(device).train(), x.to(device).requires_grad_()
+    names = _ops_in_step(block, x, device)
     for op in ("bn_params", "bn_bwd_coefs", "bn_update_running"):
         assert names.count(f"convmixer_kernels::{op}") == 1, (op, names)
     replaced = ("aten::rsqrt", "aten::_foreach_mul_", "aten::_foreach_add_", "aten::neg")
