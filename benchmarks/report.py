@@ -13,7 +13,7 @@ CSV_COLUMNS = ["device", "torch", "triton", "cuda", "commit", "date", "threads",
                "tflop_per_s", "roofline_pct", "peak_mem_mb", "images_per_s", "vs_eager_best",
                "vs_eager_same_layout", "vs_compile_best", "vs_baseline_best", "x_bare_gemm", "error"]
 # Diagnostic variants of a fused provider, kept out of the targets (cuda_ipb1 turns the pipeline off).
-DIAGNOSTIC = ("cuda_ipb1", "cuda_bwd_copy", "cuda_bwd_nocopy", "cuda_bwd_staged")
+DIAGNOSTIC = ("cuda_ipb1", "cuda_bwd_copy", "cuda_bwd_nocopy", "cuda_bwd_staged", "cuda_bn_torch")
 
 
 def _group_key(r):

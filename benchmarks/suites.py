@@ -303,7 +303,7 @@ def model_cases(bench):
     if bench.device == "cuda":
         cm = ("eager", "compile", "auto", "cuda", "auto_mma")
         if bench.quick:
-            return [("timm:convmixer_768_32", 32, 224, ("eager", "auto", "cuda")),
+            return [("timm:convmixer_768_32", 32, 224, ("eager", "auto", "cuda", "cuda_bn_torch")),
                     ("timm:vit_small_patch16_224", 32, 224, ("eager",))]
         return [("timm:convmixer_1536_20", 64, 224, cm + ("triton",)), ("timm:convmixer_768_32", 64, 224, cm),
                 ("timm:convmixer_1024_20_ks9_p14", 64, 224, cm),

@@ -10,6 +10,7 @@ sees one opaque node for the forward and traceable low-level ops in the backward
 from __future__ import annotations
 
 import functools
+import os
 import types
 import weakref
 
@@ -157,6 +158,8 @@ def bn_ops_ok(backend: str, first: torch.Tensor, *vecs) -> bool:
     contiguous.  Otherwise the PyTorch ops, which also cast (a model converted to bfloat16 keeps bfloat16 BN
     parameters while the statistics are float32)."""
     if backend == "torch" or not _HAS_BN_OPS or peek_functorch() is not None:
+        return False
+    if os.environ.get("CONVMIXER_KERNELS_BN_OPS") == "0":  # the PyTorch ops (benchmark provider cuda_bn_torch)
         return False
     dev = first.device.type
     dt = first.dtype

@@ -16,6 +16,7 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not (HAS_CUDA and _ext.built_with_cuda()), reason="no CUDA device or a CPU-only build")])]
 CK = torch.ops.convmixer_kernels
+BN_OP_NAMES = tuple(f"convmixer_kernels::{n}" for n in ops.BN_OPS)
 
 
 def _vecs(C, device, dtype, seed):
@@ -170,9 +171,19 @@ def test_training_step_takes_the_bn_ops(kind, device):
         block, x = ck.FusedPatchEmbed(12, patch_size=2), torch.randn(2, 3, 6, 8)
     block, x = block.to(device).train(), x.to(device).requires_grad_()
     names = _ops_in_step(block, x, device)
-    for op in ("bn_params", "bn_bwd_coefs", "bn_update_running"):
-        assert names.count(f"convmixer_kernels::{op}") == 1, (op, names)
+    for op in BN_OP_NAMES:
+        assert names.count(op) == 1, (op, names)
     replaced = ("aten::rsqrt", "aten::_foreach_mul_", "aten::_foreach_add_", "aten::neg")
     assert not [n for n in names if n in replaced], names
     names = _ops_in_step(block, x, "torch")
-    assert "aten::rsqrt" in names and not [n for n in names if n.startswith("convmixer_kernels::bn_")]
+    assert "aten::rsqrt" in names and not [n for n in names if n in BN_OP_NAMES]
+
+
+def test_knob_turns_the_bn_ops_off(monkeypatch):
+    """CONVMIXER_KERNELS_BN_OPS=0 (the benchmark provider cuda_bn_torch): the PyTorch ops, read per call."""
+    block, x = ck.FusedDepthwiseBlock(8, kernel_size=3).train(), torch.randn(2, 8, 5, 6, requires_grad=True)
+    monkeypatch.setenv("CONVMIXER_KERNELS_BN_OPS", "0")
+    names = _ops_in_step(block, x, "cpu")
+    assert "aten::rsqrt" in names and not [n for n in names if n in BN_OP_NAMES]
+    monkeypatch.setenv("CONVMIXER_KERNELS_BN_OPS", "1")
+    assert "convmixer_kernels::bn_params" in _ops_in_step(block, x, "cpu")
