@@ -236,6 +236,36 @@ def test_compile_fullgraph_fused_model(device, training):
     y_ref.sum().backward()
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(f[3][1].weight.grad, ref[3][1].weight.grad)
+    _assert_same_buffers(f, ref)  # running statistics updated once, in the graph, as in eager
+
+
+def _assert_same_buffers(a, b):
+    """a's buffers equal b's; a has all of b's running statistics (a strict export in eval drops the unused
+    num_batches_tracked)."""
+    ba, bb = dict(a.named_buffers()), dict(b.named_buffers())
+    assert [k for k in bb if k.endswith(("running_mean", "running_var"))] and set(ba) <= set(bb)
+    assert all(k in ba for k in bb if not k.endswith("num_batches_tracked")), (sorted(ba), sorted(bb))
+    for k in ba:
+        torch.testing.assert_close(ba[k], bb[k], msg=k)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_fused_model(training, strict):
+    """torch.export sees the block ops as single nodes, and the exported program computes the unfused model's
+    output and running-statistics updates (training) or uses them (eval)."""
+    ref = small_convmixer().train(training)
+    f = ck.fuse(ref)
+    x = torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(copy.deepcopy(f), (x,), strict=strict)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    for op in ("dw_block", "pw_block", "stem_block"):
+        assert f"convmixer_kernels.{op}.default" in targets, targets
+    m = ep.module()
+    y = m(x)
+    y_ref = ref(x)
+    check_2x("exported output", y, f(x), y_ref.double(), torch.float32)
+    _assert_same_buffers(m, ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
