@@ -231,10 +231,11 @@ def _bn_scale_shift(C, acc, device, bn_weight, bn_bias, mean, var, eps, backend=
     return invstd, scale, beta - mean * scale
 
 
-def _keep(keep, bn):
-    """Hands the forward's (invstd, scale, shift) to the caller that asked for them (keep: a list or None)."""
+def _keep(keep, bn, w):
+    """Hands the forward's (invstd, scale, shift) and kernel weight to the caller that asked for them (keep: a
+    list or None)."""
     if keep is not None:
-        keep.append(bn)
+        keep.append((bn, w))
 
 
 def _kept_or(ctx, compute):
@@ -243,6 +244,13 @@ def _kept_or(ctx, compute):
     whose context only sees the op's inputs and outputs).  The same values either way."""
     bn = getattr(ctx, "bn", None)
     return bn if bn is not None else compute()
+
+
+def _kept_weight(ctx, kind, weight, x):
+    """The forward's kernel weight when kept on ctx (under autocast a GEMM weight's cast copy: as eager's
+    autocast casts a weight once a step, not again in the backward), else _kernel_weight's."""
+    w = getattr(ctx, "w", None)
+    return w if w is not None else _kernel_weight(kind, weight, x)
 
 
 def _process_group(name: str):
@@ -360,7 +368,7 @@ def _dw_block_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running
                                         running_mean, running_var, batch_stats, need_pre,
                                         x.shape[0] * x.shape[2] * x.shape[3], sync_group)
     bn = _bn_scale_shift(x.shape[1], acc, x.device, bn_weight, bn_bias, mean, var, eps, backend)
-    _keep(keep, bn)
+    _keep(keep, bn, w)
     _i, scale, shift = bn
     if batch_stats or need_pre:
         # pre is at hand (training): y from it in one elementwise pass (read pre and x, write y) instead
@@ -519,7 +527,7 @@ def _dw_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
                                                                  var, eps, backend))
     sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, invstd, scale, shift, mean, count, act, act_first,
                                               batch_stats, group, backend)
-    dx, dweight, dbias = ops.dw_bwd(dy, x, pre, _kernel_weight("dw", weight, x), scale, shift, mean, ca, cb, cd, act,
+    dx, dweight, dbias = ops.dw_bwd(dy, x, pre, _kept_weight(ctx, "dw", weight, x), scale, shift, mean, ca, cb, cd, act,
                                     act_first, residual)
     return (dx,) + _param_grads(weight, bias, bn_weight, bn_bias, dweight, dbias, sum_gx, sum_g) + (None,) * 10
 
@@ -543,7 +551,7 @@ def _gemm_block_forward(kind, backend, x, t, weight, bias, bn_weight, bn_bias, r
     pre, mean, var, count = _statistics(stats, x, C, running_mean, running_var, batch_stats, need_pre,
                                         x.shape[0] * (x.shape[2] // p) * (x.shape[3] // p), group)
     bn = _bn_scale_shift(C, acc, x.device, bn_weight, bn_bias, mean, var, eps, backend)
-    _keep(keep, bn)
+    _keep(keep, bn, w)
     _i, scale, shift = bn
     if pre.numel() > 0:
         y = ops.bn_act_fwd(pre, scale, shift, act, act_first)
@@ -622,7 +630,7 @@ def _gemm_block_backward(ctx, dy, _dpre, _dmean, _dvar, _dcount):
                                                                  mean, var, eps, backend))
     sum_g, sum_gx, ca, cb, cd = _bn_bwd_coefs(ops, dy, pre, invstd, scale, shift, mean, count, act, act_first,
                                               batch_stats, group, backend)
-    w = _kernel_weight(ctx.kind, weight, x)
+    w = _kept_weight(ctx, ctx.kind, weight, x)
     if ctx.kind == "pw":
         ds, dweight, dbias = ops.pw_bwd(dy, x, t, pre, w, scale, shift, mean, ca, cb, cd, act, act_first)
         inputs = (ds, ds if ctx.has_t else None)
@@ -652,7 +660,7 @@ def _direct_function(name, forward, setup, backward):
         kept = []
         output = forward(*inputs, keep=kept)
         setup(ctx, inputs, output)
-        ctx.bn = kept[0]  # (invstd, scale, shift): (C,) vectors backward would compute again
+        ctx.bn, ctx.w = kept[0]  # (invstd, scale, shift), kernel weight: backward would compute them again
         ctx.mark_non_differentiable(*output[1:])  # pre, mean, var, count: gradients flow through y only
         ctx.set_materialize_grads(False)  # no zero-filled pre-sized gradients for them
         return output
