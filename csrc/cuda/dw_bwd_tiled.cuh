@@ -246,11 +246,12 @@ __global__ void __launch_bounds__(kMaxThreads, 3) dw_bwd_tiled_kernel(const Tile
           }
           dwp[-q * DWS] += dwq;
         }
-        if (r == P) {
-#pragma unroll
-          for (int i = 0; i < kR; ++i) db += v[i + P];
-        }
       }
+      // The bias gradient: the strip's own dpre (centre row, read again).  Taken from v at r == P inside
+      // the loop, the compiler predicated the adds into every row (kR FADDs a row, K - 1 rows for nothing).
+      const float* crow = sbase + P * RS;
+#pragma unroll
+      for (int i = 0; i < kR; ++i) db += crow[(i + P) * CS];
       dws[KK * DWS + tid] += db;
 
       if (nvalid > 0) {
