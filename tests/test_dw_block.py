@@ -122,6 +122,38 @@ def test_nan_inf_propagate(backend, device, activation, triton_cpu):
         assert torch.equal(torch.isinf(got), torch.isinf(want))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_inf_propagate_every_block(kind, training, backend, device, triton_cpu):
+    """Every block, eval and training (ReLU): NaN and Inf exactly where the unfused modules put them in the
+    output; in training the running statistics non-finite exactly where theirs are.  (Which of Inf and NaN a
+    batch mean holding an Inf takes is not fixed even in PyTorch: its CPU BatchNorm sums (Inf), its CUDA one
+    merges Welford moments (Inf - Inf: NaN), as the fused kernels' Chan merges do.)"""
+    torch.manual_seed(0)
+    blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3, activation="relu"),
+           "pw": lambda: ck.FusedPointwiseBlock(8, 6, activation="relu"),
+           "stem": lambda: ck.FusedPatchEmbed(6, 2, activation="relu")}[kind]()
+    blk = randomize_bn(blk, 1).to(device).train(training)
+    x = torch.randn(2, 3 if kind == "stem" else 8, 6, 6, device=device)
+    x[0, 0, 2, 2] = float("nan")
+    x[1, 1, 3, 4] = float("inf")
+    x[1, 2, 0, 5] = -float("inf")
+    ref = copy.deepcopy(blk).reference()
+    with torch.no_grad():
+        want = ref(x)
+        with ck.backend(backend):
+            got = blk(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    bn, bn_ref = blk.norm, next(m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    if training:
+        for name in ("running_mean", "running_var"):
+            a, b = getattr(bn, name), getattr(bn_ref, name)
+            assert torch.equal(torch.isfinite(a), torch.isfinite(b)), name
+            assert not torch.isfinite(a).all(), f"{name}: the non-finite batch left it finite"
+        assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked)
+
+
 def _block_and_input(kind, device):
     blk = {"dw": lambda: ck.FusedDepthwiseBlock(8, 3), "pw": lambda: ck.FusedPointwiseBlock(8, 6),
            "stem": lambda: ck.FusedPatchEmbed(6, 2)}[kind]()

@@ -176,6 +176,13 @@ def _two_sum_into(acc, comp, part):
 
 
 @triton.jit
+def _with_comp(acc, comp):
+    """acc + comp where acc is finite; a non-finite acc as it is (an Inf stays Inf: its TwoSum error terms
+    are Inf - Inf = NaN, and a sum that once was Inf or NaN never comes back finite)."""
+    return tl.where(tl.abs(acc) < float("inf"), acc + comp, acc)
+
+
+@triton.jit
 def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Tile (m, n) of program pid, GROUP_M row-tiles at a time (L2 reuse of the B operand)."""
     width = GROUP_M * num_n
@@ -267,7 +274,7 @@ def _gemm_kernel(a_ptr, t_ptr, b_ptr, o_ptr, bias_ptr, scale_ptr, shift_ptr, wsm
         else:
             acc = tl.dot(a, b, acc)
     if IEEE:
-        acc += comp
+        acc = _with_comp(acc, comp)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
@@ -370,7 +377,7 @@ def _wgrad_kernel(a_ptr, x_ptr, t_ptr, ws_ptr,
         a_base += a_sb
         x_base += x_sb
     if IEEE:
-        acc += comp
+        acc = _with_comp(acc, comp)
 
     ws_off = s.to(tl.int64) * M * N + (rm * N)[:, None] + rn[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=m_ok[:, None] & n_ok[None, :])
