@@ -102,6 +102,7 @@ def test_deterministic(backend, device, triton_cpu):
         assert torch.equal(outs[0][n], outs[1][n]), f"{n} differs between two identical runs"
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_nan_inf_propagate(backend, device, activation, triton_cpu):
@@ -122,6 +123,7 @@ def test_nan_inf_propagate(backend, device, activation, triton_cpu):
         assert torch.equal(torch.isinf(got), torch.isinf(want))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("kind", ["dw", "pw", "stem"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
