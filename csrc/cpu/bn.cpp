@@ -1,6 +1,7 @@
-// CPU entry points of the per-channel BatchNorm ops (schemas in csrc/ops.cpp, semantics in
-// convmixer_kernels/torch_ops.py: bn_params, bn_bwd_coefs, bn_update_running).  (C,) vectors: a plain
-// loop each, one call in place of five to seven small PyTorch ops (host time of a training step).
+// CPU entry points of the per-channel BatchNorm ops bn_params, bn_bwd_coefs and bn_update_running (schemas
+// in csrc/ops.cpp; semantics: the PyTorch expressions they replace, convmixer_kernels/ops.py _bn_scale_shift
+// and _bn_bwd_coefs, functional.py update_running_stats).  (C,) vectors: a plain loop each, one call in
+// place of five to seven small PyTorch ops (host time of a training step).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
