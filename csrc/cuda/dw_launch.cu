@@ -100,8 +100,9 @@ bool bwd_dpre_pass(const DwGeom& g, const TilePlan& p) {
   return p.tiled && p.copies && (g.cl ? g.C % 4 == 0 : g.W % 4 == 0) && dpre_pass_allowed();
 }
 
-// The forward ops' common operands: x convolved with w (+ bias) -> out, activation and order.
-DwOperands fwd_operands(const void* x, const float* w, const float* bias, void* out, int act, bool act_first) {
+// Every op's common operands: the conv input x, the weight w (+ bias), the output (y, pre or dx),
+// activation and order.
+DwOperands conv_operands(const void* x, const float* w, const float* bias, void* out, int act, bool act_first) {
   DwOperands o;
   o.x = x;
   o.w = w;
@@ -193,7 +194,7 @@ DwWorkspace dw_bwd_workspace(const DwGeom& g) {
 cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
                                  int act, bool act_first, void* pre, float* mean, float* var,
                                  float* part, cudaStream_t stream) {
-  DwOperands o = fwd_operands(x, weight, bias, pre, act, act_first);
+  DwOperands o = conv_operands(x, weight, bias, pre, act, act_first);
   o.part = part;
   o.stats = true;
   bool ran = false;
@@ -218,7 +219,7 @@ cudaError_t dw_conv_stats_launch(const DwGeom& g, const void* x, const float* we
 cudaError_t dw_fwd_launch(const DwGeom& g, const void* x, const float* weight, const float* bias,
                           const float* scale, const float* shift, int act, bool act_first,
                           bool residual, void* y, cudaStream_t stream) {
-  DwOperands o = fwd_operands(x, weight, bias, y, act, act_first);
+  DwOperands o = conv_operands(x, weight, bias, y, act, act_first);
   o.scale = scale;
   o.shift = shift;
   o.residual = residual;
@@ -255,21 +256,16 @@ cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const 
                           const float* mean, const float* ca, const float* cb, const float* cd,
                           int act, bool act_first, bool residual, void* dx, float* dweight,
                           float* dbias, float* part, float* dpre, cudaStream_t stream) {
-  DwOperands o;
-  o.x = x;
+  DwOperands o = conv_operands(x, weight, nullptr, dx, act, act_first);
   o.dy = dy;
   o.pre = pre;
-  o.w = weight;
   o.scale = scale;
   o.shift = shift;
   o.mean = mean;
   o.ca = ca;
   o.cb = cb;
   o.cd = cd;
-  o.out = dx;
   o.part = part;
-  o.act = act;
-  o.act_first = act_first;
   o.residual = residual;
   bool ran = false;
   CMK_RETURN_IF_ERROR(dw_mma_bwd_launch(g, o, dweight, dbias, dpre, stream, &ran));
