@@ -369,6 +369,8 @@ def model_suite(bench):
                             continue  # the fused models run channels_last (their fast layout)
                         if prov.startswith("compile") and layout != "channels_last" and convmixer:
                             continue
+                        if prov == "cuda_bn_torch" and mode != "train":
+                            continue  # the bn ops run in training only
                         src = base if prov in BASELINES else fused_base
                         m = copy.deepcopy(src).to(device=bench.device, memory_format=fmt)
                         if mode == "eval":
