@@ -120,11 +120,12 @@ class CaseTimer:
 
 
 # ----------------------------------------------------------------------------------------- providers
-# name -> (backend of the fused modules, environment variable and value to run under).  The eager and
+# name -> (backend of the fused modules, environment variables and values to run under).  The eager and
 # compile providers run the unfused reference modules (their backend does not matter); *_graph run
 # the step captured in one CUDA graph.  cuda_ipb1: the CUDA kernels with one item per forward depthwise
 # block (no next tile to copy in while computing), so the same run shows what the cp.async pipeline
-# gains.  cuda_cutlass: the pointwise eval forward as one CUTLASS GEMM with the epilogue fused;
+# gains.  cuda_cutlass / cuda_cutlass_pp: the pointwise eval forward as one CUTLASS GEMM with the epilogue
+# fused, its cooperative / ping-pong schedule (CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE, csrc/cuda/pw.cpp);
 # cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward;
 # =require raises where they do not apply); auto_mma: a whole fused model with them wherever they apply
 # (=1); cuda_fma: the FMA depthwise kernels only (=0; by default the tensor-core ones run the cases where
@@ -142,6 +143,8 @@ PROVIDERS = {
     "cuda_graph": ("cuda", None),
     "cuda_ipb1": ("cuda", ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1")),
     "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require")),
+    "cuda_cutlass_pp": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require",
+                                 "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", "pingpong")),
     "cuda_mma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "require")),
     "cuda_fma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "0")),
     "cuda_bwd_copy": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_COPIES", "1")),
@@ -158,18 +161,18 @@ BASELINES = ("eager", "compile", "compile_max", "eager_graph")
 def as_provider(prov):
     """Run as provider `prov`: its backend, and its environment variable set inside the block."""
     backend, env = PROVIDERS[prov]
-    old = None if env is None else os.environ.get(env[0])
-    if env is not None:
-        os.environ[env[0]] = env[1]
+    pairs = [] if env is None else list(zip(env[0::2], env[1::2]))  # (name, value, name, value, ...)
+    old = {name: os.environ.get(name) for name, _ in pairs}
+    os.environ.update(dict(pairs))
     try:
         with ck.backend(backend):
             yield
     finally:
-        if env is not None:
-            if old is None:
-                os.environ.pop(env[0], None)
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ[env[0]] = old
+                os.environ[name] = value
 
 
 def unavailable(prov, device) -> str | None:

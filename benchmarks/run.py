@@ -10,7 +10,7 @@ the charts from the CSV.
                                                                #   (CI's smoke test of the harness)
 Providers: eager, compile, compile_max (torch.compile mode="max-autotune"), eager_graph / cuda_graph (the
 step captured in a CUDA graph; small shapes), cuda, triton, cpu, torch (the fused modules on that
-backend), cuda_ipb1 and cuda_cutlass (see benchmarks/harness.py); --providers keeps some of them.
+backend), cuda_ipb1, cuda_cutlass and cuda_cutlass_pp (see benchmarks/harness.py); --providers keeps some of them.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main(argv=None):
     # The opt-in CUTLASS pointwise GEMM is timed after everything else: a fault in it would be sticky on the
     # device and fail every row after it.  (The tensor-core depthwise kernels were timed here too until
     # their first GPU run, 2026-11-27, passed and made them the default where they were faster.)
-    late_suite = {"cuda_cutlass": "pw"}
+    late_suite = {"cuda_cutlass": "pw", "cuda_cutlass_pp": "pw"}
     late = [p for p, s in late_suite.items() if device == "cuda" and s in suites and bench.wants(p)]
     if late:
         bench.only = [p for p in (only or PROVIDERS) if p not in late]

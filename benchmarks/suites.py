@@ -194,8 +194,9 @@ def gemm_cases(bench, kind):
             if bench.quick:
                 # cuda_graph: the step without host time; 2026-11-27 timed 1.59 ms a step where its profile's
                 # kernels summed to 1.05 ms, so the step may wait for the host
-                return [(64, 768, 32, 1, cl, ("eager", "compile", "cuda", "cuda_cutlass", "cuda_graph"), True)]
-            full = ("eager", "compile", "cuda", "cuda_cutlass", "triton")
+                return [(64, 768, 32, 1, cl, ("eager", "compile", "cuda", "cuda_cutlass", "cuda_cutlass_pp",
+                                              "cuda_graph"), True)]
+            full = ("eager", "compile", "cuda", "cuda_cutlass", "cuda_cutlass_pp", "triton")
             return [(64, 768, 32, 1, both, full + ("compile_max",), False), (64, 1536, 32, 1, both, full, False),
                     (8, 768, 32, 1, cl, ("eager", "eager_graph", "cuda", "cuda_graph"), True)]
         if bench.quick:
@@ -243,7 +244,7 @@ def gemm_suite(bench, kind):
                         timer.add(bare, 1, "eager", *bench.recorder(dict(base, provider="bare_gemm",
                                                                           layout="-")))
                     for prov in providers:
-                        if not bench.wants(prov) or (prov == "cuda_cutlass" and mode != "eval"):
+                        if not bench.wants(prov) or (prov.startswith("cuda_cutlass") and mode != "eval"):
                             continue  # the CUTLASS GEMM serves the eval forward only
                         if bench.quick and prov.startswith("compile") and mode == "train_fwd":
                             continue

@@ -170,8 +170,11 @@ def _cutlass_runs_here():
 @pytest.mark.parametrize("act_first", ORDERS)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-def test_pw_fwd_cutlass(poison, monkeypatch, dtype, act, act_first, shape, bias):
-    """pw_fwd as one CUTLASS GEMM with the epilogue fused (=require: it runs, or the op raises)."""
+@pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
+def test_pw_fwd_cutlass(poison, monkeypatch, schedule, dtype, act, act_first, shape, bias):
+    """pw_fwd as one CUTLASS GEMM with the epilogue fused (=require: it runs, or the op raises), in both
+    of its schedules."""
     monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", schedule)
     inp = make_pw_inputs(*shape, dtype, "cuda", channels_last=True, residual=False, bias=bias, seed=act)
     check_pw_ops(OPS, inp, act, act_first, dtype, True)

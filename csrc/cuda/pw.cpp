@@ -280,14 +280,20 @@ Tensor3 pw_gemm_stats_cuda(const Tensor& x, const OptTensor& t, const Tensor& we
 // affine (pw_cutlass.cu), instead of cuBLAS and a bn_act pass over its output.  Opt-in until a GPU
 // run has measured and tested it: CONVMIXER_KERNELS_PW_CUTLASS=1 uses it where it applies (a build
 // with it, compute capability 9.0, channels_last fp16/bf16, C_in and C_out multiples of 8, 16-byte
-// aligned operands), =require raises where it does not (tests).  Returns false when it did not run
-// (the caller takes the usual path).
+// aligned operands), =require raises where it does not (tests).  CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE
+// picks the kernel's schedule: cooperative (unset) or pingpong (pw_cutlass_gemm.cuh), until a GPU run
+// has measured which is faster.  Returns false when it did not run (the caller takes the usual path).
 bool pw_fwd_cutlass(const Tensor& s, const Tensor& w2d, Tensor& y, const OptTensor& bias, const Tensor& scale,
                     const Tensor& shift, int64_t act, bool act_first, bool cl) {
   const char* env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS");
   const std::string mode = env == nullptr ? "" : env;
   if (mode != "1" && mode != "require") return false;
   const bool require = mode == "require";
+  const char* sched_env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE");
+  const std::string sched = sched_env == nullptr ? "" : sched_env;
+  TORCH_CHECK(sched.empty() || sched == "cooperative" || sched == "pingpong",
+              "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE must be unset, 'cooperative' or 'pingpong', got '", sched, "'");
+  const bool pingpong = sched == "pingpong";
   auto skip = [&](const char* why) {
     TORCH_CHECK(!require, "CONVMIXER_KERNELS_PW_CUTLASS=require: the CUTLASS pointwise GEMM does not apply: ", why);
     return false;
@@ -309,12 +315,12 @@ bool pw_fwd_cutlass(const Tensor& s, const Tensor& w2d, Tensor& y, const OptTens
                                                           scale.data_ptr(), shift.data_ptr()})
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return skip("an operand is not 16-byte aligned");
   const bool bf16 = dt == at::kBFloat16;
-  const size_t ws_bytes = pwcutlass::workspace_bytes(bf16, M, N, K);
+  const size_t ws_bytes = pwcutlass::workspace_bytes(bf16, pingpong, M, N, K);
   Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, s.options().dtype(at::kByte));
-  const cudaError_t e =
-      pwcutlass::bn_act_gemm(bf16, s.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias), scale.data_ptr<float>(),
-                             shift.data_ptr<float>(), static_cast<int>(act), act_first, M, N, K, ws.data_ptr(),
-                             c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t e = pwcutlass::bn_act_gemm(bf16, pingpong, s.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias),
+                                               scale.data_ptr<float>(), shift.data_ptr<float>(), static_cast<int>(act),
+                                               act_first, M, N, K, ws.data_ptr(),
+                                               c10::cuda::getCurrentCUDAStream().stream());
   if (e == cudaErrorNotSupported) {
     (void)cudaGetLastError();
     return skip("CUTLASS cannot implement this problem");

@@ -17,18 +17,19 @@ bool built();
 // y (M, N) row-major = bn_act(round(x @ w^T + bias)) in the storage dtype T (half: is_bf16 false,
 // bfloat16: true): x (M, K) row-major, w (N, K) row-major, bias/scale/shift float (N,) (bias may be
 // nullptr), act/act_first as in pw.cuh.  K and N multiples of 8, every pointer 16-byte aligned.
-// workspace: workspace_bytes(...) bytes (may be 0).  Returns cudaErrorNotSupported when the
-// problem cannot run here (the caller falls back).
-size_t workspace_bytes(bool is_bf16, int64_t M, int64_t N, int64_t K);
-cudaError_t bn_act_gemm(bool is_bf16, const void* x, const void* w, void* y, const float* bias, const float* scale,
-                        const float* shift, int act, bool act_first, int64_t M, int64_t N, int64_t K, void* workspace,
-                        cudaStream_t stream);
+// workspace: workspace_bytes(...) bytes (may be 0).  pingpong picks the kernel's schedule (ping-pong or
+// cooperative, pw_cutlass_gemm.cuh).  Returns cudaErrorNotSupported when the problem cannot run here (the
+// caller falls back).
+size_t workspace_bytes(bool is_bf16, bool pingpong, int64_t M, int64_t N, int64_t K);
+cudaError_t bn_act_gemm(bool is_bf16, bool pingpong, const void* x, const void* w, void* y, const float* bias,
+                        const float* scale, const float* shift, int act, bool act_first, int64_t M, int64_t N,
+                        int64_t K, void* workspace, cudaStream_t stream);
 
-// The per-dtype kernels behind them (bf16: true, fp16: false), one translation unit each
-// (pw_cutlass_bf16.cu, pw_cutlass_fp16.cu); defined only in builds with CUTLASS.
-template <bool BF16>
+// The kernels behind them per dtype (bf16: true, fp16: false) and schedule (ping-pong: true), one
+// translation unit each (pw_cutlass_{bf16,fp16}[_pp].cu); defined only in builds with CUTLASS.
+template <bool BF16, bool PP>
 size_t workspace_of(int M, int N, int K);
-template <bool BF16>
+template <bool BF16, bool PP>
 cudaError_t run_gemm(const void* x, const void* w, void* y, const float* bias, const float* scale, const float* shift,
                      int act, bool act_first, int M, int N, int K, void* workspace, cudaStream_t stream);
 

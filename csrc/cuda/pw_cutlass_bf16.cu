@@ -1,4 +1,6 @@
-// The CUTLASS pointwise eval forward for bf16 (one file per dtype: parallel build; see pw_cutlass_gemm.cuh).
+// The CUTLASS pointwise eval forward for bf16, cooperative schedule (one file per dtype and schedule: parallel
+// build; see pw_cutlass_gemm.cuh).
 #define CMK_CUTLASS_E cutlass::bfloat16_t
 #define CMK_CUTLASS_BF16 true
+#define CMK_CUTLASS_PINGPONG false
 #include "pw_cutlass_gemm.cuh"

@@ -1,11 +1,11 @@
-// The Kernel<E> template of the CUTLASS pointwise eval forward (see pw_cutlass.cu), and the definitions of
-// the per-dtype entry points of pw_cutlass.cuh for one dtype: each pw_cutlass_<dtype>.cu defines
-// CMK_CUTLASS_E (the CUTLASS element type) and CMK_CUTLASS_BF16 and includes this, so the two
-// instantiations (about 50 s each on this project's 2-core CPU) compile in parallel.
+// The Kernel<E, PP> template of the CUTLASS pointwise eval forward (see pw_cutlass.cu), and the definitions
+// of the entry points of pw_cutlass.cuh for one dtype and schedule: each pw_cutlass_<dtype>[_pp].cu defines
+// CMK_CUTLASS_E (the CUTLASS element type), CMK_CUTLASS_BF16 and CMK_CUTLASS_PINGPONG and includes this, so
+// the four instantiations (about 50 s each on this project's 2-core CPU) compile in parallel.
 #pragma once
 
-#if !defined(CMK_CUTLASS_E) || !defined(CMK_CUTLASS_BF16)
-#error "define CMK_CUTLASS_E and CMK_CUTLASS_BF16 before including pw_cutlass_gemm.cuh"
+#if !defined(CMK_CUTLASS_E) || !defined(CMK_CUTLASS_BF16) || !defined(CMK_CUTLASS_PINGPONG)
+#error "define CMK_CUTLASS_E, CMK_CUTLASS_BF16 and CMK_CUTLASS_PINGPONG before including pw_cutlass_gemm.cuh"
 #endif
 
 #include "pw_cutlass.cuh"
@@ -18,6 +18,8 @@
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
+
+#include <type_traits>
 
 #include "dw_common.cuh"  // act_fwd_t, with_act, affine: the same math as the other CUDA kernels
 
@@ -69,8 +71,17 @@ struct BnAct<cutlass::Array<float, N>> {
 
 constexpr auto kRN = cutlass::FloatRoundStyle::round_to_nearest;
 
-template <typename E>
+// PP false: the cooperative schedule (both consumer warpgroups share a 128x128 tile, then run its epilogue
+// together while the producer warp prefetches the next tile's operands); true: ping-pong (each consumer
+// warpgroup owns a whole tile, and one's epilogue overlaps the other's mainloop).  With K = 768 a tile's
+// mainloop is 12 k-blocks, and bn_act (erff for GELU) over 128x128 values is a large part of it, which the
+// cooperative schedule does not hide.
+template <typename E, bool PP>
 struct Kernel {
+  using EpiSchedule =
+      std::conditional_t<PP, cutlass::epilogue::TmaWarpSpecialized, cutlass::epilogue::TmaWarpSpecializedCooperative>;
+  using MainSchedule = std::conditional_t<PP, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                          cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
   using TileShape = Shape<_128, _128, _64>;
   using ClusterShape = Shape<_1, _1, _1>;
   using RowVec = fu::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, _0>>;
@@ -79,12 +90,12 @@ struct Kernel {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, 8, E,
-      cutlass::layout::RowMajor, 8, cutlass::epilogue::TmaWarpSpecializedCooperative, Out>::CollectiveOp;
+      cutlass::layout::RowMajor, 8, EpiSchedule, Out>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E, cutlass::layout::RowMajor, 8, E,
       cutlass::layout::ColumnMajor, 8, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      MainSchedule>::CollectiveOp;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
@@ -123,14 +134,16 @@ struct Kernel {
 }  // namespace detail
 
 template <>
-size_t workspace_of<CMK_CUTLASS_BF16>(int M, int N, int K) {
-  return detail::Kernel<CMK_CUTLASS_E>::workspace(M, N, K);
+size_t workspace_of<CMK_CUTLASS_BF16, CMK_CUTLASS_PINGPONG>(int M, int N, int K) {
+  return detail::Kernel<CMK_CUTLASS_E, CMK_CUTLASS_PINGPONG>::workspace(M, N, K);
 }
 template <>
-cudaError_t run_gemm<CMK_CUTLASS_BF16>(const void* x, const void* w, void* y, const float* bias, const float* scale,
-                                       const float* shift, int act, bool act_first, int M, int N, int K, void* ws,
-                                       cudaStream_t stream) {
-  return detail::Kernel<CMK_CUTLASS_E>::run(x, w, y, bias, scale, shift, act, act_first, M, N, K, ws, stream);
+cudaError_t run_gemm<CMK_CUTLASS_BF16, CMK_CUTLASS_PINGPONG>(const void* x, const void* w, void* y, const float* bias,
+                                                             const float* scale, const float* shift, int act,
+                                                             bool act_first, int M, int N, int K, void* ws,
+                                                             cudaStream_t stream) {
+  using K_ = detail::Kernel<CMK_CUTLASS_E, CMK_CUTLASS_PINGPONG>;
+  return K_::run(x, w, y, bias, scale, shift, act, act_first, M, N, K, ws, stream);
 }
 
 }  // namespace pwcutlass
