@@ -178,3 +178,12 @@ def test_pw_fwd_cutlass(poison, monkeypatch, schedule, dtype, act, act_first, sh
     monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", schedule)
     inp = make_pw_inputs(*shape, dtype, "cuda", channels_last=True, residual=False, bias=bias, seed=act)
     check_pw_ops(OPS, inp, act, act_first, dtype, True)
+
+
+def test_pw_cutlass_schedule_names_bad_value(monkeypatch):
+    """A schedule the build does not have is an error naming the variable, not a silent default."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "1")
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", "pinpong")
+    inp = make_pw_inputs(2, 64, 64, 8, 8, torch.bfloat16, "cuda", channels_last=True)
+    with pytest.raises(RuntimeError, match="CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE"):
+        OPS.pw_fwd(inp["x"], None, inp["weight"], inp["bias"], inp["scale"], inp["shift"], 2, True)
