@@ -15,7 +15,8 @@
 # Tests: by default the GPU-relevant ones (-k "$GPU_CHECK_K"): the cuda and triton backends and the
 # GPU-marked tests; the CPU-only files (and the CPU emulator of the CUDA kernels) run in CI.
 # A short follow-up call can narrow every stage: GPU_CHECK_K / PYTEST_ARGS (tests), GPU_CHECK_FIRST_ARGS
-# (the first look's benchmark arguments), GPU_CHECK_BENCH_ARGS (the benchmarks'), GPU_CHECK_DIAG=1.
+# (the first look's benchmark arguments), GPU_CHECK_BENCH_ARGS (the benchmarks'), GPU_CHECK_DIAG=1,
+# GPU_CHECK_NCU=0 / GPU_CHECK_NCU_ARGS (the last stage, Nsight Compute with the time left: --cases ...).
 # FIRST_RESERVE / TEST_RESERVE: the seconds those stages leave for the later ones (280 / 120).
 set -uo pipefail
 T0=$(date +%s)
@@ -128,6 +129,16 @@ if [ "${GPU_CHECK_DEMO:-0}" = 1 ] && [ "$(left)" -ge 45 ]; then
   echo "== demo ($(left) s left)"
   timeout -k 5 $(limit ${DEMO_TIMEOUT:-90} 5) $PY -m convmixer_kernels demo > "$OUT/demo.log" 2>&1 || status=1
   tail -12 "$OUT/demo.log"
+fi
+# Nsight Compute with what is left of the budget (GPU_CHECK_NCU=0: not at all): every kernel of one step of
+# each block, the largest misses first (benchmarks/ncu_steps.py) -> $OUT/ncu/summary.md and a CSV a case.
+# The 2026-11-27 gpu-check finished 130 s inside its budget; this stage takes no time from the others.
+if [ "${GPU_CHECK_NCU:-1}" = 1 ] && [ "$(left)" -ge 40 ]; then
+  echo "== ncu ($(left) s left)"
+  nb=$(limit ${NCU_STAGE_TIMEOUT:-300} 5)
+  timeout -k 5 $(( nb + 5 )) $PY -m benchmarks.ncu_steps --out "$OUT" --budget $nb ${GPU_CHECK_NCU_ARGS:-} \
+    > "$OUT/ncu.log" 2>&1 || echo "ncu stage: exit status $? (see ncu.log)"
+  grep -E "^### |ERR_|skipped" "$OUT/ncu.log" | head -20
 fi
 echo "gpu-check took $(( $(date +%s) - T0 )) s"
 exit $status
