@@ -40,6 +40,7 @@ CASES = {
     "pw_cl_eval": ("pw", 1, "channels_last", "eval", {}),
     "dw7_nchw_train": ("dw", 7, "nchw", "train", {}),
     "dw7_nchw_eval": ("dw", 7, "nchw", "eval", {}),
+    "pw_cl_eval_cutlass": ("pw", 1, "channels_last", "eval", {"CONVMIXER_KERNELS_PW_CUTLASS": "1"}),
 }
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats")
 
@@ -87,7 +88,8 @@ def find_ncu() -> str | None:
     found = shutil.which("ncu")
     if found:
         return found
-    for pattern in ("/usr/local/cuda/bin/ncu", "/usr/local/cuda-*/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"):
+    for pattern in ("/usr/local/cuda/bin/ncu", "/usr/local/cuda-*/bin/ncu", "/usr/local/cuda*/nsight-compute*/ncu",
+                    "/opt/nvidia/nsight-compute/*/ncu"):
         hits = sorted(glob.glob(pattern))
         if hits:
             return hits[-1]
