@@ -159,7 +159,7 @@ BASELINES = ("eager", "compile", "compile_max", "eager_graph")
 
 @contextlib.contextmanager
 def as_provider(prov):
-    """Run as provider `prov`: its backend, and its environment variable set inside the block."""
+    """Run as provider `prov`: its backend, and its environment variables set inside the block."""
     backend, env = PROVIDERS[prov]
     pairs = [] if env is None else list(zip(env[0::2], env[1::2]))  # (name, value, name, value, ...)
     old = {name: os.environ.get(name) for name, _ in pairs}

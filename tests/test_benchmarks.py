@@ -108,3 +108,18 @@ def test_targets_table():
     missing = [x for x in targets(rows, "cuda") if x[0].startswith("pointwise block eval <=")]
     assert missing == [("pointwise block eval <= 1.15x the bare GEMM", "-", "-", "not measured in this run", None)]
     assert all(x[0].endswith("(2-core CPU)") for x in targets(rows, "cpu"))
+
+
+def test_provider_sets_every_variable_and_restores_them(monkeypatch):
+    """A provider with two variables (cuda_cutlass_pp) sets both inside the block and leaves the
+    environment as it was: a value that was there comes back, one that was not is removed."""
+    from benchmarks import harness
+
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "0")
+    monkeypatch.delenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", raising=False)
+    monkeypatch.setitem(harness.PROVIDERS, "two_vars", ("cpu", harness.PROVIDERS["cuda_cutlass_pp"][1]))
+    with harness.as_provider("two_vars"):
+        assert os.environ["CONVMIXER_KERNELS_PW_CUTLASS"] == "require"
+        assert os.environ["CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE"] == "pingpong"
+    assert os.environ["CONVMIXER_KERNELS_PW_CUTLASS"] == "0"
+    assert "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE" not in os.environ
