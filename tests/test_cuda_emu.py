@@ -1,7 +1,9 @@
-"""The CUDA kernels themselves, on the CPU: tests/cuda_emu compiles csrc/cuda's depthwise kernels and the
-pointwise/stem per-channel passes with the host compiler against a small CUDA emulator (threads as fibers
-in a random order between barriers, shared memory that starts as NaN, cp.async copies that land only at
-the wait) and checks every op against convmixer_kernels.torch_ops with the fp64-oracle rule.  CI has no
+"""The CUDA kernels themselves, on the CPU: tests/cuda_emu compiles csrc/cuda's depthwise kernels, the
+pointwise/stem per-channel passes and the BatchNorm kernels with the host compiler against a small CUDA
+emulator (threads as fibers in a random order between barriers, shared memory that starts as NaN, cp.async
+copies that land only at the wait) and checks every op against convmixer_kernels.torch_ops with the
+fp64-oracle rule; and the pointwise/stem ops' CUDA host code (csrc/cuda/pw.cpp itself: checks, GEMMs,
+the stem's im2col on a padded K) around the emulated kernels, as the GPU tests run them.  CI has no
 GPU, so this is the only CI check of the CUDA sources' logic; `make gpu-check` runs them for real.
 
 The quick case list, on an emulated device of 3 SMs, so that blocks walk several items (the cp.async

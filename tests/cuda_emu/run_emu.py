@@ -1,6 +1,8 @@
-"""Run the CUDA kernels of the depthwise ops, and the per-channel passes of the pointwise/stem ops, on
-the CPU through tests/cuda_emu/emu.h and compare them with convmixer_kernels.torch_ops
-(tests/dw_op_cases.check_all_ops; pw_cases below), on machines without a GPU.
+"""Run the CUDA kernels of the depthwise ops, the per-channel passes of the pointwise/stem ops and the
+BatchNorm kernels on the CPU through tests/cuda_emu/emu.h, and the pointwise/stem ops' own CUDA host code
+(csrc/cuda/pw.cpp: GEMMs through ATen, the stem's padded im2col) around them, and compare them with
+convmixer_kernels.torch_ops (tests/dw_op_cases.check_all_ops; pw_cases, bn_cases, host_cases below), on
+machines without a GPU.
 
     PYTHONPATH=. python tests/cuda_emu/run_emu.py [--quick]
 
@@ -34,7 +36,7 @@ def build(jobs: int = 2):
     os.makedirs(bdir, exist_ok=True)
     wrappers = []
     cus = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "dw_*.cu"))) + [
-        os.path.join(ROOT, "csrc", "cuda", f) for f in ("pw_kernels.cu", "bn_kernels.cu")]
+        os.path.join(ROOT, "csrc", "cuda", f) for f in ("pw_kernels.cu", "bn_kernels.cu", "pw_cutlass.cu")]
     for cu in cus:
         w = os.path.join(bdir, os.path.basename(cu)[:-3] + "_emu.cpp")
         text = f'#include "{cu}"\n'
@@ -45,9 +47,9 @@ def build(jobs: int = 2):
     os.environ.setdefault("MAX_JOBS", str(jobs))
     return cpp_extension.load(
         name="cmk_cuda_emu",
-        sources=[os.path.join(HERE, "emu_runtime.cpp"), os.path.join(HERE, "emu_ops.cpp")] + wrappers,
+        sources=[os.path.join(HERE, f) for f in ("emu_runtime.cpp", "emu_ops.cpp", "emu_pw_host.cpp")] + wrappers,
         extra_cflags=["-O1", "-ffp-contract=off", "-include", os.path.join(HERE, "emu.h"), "-w"],
-        extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"),
+        extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), HERE,
                              os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")],
         build_directory=bdir,
         with_cuda=False,
@@ -225,6 +227,56 @@ def check_pw(mod, case, seed):
         assert ((dsum.double() - s_ref).abs() <= 1e-5 * (1 + s_ref.abs())).all(), "dpre channel sums differ"
 
 
+class HostOps:
+    """ops object for pw_op_cases: csrc/cuda/pw.cpp's own host functions (emu_pw_host.cpp) on CPU tensors."""
+
+    def __init__(self, mod):
+        self.m = mod
+
+    def __getattr__(self, name):
+        return getattr(self.m, "host_" + name)
+
+    def bn_act_fwd(self, pre, scale, shift, act, act_first, residual=None):
+        return self.m.host_bn_act_fwd(pre, scale, shift, act, act_first, residual)
+
+
+def host_cases(quick: bool):
+    # ("pw", (N, C_in, C_out, H, W), dtype, channels_last, act, act_first, residual, bias) and
+    # ("stem", p, (H, W), dtype, channels_last, act, act_first): the GPU tests' shapes; the stem's K = 3*p*p
+    # is 12, 147, 588, 48: padded to 16 bytes (16, 152, 592, 48 in 16-bit types; 12, 148, 588, 48 in fp32).
+    out = []
+    pw_shapes = [(2, 37, 53, 5, 7), (2, 64, 64, 8, 8)]
+    for i, (shape, dt, cl) in enumerate(itertools.product(pw_shapes, DTYPES, [False, True])):
+        out.append(("pw", shape, dt, cl, i % 5, bool(i % 2), bool((i // 2) % 2), bool((i // 3) % 2 == 0)))
+    stems = [(2, (9, 7)), (7, (17, 16)), (14, (30, 29)), (4, (32, 32))]
+    for i, ((p, hw), dt, cl) in enumerate(itertools.product(stems, DTYPES, [False, True])):
+        out.append(("stem", p, hw, dt, cl, (2, 4, 0)[i % 3], i % 3 != 1))
+    return out[::3] if quick else out
+
+
+def check_host(mod, case, seed):
+    """csrc/cuda/pw.cpp's ops (checks, GEMMs, im2col, passes) against the spec, as the GPU tests do, with
+    every output starting as NaN."""
+    from pw_op_cases import check_pw_ops, check_stem_ops, make_pw_inputs
+
+    old = os.environ.get("CONVMIXER_KERNELS_POISON_OUTPUTS")
+    os.environ["CONVMIXER_KERNELS_POISON_OUTPUTS"] = "1"
+    try:
+        if case[0] == "pw":
+            _, shape, dt, cl, act, af, residual, bias = case
+            inp = make_pw_inputs(*shape, dt, "cpu", channels_last=cl, residual=residual, bias=bias, seed=seed)
+            check_pw_ops(HostOps(mod), inp, act, af, dt, cl)
+        else:
+            _, p, (h, w), dt, cl, act, af = case
+            inp = make_pw_inputs(2, 3, 53 if p == 7 else 24, h, w, dt, "cpu", channels_last=cl, stem_p=p, seed=seed)
+            check_stem_ops(HostOps(mod), inp, act, af, dt, cl)
+    finally:
+        if old is None:
+            os.environ.pop("CONVMIXER_KERNELS_POISON_OUTPUTS", None)
+        else:
+            os.environ["CONVMIXER_KERNELS_POISON_OUTPUTS"] = old
+
+
 def bn_cases():
     # (C, gamma/beta given, momentum): fewer channels than a block's threads, several blocks (params,
     # coefs) and several trips of the one-block running update; momentum None is the cumulative average.
@@ -325,7 +377,8 @@ def main():
                     os.environ[name] = v
         print(f"ok   {tag} ({time.time() - t1:.1f}s)", flush=True)
     total = len(cs)
-    for label, more, check in (("pw", pw_cases(args.quick), check_pw), ("bn", bn_cases(), check_bn)):
+    for label, more, check in (("pw", pw_cases(args.quick), check_pw), ("bn", bn_cases(), check_bn),
+                               ("host", host_cases(args.quick), check_host)):
         more = [c for c in more if args.only in f"{label} {c}"] if args.only else more
         total += len(more)
         for n, c in enumerate(more):

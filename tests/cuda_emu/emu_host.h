@@ -1,0 +1,19 @@
+// Stand-ins for the c10/cuda pieces csrc/cuda/pw.cpp uses, when the CPU emulator compiles that file's host
+// code (tests/cuda_emu/emu_pw_host.cpp) for CPU tensors: the device guard does nothing, the current
+// stream is the null stream (the emulated launches ignore it), C10_CUDA_CHECK is emu.h's.
+#pragma once
+
+#include <c10/core/Device.h>
+#include <cuda_runtime_api.h>
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+struct CUDAStream {
+  cudaStream_t stream() const { return nullptr; }
+};
+inline CUDAStream getCurrentCUDAStream(int = -1) { return {}; }
+}  // namespace cuda
+}  // namespace c10
