@@ -2,9 +2,6 @@
 // csrc/cpu/bn.cpp): checks, outputs, device guard, the caller's stream, one launch (bn_kernels.cu).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -13,15 +10,14 @@
 #include "bn.h"
 #include "common.h"
 #include "cuda/bn.cuh"
+#include "cuda/cuda_host.h"
 
 namespace convmixer_kernels {
 namespace {
 
 using at::Tensor;
 
-void check_cuda(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got a tensor on ", t.device());
-}
+void check_cuda(const Tensor& t, const char* name) { check_on_device(t, name); }
 
 std::tuple<Tensor, Tensor, Tensor> bn_params_cuda(const Tensor& mean, const Tensor& var,
                                                   const std::optional<Tensor>& weight,
@@ -78,8 +74,10 @@ void bn_update_running_cuda(const Tensor& running_mean, const Tensor& running_va
 }  // namespace
 }  // namespace convmixer_kernels
 
+#ifndef CMK_EMULATE  // (cuda_host.h)
 TORCH_LIBRARY_IMPL(convmixer_kernels, CUDA, m) {
   m.impl("bn_params", &convmixer_kernels::bn_params_cuda);
   m.impl("bn_bwd_coefs", &convmixer_kernels::bn_bwd_coefs_cuda);
   m.impl("bn_update_running", &convmixer_kernels::bn_update_running_cuda);
 }
+#endif

@@ -4,9 +4,6 @@
 // kernels (dw_*.cu) see raw pointers and sizes only.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -16,6 +13,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "cuda/cuda_host.h"
 #include "cuda/dw.cuh"
 
 namespace convmixer_kernels {
@@ -40,7 +38,7 @@ void check_launch(cudaError_t e) {
 }
 
 bool check_x(const Tensor& x, const char* name, dwcuda::DwGeom& g) {
-  TORCH_CHECK(x.is_cuda(), name, ": expected a CUDA tensor, got a tensor on ", x.device());
+  check_on_device(x, name);
   check_storage_dtype(x, name, /*allow_double=*/false);
   const bool cl = is_channels_last(x, name);
   g.N = x.size(0);
@@ -191,9 +189,11 @@ std::tuple<Tensor, Tensor, Tensor> dw_bwd_cuda(const Tensor& dy, const Tensor& x
 }  // namespace
 }  // namespace convmixer_kernels
 
+#ifndef CMK_EMULATE  // (cuda_host.h)
 TORCH_LIBRARY_IMPL(convmixer_kernels, CUDA, m) {
   m.impl("dw_conv_stats", &convmixer_kernels::dw_conv_stats_cuda);
   m.impl("dw_fwd", &convmixer_kernels::dw_fwd_cuda);
   m.impl("dw_bwd_reduce", &convmixer_kernels::dw_bwd_reduce_cuda);
   m.impl("dw_bwd", &convmixer_kernels::dw_bwd_cuda);
 }
+#endif

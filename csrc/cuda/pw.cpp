@@ -48,13 +48,6 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#ifndef CMK_EMULATE
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#else  // the CPU emulator of the CUDA kernels (tests/cuda_emu) runs this file's host code on CPU tensors
-#include "emu_host.h"
-#endif
 #include <torch/library.h>
 
 #include <cstdint>
@@ -67,6 +60,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda_host.h"
 #include "pw.cuh"
 #include "pw_cutlass.cuh"
 
@@ -94,16 +88,10 @@ pw::DType dtype_of(const Tensor& t) {
   return pw::DType::kFloat;  // unreachable
 }
 
-#ifdef CMK_EMULATE
-constexpr bool kEmulated = true;
-#else
-constexpr bool kEmulated = false;
-#endif
-
 // The tensor that fixes device, dtype and memory format of an op (x, or pre for the elementwise
 // ops): 4-D, on CUDA, fp32/fp16/bf16 (no fp64 on CUDA), NCHW- or channels_last-contiguous.
 bool check_anchor(const Tensor& t, const char* name) {
-  TORCH_CHECK(kEmulated || t.is_cuda(), name, ": expected a CUDA tensor, got a tensor on ", t.device());
+  check_on_device(t, name);
   check_storage_dtype(t, name, /*allow_double=*/false);
   return is_channels_last(t, name);
 }
@@ -585,7 +573,7 @@ Tensor bn_act_bwd_cuda(const Tensor& dy, const Tensor& pre, const Tensor& scale,
 }  // namespace
 }  // namespace convmixer_kernels
 
-#ifndef CMK_EMULATE  // (the emulator calls the functions above directly: tests/cuda_emu/emu_pw_host.cpp)
+#ifndef CMK_EMULATE  // (cuda_host.h)
 TORCH_LIBRARY_IMPL(convmixer_kernels, CUDA, m) {
   using namespace convmixer_kernels;
   m.impl("pw_gemm_stats", &pw_gemm_stats_cuda);

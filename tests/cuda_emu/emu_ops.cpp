@@ -20,7 +20,10 @@
 namespace cmk_emu {
 extern int g_sms;
 extern int g_smem_optin;
-void bind_pw_host(pybind11::module_& m);  // emu_pw_host.cpp: csrc/cuda/pw.cpp's own host code
+// emu_host_{pw,dw,bn}.cpp: the host code of csrc/cuda/{pw,dw,bn}.cpp itself
+void bind_pw_host(pybind11::module_& m);
+void bind_dw_host(pybind11::module_& m);
+void bind_bn_host(pybind11::module_& m);
 }  // namespace cmk_emu
 
 namespace {
@@ -265,6 +268,8 @@ void bn_update_running(const Tensor& rm, const Tensor& rv, const std::optional<T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cmk_emu::bind_pw_host(m);
+  cmk_emu::bind_dw_host(m);
+  cmk_emu::bind_bn_host(m);
   m.def("bn_params", &bn_params);
   m.def("bn_bwd_coefs", &bn_bwd_coefs);
   m.def("bn_update_running", &bn_update_running);

@@ -47,7 +47,8 @@ def build(jobs: int = 2):
     os.environ.setdefault("MAX_JOBS", str(jobs))
     return cpp_extension.load(
         name="cmk_cuda_emu",
-        sources=[os.path.join(HERE, f) for f in ("emu_runtime.cpp", "emu_ops.cpp", "emu_pw_host.cpp")] + wrappers,
+        sources=[os.path.join(HERE, f) for f in ("emu_runtime.cpp", "emu_ops.cpp", "emu_host_pw.cpp", "emu_host_dw.cpp",
+                                                 "emu_host_bn.cpp")] + wrappers,
         extra_cflags=["-O1", "-ffp-contract=off", "-include", os.path.join(HERE, "emu.h"), "-w"],
         extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), HERE,
                              os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")],
@@ -228,7 +229,8 @@ def check_pw(mod, case, seed):
 
 
 class HostOps:
-    """ops object for pw_op_cases: csrc/cuda/pw.cpp's own host functions (emu_pw_host.cpp) on CPU tensors."""
+    """ops object for pw_op_cases and dw_op_cases: the host functions of csrc/cuda/{pw,dw}.cpp themselves
+    (emu_host_*.cpp) on CPU tensors."""
 
     def __init__(self, mod):
         self.m = mod
@@ -251,12 +253,15 @@ def host_cases(quick: bool):
     stems = [(2, (9, 7)), (7, (17, 16)), (14, (30, 29)), (4, (32, 32))]
     for i, ((p, hw), dt, cl) in enumerate(itertools.product(stems, DTYPES, [False, True])):
         out.append(("stem", p, hw, dt, cl, (2, 4, 0)[i % 3], i % 3 != 1))
+    # ("dw", shape, k, dtype, channels_last, act, act_first, residual, bias)
+    for i, (k, dt, cl) in enumerate(itertools.product([3, 7, 9], DTYPES, [False, True])):
+        out.append(("dw", (2, 37, 17, 23), k, dt, cl, i % 5, bool(i % 2), bool((i // 2) % 2), i % 3 != 2))
     return out[::3] if quick else out
 
 
 def check_host(mod, case, seed):
-    """csrc/cuda/pw.cpp's ops (checks, GEMMs, im2col, passes) against the spec, as the GPU tests do, with
-    every output starting as NaN."""
+    """The ops of csrc/cuda/pw.cpp (checks, GEMMs, im2col, passes) and dw.cpp (checks, workspace, launches)
+    against the spec, as the GPU tests run them, with every output starting as NaN."""
     from pw_op_cases import check_pw_ops, check_stem_ops, make_pw_inputs
 
     old = os.environ.get("CONVMIXER_KERNELS_POISON_OUTPUTS")
@@ -266,6 +271,10 @@ def check_host(mod, case, seed):
             _, shape, dt, cl, act, af, residual, bias = case
             inp = make_pw_inputs(*shape, dt, "cpu", channels_last=cl, residual=residual, bias=bias, seed=seed)
             check_pw_ops(HostOps(mod), inp, act, af, dt, cl)
+        elif case[0] == "dw":
+            _, shape, k, dt, cl, act, af, residual, bias = case
+            inp = make_inputs(*shape, k, dt, "cpu", channels_last=cl, bias=bias, seed=seed)
+            check_all_ops(HostOps(mod), inp, act, af, residual, dt, cl)
         else:
             _, p, (h, w), dt, cl, act, af = case
             inp = make_pw_inputs(2, 3, 53 if p == 7 else 24, h, w, dt, "cpu", channels_last=cl, stem_p=p, seed=seed)
@@ -321,6 +330,16 @@ def check_bn(mod, case, seed):
     functional.update_running_stats(o_rm, o_rv, o_n, mean.double(), var.double(), n, momentum, "torch")
     check_2x("running_mean", rm, t_rm, o_rm, torch.float32)
     check_2x("running_var", rv, t_rv, o_rv, torch.float32)
+    # csrc/cuda/bn.cpp's own host code around the same kernels: the same bits, and its version bumps
+    h_rm, h_rv, h_n = rm0.clone(), rv0.clone(), nbt0.clone()
+    v0 = h_rm._version
+    mod.host_bn_update_running(h_rm, h_rv, h_n, mean, var, float(n), momentum)
+    assert torch.equal(h_rm, rm) and torch.equal(h_rv, rv) and int(h_n) == 5, "host bn_update_running"
+    assert h_rm._version > v0, "host bn_update_running: running_mean's version counter not bumped"
+    assert all(torch.equal(a, b) for a, b in zip(got, mod.host_bn_params(mean, var, gamma, beta, eps))), \
+        "host bn_params"
+    assert all(torch.equal(a, b) for a, b in zip((cb, cd), mod.host_bn_bwd_coefs(sum_g, sum_gx, scale, invstd,
+                                                                                  float(n), True))), "host bn_bwd_coefs"
     if ops._HAS_BN_OPS:  # the extension's CPU loops: the same formula, so the same bits
         cpu = torch.ops.convmixer_kernels
         assert all(torch.equal(a, b) for a, b in zip(got, cpu.bn_params(mean, var, gamma, beta, eps))), "bn_params"

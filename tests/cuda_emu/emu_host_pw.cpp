@@ -1,7 +1,7 @@
 // The host code of the CUDA pointwise/stem/elementwise-BN ops (csrc/cuda/pw.cpp itself: its checks, the
 // cuBLAS GEMMs through ATen, the stem's im2col on a K padded to 16 bytes, the passes' launches) on CPU
-// tensors, with the emulated kernels: what otherwise runs only on a GPU.  Bound into the emulator's
-// module by emu_ops.cpp (bind_pw_host).
+// tensors, with the emulated kernels: what otherwise runs only on a GPU (csrc/cuda/cuda_host.h).  Bound
+// into the emulator's module by emu_ops.cpp (bind_pw_host).
 #include "cuda/pw.cpp"
 
 #include <torch/extension.h>
