@@ -8,7 +8,8 @@ bf16, GELU, the `cuda` backend), runs three warm-up steps, then one step between
 cudaProfilerStop; ncu (`--profile-from-start off`) profiles exactly that step's kernels.  Its CSV goes to
 DIR/ncu/<case>.csv, and one line a kernel to DIR/ncu/summary.md: time, SM and memory throughput (% of
 peak), DRAM throughput, achieved / theoretical occupancy, registers, waves, cycles between a warp's
-issued instructions and the share of cycles a scheduler had no eligible warp.  Those say which of
+issued instructions, the share of cycles a scheduler had no eligible warp, and the three largest stall
+reasons.  Those say which of
 issue, bandwidth, latency or occupancy bounds a kernel: what the step's timings alone could not tell
 (benchmarks/results/NOTES.md, plan item 3).  Needs ncu and access to the GPU's performance counters;
 where either is missing the summary says so.  Informational: it exits 0 unless its arguments are wrong.
@@ -43,6 +44,11 @@ CASES = {
     "pw_cl_eval_cutlass": ("pw", 1, "channels_last", "eval", {"CONVMIXER_KERNELS_PW_CUTLASS": "1"}),
 }
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats")
+# Where a warp's cycles between two issued instructions go, by stall reason (WarpStateStats' chart, which
+# the details page leaves out): the three largest per kernel go into the table.  A case whose ncu rejects
+# them runs again without.
+STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
+STALL_METRICS = "regex:" + STALL_PREFIX + ".*" + STALL_SUFFIX.replace(".", "\\.")
 
 # (column, metric name in ncu's details page)
 COLUMNS = [
@@ -138,17 +144,27 @@ def kernels_of(rows: list[dict]) -> list[dict]:
         for col, want in COLUMNS:
             if metric == want and col not in k:
                 k[col] = _number(value)
+        if metric.startswith(STALL_PREFIX) and metric.endswith(STALL_SUFFIX) and _number(value) is not None:
+            k.setdefault("stalls", {})[metric[len(STALL_PREFIX):-len(STALL_SUFFIX)]] = _number(value)
     return [out[i] for i in sorted(out, key=int)]
 
 
+def top_stalls(k: dict, n: int = 3) -> str:
+    """The n largest stall reasons of a kernel (cycles per issued instruction), 'selected' (issuing) left out."""
+    st = sorted(((v, r) for r, v in k.get("stalls", {}).items() if r not in ("selected", "not_selected")),
+                reverse=True)
+    return ", ".join(f"{r} {v:.2g}" for v, r in st[:n]) or "-"
+
+
 def table(case: str, kernels: list[dict]) -> str:
-    head = "| kernel | grid | block | us | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    head = "| kernel | grid | block | us | " + " | ".join(c for c, _ in COLUMNS) + " | top stalls |"
     lines = [f"### {case}: {len(kernels)} kernels, {sum(k.get('us', 0.0) for k in kernels):.1f} us in all", "",
-             head, "|" + "---|" * (4 + len(COLUMNS))]
+             head, "|" + "---|" * (5 + len(COLUMNS))]
     for k in kernels:
         vals = [f"{k[c]:.4g}" if k.get(c) is not None else "-" for c, _ in COLUMNS]
         us = f"{k['us']:.1f}" if "us" in k else "-"
-        lines.append(f"| {k['name']} | {k['grid']} | {k['block']} | {us} | " + " | ".join(vals) + " |")
+        lines.append(f"| {k['name']} | {k['grid']} | {k['block']} | {us} | " + " | ".join(vals)
+                     + f" | {top_stalls(k)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +180,25 @@ def summarize(paths: list[str]) -> str:
             why = [line for line in text.splitlines() if "==ERROR==" in line or "ERR_" in line][:3]
             parts.append(f"### {case}: no kernels profiled\n\n" + ("\n".join(why) or "(no ncu output)") + "\n")
     return "\n".join(parts)
+
+
+def run_ncu(ncu: str, case: str, timeout: int, stalls: bool) -> str:
+    """ncu's output (CSV, with the program's and ncu's own lines) for one case."""
+    cmd = [ncu, "--profile-from-start", "off", "--target-processes", "all", "--csv", "--page", "details"]
+    for s in SECTIONS:
+        cmd += ["--section", s]
+    if stalls:
+        cmd += ["--metrics", STALL_METRICS]
+    cmd += [sys.executable, "-m", "benchmarks.ncu_steps", "--child", case]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **CASES[case][4])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        return r.stdout + ("\n" + r.stderr if r.stderr else "")
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return text + f"\n==ERROR== stopped after {timeout} s\n"
+    except OSError as e:
+        return f"==ERROR== could not run ncu: {e}\n"
 
 
 def main(argv=None) -> int:
@@ -204,19 +239,11 @@ def main(argv=None) -> int:
                 print(f"{case}: skipped, {max(timeout, 0)} s of the budget left", flush=True)
                 continue
         path = os.path.join(out, f"{case}.csv")
-        cmd = [ncu, "--profile-from-start", "off", "--target-processes", "all", "--csv", "--page", "details"]
-        for s in SECTIONS:
-            cmd += ["--section", s]
-        cmd += [sys.executable, "-m", "benchmarks.ncu_steps", "--child", case]
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **CASES[case][4])
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-            text = r.stdout + ("\n" + r.stderr if r.stderr else "")
-        except subprocess.TimeoutExpired as e:
-            text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            text += f"\n==ERROR== stopped after {timeout} s\n"
-        except OSError as e:
-            text = f"==ERROR== could not run ncu: {e}\n"
+        t0 = time.monotonic()
+        text = run_ncu(ncu, case, timeout, stalls=True)
+        if not rows_of(text) and "metric" in text.lower() and timeout - (time.monotonic() - t0) >= 15:
+            text += "\n(again without the stall metrics)\n" + run_ncu(ncu, case, int(timeout - (time.monotonic() - t0)),
+                                                                   stalls=False)
         open(path, "w").write(text)
         paths.append(path)
         print(summarize([path]), flush=True)

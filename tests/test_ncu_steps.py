@@ -29,6 +29,16 @@ CSV = "\n".join([
     _row(0, KERNEL_A, "Occupancy", "Achieved Occupancy", "%", "23.9"),
     _row(0, KERNEL_A, "Launch Statistics", "Registers Per Thread", "register/thread", "128"),
     _row(0, KERNEL_A, "Warp State Statistics", "Warp Cycles Per Issued Instruction", "cycle", "7.1"),
+    _row(0, KERNEL_A, "Command line profiler metrics",
+         "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "ratio", "3.2"),
+    _row(0, KERNEL_A, "Command line profiler metrics",
+         "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio", "ratio", "1.5"),
+    _row(0, KERNEL_A, "Command line profiler metrics",
+         "smsp__average_warps_issue_stalled_selected_per_issue_active.ratio", "ratio", "9.0"),
+    _row(0, KERNEL_A, "Command line profiler metrics",
+         "smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio", "ratio", "0.4"),
+    _row(0, KERNEL_A, "Command line profiler metrics",
+         "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio", "ratio", "0.9"),
     _row(1, KERNEL_B, "GPU Speed Of Light Throughput", "Duration", "nsecond", "4,096", grid="(3, 1, 1)"),
     _row(1, KERNEL_B, "Scheduler Statistics", "No Eligible", "%", "91.2", grid="(3, 1, 1)"),
     "==PROF== Disconnected from process 77",
@@ -44,6 +54,9 @@ def test_kernels_of_reads_every_launch_in_order_with_units():
     assert a["cyc/issue"] == 7.1 and "no elig %" not in a  # (a metric ncu did not print)
     assert abs(b["us"] - 4.096) < 1e-9  # nanoseconds, with a thousands separator
     assert b["no elig %"] == 91.2 and b["grid"] == "(3, 1, 1)"
+    # the largest stall reasons, 'selected' (issuing, not a stall) left out
+    assert ncu_steps.top_stalls(a) == "long_scoreboard 3.2, barrier 1.5, wait 0.9"
+    assert ncu_steps.top_stalls(b) == "-"
     table = ncu_steps.table("dw7_cl_eval", ks)
     assert "2 kernels, 358.3 us in all" in table
     assert table.count("\n| ") == 3  # the header and one line a kernel
@@ -92,6 +105,20 @@ def test_parent_writes_each_case_and_the_summary(tmp_path, monkeypatch):
     assert summary.count("2 kernels, 358.3 us in all") == 2
     assert "### pw_cl_train" in summary and "### dw7_cl_eval" in summary
     assert os.path.exists(os.path.join(tmp_path, "ncu", "pw_cl_train.csv"))
+
+
+def test_a_rejected_stall_metric_runs_the_case_again_without(tmp_path, monkeypatch):
+    data = tmp_path / "out.csv"
+    data.write_text(CSV + "\n")
+    exe = tmp_path / "picky-ncu"
+    exe.write_text("#!/bin/sh\ncase \"$*\" in *--metrics*) echo '==ERROR== Failed to find metric regex:x'; "
+                   f"exit 1;; esac\ncat '{data}'\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("NCU", str(exe))
+    assert ncu_steps.main(["--out", str(tmp_path), "--cases", "dw7_cl_eval"]) == 0
+    text = open(os.path.join(tmp_path, "ncu", "dw7_cl_eval.csv")).read()
+    assert "Failed to find metric" in text and "(again without the stall metrics)" in text
+    assert "2 kernels, 358.3 us in all" in open(os.path.join(tmp_path, "ncu", "summary.md")).read()
 
 
 def test_budget_skips_cases_that_cannot_run(tmp_path, monkeypatch, capsys):
