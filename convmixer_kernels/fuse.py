@@ -1,13 +1,19 @@
 """fuse(model) / unfuse(model): swap fused kernels into any nn.Module tree by pattern matching.
 
 Patterns, found in every nn.Sequential of the tree (the paper's ConvMixer, timm's ConvMixer, MobileNet-like
-stacks all build their blocks from Sequentials):
+stacks all build their blocks from Sequentials), and conv -> BatchNormAct pairs anywhere:
 
 * ``Residual(fn=Sequential(dwconv, act, BN))``                 -> FusedDepthwiseBlock(residual=True)
 * a run ``conv, act, BN`` or ``conv, BN, act`` of a Sequential, where conv is
     - depthwise (groups = C, odd k, stride 1, "same" zero padding)   -> fused depthwise block
     - 1x1 (stride 1, no padding, groups 1)                         -> fused pointwise block
     - a patch embedding (k = stride = p, no padding, groups 1)       -> fused stem
+
+* a conv (as above) followed by a BatchNorm that applies its own activation (timm's BatchNormAct2d, in its
+  EfficientNet / MobileNet / ConvNormAct blocks: conv -> BN -> act), either next to each other in a
+  Sequential or as children of any module whose forward passes the conv's output to the BN and nowhere
+  else (checked on a torch.fx trace of that forward; a forward that does not trace is left alone)
+                                                                   -> the same fused blocks, norm_act
 
 A Sequential that is exactly such a run is replaced by FusedDepthwiseBlock / FusedPointwiseBlock /
 FusedPatchEmbed holding the same children.  A run inside a longer Sequential keeps every position: the
@@ -88,19 +94,74 @@ def match_run(mods: list[nn.Module], counts: dict[int, int]) -> tuple[dict | Non
         return None, None
     if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
         return None, f"{type(bn).__name__} is not nn.BatchNorm2d or nn.SyncBatchNorm"
+    return _plan(conv, act, bn, order, counts)
+
+
+def _plan(conv, act, bn, order, counts) -> tuple[dict | None, str | None]:
+    """The checks every matched conv, activation and BatchNorm pass: (plan, None) or (None, why not)."""
     kind, why = conv_kind(conv)
     if kind is None:
         return None, why
     if activation_name(act) is None:
         return None, f"activation {type(act).__name__} is not supported (GELU, GELU(tanh), ReLU, SiLU, Identity)"
+    bn_name = type(bn).__name__
     if bn.num_features != conv.out_channels:
-        return None, f"BatchNorm2d({bn.num_features}) does not match the conv's {conv.out_channels} channels"
-    for m, what in ((conv, "conv"), (act, "activation"), (bn, "BatchNorm2d")):
+        return None, f"{bn_name}({bn.num_features}) does not match the conv's {conv.out_channels} channels"
+    for m, what in ((conv, "conv"), (act, "activation"), (bn, bn_name)):
         if _has_hooks(m):
             return None, f"the {what} has hooks"
         if counts.get(id(m), 0) > 1:
             return None, f"the {what} is shared (used more than once in the model)"
     return dict(kind=kind, conv=conv, act=act, bn=bn, order=order), None
+
+
+def bn_act_of(m: nn.Module) -> nn.Module | None:
+    """The activation of a BatchNorm that applies its own after normalizing (timm's BatchNormAct2d: an
+    nn.BatchNorm2d subclass with `act` and `drop` children, conv -> BN -> act in one module), else None."""
+    if not isinstance(m, nn.BatchNorm2d) or "BatchNormAct" not in type(m).__name__:
+        return None
+    act, drop = m._modules.get("act"), m._modules.get("drop")
+    if act is None or not (drop is None or isinstance(drop, nn.Identity)):
+        return None
+    return act
+
+
+def match_pair(conv: nn.Module, bn: nn.Module, counts: dict[int, int]) -> tuple[dict | None, str | None]:
+    """Match conv -> BatchNormAct (conv, BN, act with the act inside the BN module): (plan, None), (None, why
+    not), or (None, None) if not a candidate."""
+    act = bn_act_of(bn)
+    if type(conv) is not nn.Conv2d or act is None:
+        return None, None
+    return _plan(conv, act, bn, "norm_act", counts)
+
+
+def direct_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """(conv child, BatchNormAct child) of a module whose forward calls each once and passes the conv's output
+    to the BatchNormAct and nowhere else: read from a torch.fx trace of the forward with every child a leaf.
+    [] when the forward does not trace (data-dependent control flow, ...)."""
+    import torch.fx as fx
+
+    class _ChildrenAreLeaves(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return True
+
+    try:
+        graph = _ChildrenAreLeaves().trace(module)
+    except Exception:  # noqa: BLE001  (any failure to trace: nothing is fused here)
+        return []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op == "call_module" and calls[user.target] == 1 and user.args == (node,) and not user.kwargs \
+                and "." not in node.target and "." not in user.target:
+            pairs.append((node.target, user.target))
+    return pairs
 
 
 def _is_residual(m: nn.Module) -> bool:
@@ -176,11 +237,44 @@ def _check_fusable_model(model: nn.Module):
                              "weights) before fusing")
 
 
+def _fused_head_and_slot(plan, into: str, sync_bn, process_group):
+    """The fused conv (runs the whole plan) and the BN's pass-through placeholder (keeps its parameters)."""
+    head = _retype(plan["conv"], FusedConv2d)
+    slot = _retype(plan["bn"], FusedAwayBatchNorm2d)
+    slot.__dict__.update(_fused_into=into, _fused_orig_cls=type(plan["bn"]))
+    head.__dict__.update(_fused_peers=[slot], _fused_act=activation_name(plan["act"]),
+                         _fused_order=plan["order"], _fused_kind=plan["kind"],
+                         _fused_sync=sync_bn or isinstance(plan["bn"], nn.SyncBatchNorm),
+                         _fused_pg=process_group if process_group is not None
+                         else getattr(plan["bn"], "process_group", None))
+    return head, slot
+
+
+def _fuse_pair(module: nn.Module, conv_name: str, bn_name: str, prefix: str, counts, report: FuseReport, sync_bn,
+               process_group) -> bool:
+    """conv -> BatchNormAct children of module (the conv's output goes to the BN only): fused conv + placeholder."""
+    plan, why = match_pair(module._modules[conv_name], module._modules[bn_name], counts)
+    if plan is None:
+        if why is not None:
+            report.skipped.append((f"{prefix}{conv_name}", why))
+        return False
+    head, slot = _fused_head_and_slot(plan, conv_name, sync_bn, process_group)
+    module._modules[conv_name] = head
+    module._modules[bn_name] = slot
+    what = f"{prefix}{conv_name}, {prefix}{bn_name} ({type(plan['bn']).__name__})"
+    report.fused.append((f"{prefix}{conv_name}", f"{what} -> {_KIND_NAMES[plan['kind']]} ({head._fused_act}, norm_act)"))
+    return True
+
+
 def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseReport, sync_bn, process_group):
-    """Runs conv, act, BN inside a Sequential: fused conv + placeholders, every position kept."""
+    """Runs conv, act, BN (or conv, BatchNormAct) inside a Sequential: fused conv + placeholders, every position
+    kept."""
     names = list(seq._modules)
     i = 0
     while i < len(names):
+        if i + 1 < len(names) and bn_act_of(seq._modules[names[i + 1]]) is not None:
+            i += 2 if _fuse_pair(seq, names[i], names[i + 1], prefix, counts, report, sync_bn, process_group) else 1
+            continue
         plan, why = match_run([seq._modules[n] for n in names[i:i + 3]], counts)
         if plan is None:
             if why is not None:
@@ -188,14 +282,7 @@ def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseRep
             i += 1
             continue
         into = names[i]
-        head = _retype(plan["conv"], FusedConv2d)
-        slot = _retype(plan["bn"], FusedAwayBatchNorm2d)
-        slot.__dict__.update(_fused_into=into, _fused_orig_cls=type(plan["bn"]))
-        head.__dict__.update(_fused_peers=[slot], _fused_act=activation_name(plan["act"]),
-                             _fused_order=plan["order"], _fused_kind=plan["kind"],
-                             _fused_sync=sync_bn or isinstance(plan["bn"], nn.SyncBatchNorm),
-                             _fused_pg=process_group if process_group is not None
-                             else getattr(plan["bn"], "process_group", None))
+        head, slot = _fused_head_and_slot(plan, into, sync_bn, process_group)
         act_pos = 1 if plan["order"] == "act_norm" else 2
         seq._modules[names[i]] = head
         seq._modules[names[i + act_pos]] = FusedAway(plan["act"], into)
@@ -239,6 +326,11 @@ def _fuse_tree(module: nn.Module, prefix: str, counts, report: FuseReport, sync_
         _fuse_tree(child, f"{full}.", counts, report, sync_bn, process_group)
     if isinstance(module, nn.Sequential):
         _fuse_runs_in_place(module, prefix, counts, report, sync_bn, process_group)
+    elif any(bn_act_of(c) is not None for c in module._modules.values()) and not _has_hooks(module):
+        # conv -> BatchNormAct children of any other module (timm's EfficientNet/MobileNet blocks, ConvNormAct)
+        for conv_name, bn_name in direct_pairs(module):
+            if bn_act_of(module._modules[bn_name]) is not None:
+                _fuse_pair(module, conv_name, bn_name, prefix, counts, report, sync_bn, process_group)
 
 
 def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False, return_report: bool = False,
