@@ -299,9 +299,10 @@ def residual_suite(bench):
 
 # ----------------------------------------------------------------------------------------- models
 def model_cases(bench):
-    """(name, batch, resolution, providers): timm's ConvMixers and two ViTs of similar size on the GPU
-    (224x224); on the CPU, ConvMixer-768/32 and DeiT-S at a small batch and the CIFAR-sized reference
-    ConvMixer-256/8; a tiny reference ConvMixer for the smoke test.  `auto`: the fused model as a user
+    """(name, batch, resolution, providers): timm's ConvMixers, two ViTs of similar size and EfficientNet-B0
+    (a norm_act depthwise net) on the GPU (224x224); on the CPU, ConvMixer-768/32, DeiT-S and EfficientNet-B0
+    at a small batch and the CIFAR-sized reference ConvMixer-256/8; a tiny reference ConvMixer for the smoke
+    test.  `auto`: the fused model as a user
     runs it (fuse(model), default backend choice per op); `cuda`/`triton`: every fused op on that backend."""
     if bench.device == "cuda":
         cm = ("eager", "compile", "auto", "cuda", "auto_mma")
@@ -311,11 +312,12 @@ def model_cases(bench):
         return [("timm:convmixer_1536_20", 64, 224, cm + ("triton",)), ("timm:convmixer_768_32", 64, 224, cm),
                 ("timm:convmixer_1024_20_ks9_p14", 64, 224, cm),
                 ("timm:deit_small_patch16_224", 64, 224, ("eager", "compile")),
-                ("timm:vit_small_patch16_224", 64, 224, ("eager", "compile"))]
+                ("timm:vit_small_patch16_224", 64, 224, ("eager", "compile")),
+                ("timm:efficientnet_b0", 64, 224, ("eager", "compile", "auto"))]
     if bench.quick:
         return [("convmixer-32/2-k5-p4", 2, 32, ("eager", "auto"))]
     return [("convmixer-256/8-k5-p2", 32, 32, ("eager", "auto")), ("timm:convmixer_768_32", 2, 224, ("eager", "auto")),
-            ("timm:deit_small_patch16_224", 2, 224, ("eager",))]
+            ("timm:deit_small_patch16_224", 2, 224, ("eager",)), ("timm:efficientnet_b0", 8, 224, ("eager", "auto"))]
 
 
 def _make_model(name):
@@ -355,10 +357,12 @@ def model_suite(bench):
                 bench.recorder(dict(suite="model", op=name, provider="eager", mode="eval", dtype=_dtype_name(dtype),
                                     layout="-", shape=f"{name} B={B} {res}x{res}"))[1](e)
                 continue
-            convmixer = "convmixer" in name
-            fused_base = ck.fuse(copy.deepcopy(base)) if convmixer else None
+            # fused providers for the models fuse() finds blocks in (the ConvMixers; EfficientNet's conv ->
+            # BatchNormAct pairs), run in both layouts; the others (ViTs) are eager-only reference lines
+            fused_base, fuse_report = ck.fuse(copy.deepcopy(base), return_report=True)
+            fusable = bool(fuse_report.fused)
             n_classes = getattr(base, "num_classes", None) or 10  # timm models say; the reference has 10
-            for layout in (("nchw", "channels_last") if convmixer else ("nchw",)):
+            for layout in (("nchw", "channels_last") if fusable else ("nchw",)):
                 fmt = _fmt(layout)
                 x = torch.randn(B, 3, res, res, device=bench.device).contiguous(memory_format=fmt)
                 for mode in ("eval", "train"):
@@ -368,7 +372,7 @@ def model_suite(bench):
                     for prov in providers:
                         if not bench.wants(prov) or (prov not in BASELINES and layout != "channels_last"):
                             continue  # the fused models run channels_last (their fast layout)
-                        if prov.startswith("compile") and layout != "channels_last" and convmixer:
+                        if prov.startswith("compile") and layout != "channels_last" and fusable:
                             continue
                         if prov == "cuda_bn_torch" and mode != "train":
                             continue  # the bn ops run in training only
