@@ -93,6 +93,9 @@ def _verify(args) -> int:
     result = verify_model(model, shape, device=device, progress=bar)
     bar.close()
     print(result["report"])
+    if result["deterministic"]:
+        print(f"{len(result['deterministic'])} random layer(s) (dropout, drop path) ran as in eval in the training "
+              "checks, so that every run sees the same network")
     _print_checks(result, args.verbose)
     return 0 if result["ok"] else 1
 

@@ -30,8 +30,18 @@ def _err(a, b):
     return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 
 
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that draw random numbers in training: dropout of every kind, timm's DropPath,
+    torchvision's StochasticDepth (fuse() never touches them)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+            or any(s in type(m).__name__ for s in ("DropPath", "StochasticDepth", "DropBlock"))]
+
+
 def _run(model, x, target, training):
     model.train(training)
+    if training:  # every run must see the same network: its random layers run as in eval (see verify_model)
+        for name in stochastic_modules(model):
+            model.get_submodule(name).eval()
     model.zero_grad(set_to_none=True)
     out = model(x)
     loss = nn.functional.cross_entropy(out.float(), target) if out.dim() == 2 else out.float().square().mean()
@@ -46,7 +56,11 @@ def _run(model, x, target, training):
 
 def verify_model(model: nn.Module, input_shape=(2, 3, 64, 64), device="cpu", dtype=torch.float32, seed=0,
                  progress=None) -> dict:
-    """Returns {'ok': bool, 'checks': [(name, err_fused, err_original, bound, ok)], 'report': FuseReport}."""
+    """Returns {'ok': bool, 'checks': [(name, err_fused, err_original, bound, ok)], 'report': FuseReport,
+    'fused': the fused model, 'deterministic': names of the random layers (dropout, drop path, stochastic
+    depth) that ran as in eval in the training checks}.  Those layers draw different random numbers in each
+    run (the fp64 oracle, the original in two layouts, the fused model), which no fusion can match, and
+    fuse() leaves them as they are; everything else runs in training mode."""
     model = model.to(device=device, dtype=dtype)
     fused, report = fuse(model, return_report=True)
     oracle = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
@@ -72,7 +86,8 @@ def verify_model(model: nn.Module, input_shape=(2, 3, 64, 64), device="cpu", dty
             e_ours, e_theirs = _err(ours[k], want[k]), max(_err(t[k], want[k]) for t in theirs)
             bound = 2 * e_theirs + 4 * eps * max(1.0, want[k].abs().max().item())
             checks.append((f"{'train' if training else 'eval'} {k}", e_ours, e_theirs, bound, e_ours <= bound))
-    return {"ok": all(c[-1] for c in checks), "checks": checks, "report": report, "fused": fused}
+    return {"ok": all(c[-1] for c in checks), "checks": checks, "report": report, "fused": fused,
+            "deterministic": stochastic_modules(model)}
 
 
 def time_model(model, x, training, iters=5):
