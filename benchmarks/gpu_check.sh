@@ -135,8 +135,8 @@ fi
 # The 2026-11-27 gpu-check finished 130 s inside its budget; this stage takes no time from the others.
 if [ "${GPU_CHECK_NCU:-1}" = 1 ] && [ "$(left)" -ge 40 ]; then
   echo "== ncu ($(left) s left)"
-  nb=$(limit ${NCU_STAGE_TIMEOUT:-300} 5)
-  timeout -k 5 $(( nb + 5 )) $PY -m benchmarks.ncu_steps --out "$OUT" --budget $nb ${GPU_CHECK_NCU_ARGS:-} \
+  nb=$(limit ${NCU_STAGE_TIMEOUT:-300} 10)  # (the kill below comes at most 5 s after nb: inside the deadline)
+  timeout -k 5 $nb $PY -m benchmarks.ncu_steps --out "$OUT" --budget $(( nb - 5 )) ${GPU_CHECK_NCU_ARGS:-} \
     > "$OUT/ncu.log" 2>&1 || echo "ncu stage: exit status $? (see ncu.log)"
   grep -E "^### |ERR_|skipped" "$OUT/ncu.log" | head -20
 fi

@@ -142,7 +142,8 @@ PROVIDERS = {
     "auto": ("auto", None), "cpu": ("cpu", None), "torch": ("torch", None), "cuda": ("cuda", None), "triton": ("triton", None),
     "cuda_graph": ("cuda", None),
     "cuda_ipb1": ("cuda", ("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "1")),
-    "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require")),
+    "cuda_cutlass": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require",
+                              "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", "cooperative")),
     "cuda_cutlass_pp": ("cuda", ("CONVMIXER_KERNELS_PW_CUTLASS", "require",
                                  "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", "pingpong")),
     "cuda_mma": ("cuda", ("CONVMIXER_KERNELS_DW_MMA", "require")),
@@ -161,7 +162,8 @@ BASELINES = ("eager", "compile", "compile_max", "eager_graph")
 def as_provider(prov):
     """Run as provider `prov`: its backend, and its environment variables set inside the block."""
     backend, env = PROVIDERS[prov]
-    pairs = [] if env is None else list(zip(env[0::2], env[1::2]))  # (name, value, name, value, ...)
+    assert env is None or len(env) % 2 == 0, f"{prov}: environment as (name, value, name, value, ...)"
+    pairs = [] if env is None else list(zip(env[0::2], env[1::2]))
     old = {name: os.environ.get(name) for name, _ in pairs}
     os.environ.update(dict(pairs))
     try:

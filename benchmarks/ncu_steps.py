@@ -1,6 +1,6 @@
 """Nsight Compute over one step of each fused block: every kernel the step launches, with what bounds it.
 
-    python -m benchmarks.ncu_steps --out DIR [--cases dw7_cl_eval,pw_cl_train] [--timeout 40]
+    python -m benchmarks.ncu_steps --out DIR [--cases dw7_cl_eval,pw_cl_train] [--timeout 60] [--budget 200]
     python -m benchmarks.ncu_steps --summarize DIR/ncu/*.csv      # the table again, from saved CSVs
 
 For each case a child process (`--child CASE`) builds the benchmark suites' module (N=64, C=768, 32x32,
@@ -24,6 +24,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,19 +37,20 @@ CASES = {
     "pw_cl_train": ("pw", 1, "channels_last", "train", {}),
     "dw7_cl_train": ("dw", 7, "channels_last", "train", {}),
     "dw7_cl_eval": ("dw", 7, "channels_last", "eval", {}),
-    "pw_cl_eval_cutlass_pp": ("pw", 1, "channels_last", "eval", {"CONVMIXER_KERNELS_PW_CUTLASS": "1",
+    "pw_cl_eval_cutlass_pp": ("pw", 1, "channels_last", "eval", {"CONVMIXER_KERNELS_PW_CUTLASS": "require",
                                                                  "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE": "pingpong"}),
     "pw_cl_eval": ("pw", 1, "channels_last", "eval", {}),
     "dw7_nchw_train": ("dw", 7, "nchw", "train", {}),
     "dw7_nchw_eval": ("dw", 7, "nchw", "eval", {}),
-    "pw_cl_eval_cutlass": ("pw", 1, "channels_last", "eval", {"CONVMIXER_KERNELS_PW_CUTLASS": "1"}),
+    "pw_cl_eval_cutlass": ("pw", 1, "channels_last", "eval", {"CONVMIXER_KERNELS_PW_CUTLASS": "require",
+                                                              "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE": "cooperative"}),
 }
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats")
 # Where a warp's cycles between two issued instructions go, by stall reason (WarpStateStats' chart, which
 # the details page leaves out): the three largest per kernel go into the table.  A case whose ncu rejects
 # them runs again without.
 STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
-STALL_METRICS = "regex:" + STALL_PREFIX + ".*" + STALL_SUFFIX.replace(".", "\\.")
+STALL_METRICS = "regex:^" + STALL_PREFIX + ".*" + STALL_SUFFIX.replace(".", "\\.") + "$"
 
 # (column, metric name in ncu's details page)
 COLUMNS = [
@@ -115,7 +117,14 @@ def rows_of(text: str) -> list[dict]:
 
 def short_name(name: str) -> str:
     """A kernel's function name without its arguments and, when long, without template arguments."""
-    name = name.split("(")[0] if not name.startswith("void ") else name[5:].split("(")[0]
+    name = name[5:] if name.startswith("void ") else name
+    if name.endswith(")"):  # cut at the "(" that opens the argument list (template arguments may hold parens)
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
     while len(name) > 70 and "<" in name:
         new = re.sub(r"<[^<>]*>", "", name)
         if new == name:
@@ -191,14 +200,18 @@ def run_ncu(ncu: str, case: str, timeout: int, stalls: bool) -> str:
         cmd += ["--metrics", STALL_METRICS]
     cmd += [sys.executable, "-m", "benchmarks.ncu_steps", "--child", case]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **CASES[case][4])
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-        return r.stdout + ("\n" + r.stderr if r.stderr else "")
-    except subprocess.TimeoutExpired as e:
-        text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return text + f"\n==ERROR== stopped after {timeout} s\n"
+    try:  # its own process group: a timeout stops ncu and the profiled program with it
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                             start_new_session=True)
     except OSError as e:
         return f"==ERROR== could not run ncu: {e}\n"
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return out + ("\n" + err if err else "")
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return out + (err or "") + f"\n==ERROR== stopped after {timeout} s\n"
 
 
 def main(argv=None) -> int:

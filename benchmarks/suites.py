@@ -351,15 +351,17 @@ def model_suite(bench):
     (SGD with momentum; autocast for bf16/fp16), every provider in both layouts where layout matters."""
     for dtype in bench.dtypes:
         for name, B, res, providers in model_cases(bench):
+            # fused providers for the models fuse() finds blocks in (the ConvMixers; EfficientNet's conv ->
+            # BatchNormAct pairs), run in both layouts; the others (ViTs) are eager-only reference lines
             try:
                 base = _make_model(name)
+                fused_base, fuse_report = ck.fuse(base, return_report=True)  # (a copy: base stays as it is)
+                if "convmixer" in name and not fuse_report.fused:
+                    raise RuntimeError(f"fuse() found no blocks in {name}: {fuse_report}")
             except Exception as e:  # e.g. timm missing: reported, the other models still run
                 bench.recorder(dict(suite="model", op=name, provider="eager", mode="eval", dtype=_dtype_name(dtype),
                                     layout="-", shape=f"{name} B={B} {res}x{res}"))[1](e)
                 continue
-            # fused providers for the models fuse() finds blocks in (the ConvMixers; EfficientNet's conv ->
-            # BatchNormAct pairs), run in both layouts; the others (ViTs) are eager-only reference lines
-            fused_base, fuse_report = ck.fuse(copy.deepcopy(base), return_report=True)
             fusable = bool(fuse_report.fused)
             n_classes = getattr(base, "num_classes", None) or 10  # timm models say; the reference has 10
             for layout in (("nchw", "channels_last") if fusable else ("nchw",)):

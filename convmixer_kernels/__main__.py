@@ -96,6 +96,9 @@ def _verify(args) -> int:
     if result["deterministic"]:
         print(f"{len(result['deterministic'])} random layer(s) (dropout, drop path) ran as in eval in the training "
               "checks, so that every run sees the same network")
+    if result["random_forward"]:
+        print("WARNING: a forward drew random numbers all the same (functional dropout?): the training checks "
+              "compared different draws and do not hold")
     _print_checks(result, args.verbose)
     return 0 if result["ok"] else 1
 

@@ -12,7 +12,9 @@ stacks all build their blocks from Sequentials), and conv -> BatchNormAct pairs 
 * a conv (as above) followed by a BatchNorm that applies its own activation (timm's BatchNormAct2d, in its
   EfficientNet / MobileNet / ConvNormAct blocks: conv -> BN -> act), either next to each other in a
   Sequential or as children of any module whose forward passes the conv's output to the BN and nowhere
-  else (checked on a torch.fx trace of that forward; a forward that does not trace is left alone)
+  else (checked on torch.fx traces of that forward, training and eval; a forward that does not trace, or
+  takes more than the input, is left alone and reported).  What fuse() cannot see: another module's
+  forward calling that conv directly (self.block.conv(x) from a parent): such a model must not be fused
                                                                    -> the same fused blocks, norm_act
 
 A Sequential that is exactly such a run is replaced by FusedDepthwiseBlock / FusedPointwiseBlock /
@@ -135,37 +137,59 @@ def match_pair(conv: nn.Module, bn: nn.Module, counts: dict[int, int]) -> tuple[
     return _plan(conv, act, bn, "norm_act", counts)
 
 
-def direct_pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """(conv child, BatchNormAct child) of a module whose forward calls each once and passes the conv's output
-    to the BatchNormAct and nowhere else: read from a torch.fx trace of the forward with every child a leaf.
-    [] when the forward does not trace (data-dependent control flow, ...)."""
+def direct_pairs(module: nn.Module) -> tuple[list[tuple[str, str]], str | None]:
+    """(conv child, BatchNormAct child) pairs of a module whose forward calls each once and passes the conv's
+    output to the BatchNormAct and nowhere else, and why none were looked for (None when they were).
+
+    Read from torch.fx traces of the forward with every child a leaf, in training and in eval (a pair must
+    be there in both: a branch on self.training), on a shallow copy of the module (a forward's side effects
+    on its own attributes stay there).  Only a forward of the class taking the input alone: a trace sees
+    the path of one set of arguments, and an instance's own forward is not the class's."""
+    import inspect
+
     import torch.fx as fx
 
     class _ChildrenAreLeaves(fx.Tracer):
         def is_leaf_module(self, m, qualname):
             return True
 
-    try:
-        graph = _ChildrenAreLeaves().trace(module)
-    except Exception:  # noqa: BLE001  (any failure to trace: nothing is fused here)
-        return []
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
-            continue
-        (user,) = node.users
-        if user.op == "call_module" and calls[user.target] == 1 and user.args == (node,) and not user.kwargs \
-                and "." not in node.target and "." not in user.target:
-            pairs.append((node.target, user.target))
-    return pairs
+    if "forward" in module.__dict__:
+        return [], "its forward is set on the instance"
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    if len(params) != 1 or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return [], "its forward takes more than the input"
+    found = None
+    for training in (True, False):
+        clone = _retype(module, type(module))
+        clone.training = training
+        try:
+            graph = _ChildrenAreLeaves().trace(clone)
+        except Exception as e:  # noqa: BLE001  (any failure to trace: nothing is fused here)
+            return [], f"its forward does not trace with torch.fx ({type(e).__name__}: {str(e)[:100]})"
+        calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        pairs = set()
+        for node in graph.nodes:
+            if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
+                continue
+            (user,) = node.users
+            if user.op == "call_module" and calls[user.target] == 1 and user.args == (node,) and not user.kwargs \
+                    and "." not in node.target and "." not in user.target:
+                pairs.add((node.target, user.target))
+        found = pairs if found is None else found & pairs
+    return sorted(found), None
+
+
+def _plain_sequential(m: nn.Module) -> bool:
+    """An nn.Sequential that runs its children in order (a subclass with its own forward may not)."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
 def _is_residual(m: nn.Module) -> bool:
-    return "Residual" in type(m).__name__ and list(m._modules) == ["fn"] and isinstance(m.fn, nn.Sequential)
+    return "Residual" in type(m).__name__ and list(m._modules) == ["fn"] and _plain_sequential(m.fn)
 
 
 # ----------------------------------------------------------------------------------------------- placeholders
@@ -261,8 +285,8 @@ def _fuse_pair(module: nn.Module, conv_name: str, bn_name: str, prefix: str, cou
     head, slot = _fused_head_and_slot(plan, conv_name, sync_bn, process_group)
     module._modules[conv_name] = head
     module._modules[bn_name] = slot
-    what = f"{prefix}{conv_name}, {prefix}{bn_name} ({type(plan['bn']).__name__})"
-    report.fused.append((f"{prefix}{conv_name}", f"{what} -> {_KIND_NAMES[plan['kind']]} ({head._fused_act}, norm_act)"))
+    what = f"{prefix}{conv_name}, {prefix}{bn_name} ({type(plan['bn']).__name__}) -> {_KIND_NAMES[plan['kind']]}"
+    report.fused.append((f"{prefix}{conv_name}", f"{what} ({head._fused_act}, norm_act)"))
     return True
 
 
@@ -324,11 +348,14 @@ def _fuse_tree(module: nn.Module, prefix: str, counts, report: FuseReport, sync_
                 report.fused.append((full, f"Sequential -> {cls.__name__}({fused.extra_repr()})"))
                 continue
         _fuse_tree(child, f"{full}.", counts, report, sync_bn, process_group)
-    if isinstance(module, nn.Sequential):
+    if _plain_sequential(module):
         _fuse_runs_in_place(module, prefix, counts, report, sync_bn, process_group)
     elif any(bn_act_of(c) is not None for c in module._modules.values()) and not _has_hooks(module):
         # conv -> BatchNormAct children of any other module (timm's EfficientNet/MobileNet blocks, ConvNormAct)
-        for conv_name, bn_name in direct_pairs(module):
+        pairs, why = direct_pairs(module)
+        if why is not None:
+            report.skipped.append((prefix.rstrip("."), f"conv -> BatchNormAct pairs not looked for: {why}"))
+        for conv_name, bn_name in pairs:
             if bn_act_of(module._modules[bn_name]) is not None:
                 _fuse_pair(module, conv_name, bn_name, prefix, counts, report, sync_bn, process_group)
 

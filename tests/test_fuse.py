@@ -4,6 +4,7 @@ parameter identity, modes/dtypes/devices/formats kept, skip reports, bad input, 
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -540,14 +541,51 @@ def test_batchnormact_pairs_left_alone_where_they_must_be():
             super().__init__(c)
             self.bn1 = BatchNormAct2d(c, nn.SiLU, drop=nn.Dropout(0.1))
 
-    for cls, fused_convs in ((UsesConvTwice, ["conv_pw"]), (Untraceable, []), (WithDropout, ["conv_pw"])):
-        m = cls(8)
+    class OptionalSkip(DwSepBlock):  # a trace would see the path of one set of arguments only
+        def forward(self, x, skip=None):
+            y = self.bn1(self.conv_dw(x))
+            z = self.conv_pw(y)
+            return self.bn2(z) + skip if skip is not None else self.bn2(z) + z
+
+    class ModeDependent(DwSepBlock):  # in eval the conv's output is used twice
+        def forward(self, x):
+            y = self.conv_pw(self.bn1(self.conv_dw(x)))
+            return self.bn2(y) if self.training else self.bn2(y) + y
+
+    class EveryLayerOut(nn.Sequential):  # a Sequential subclass whose forward is not "in order"
+        def forward(self, x):
+            outs = []
+            for m in self:
+                x = m(x)
+                outs.append(x)
+            return sum(o.mean() for o in outs) + x
+
+    class SideEffects(DwSepBlock):
+        def forward(self, x):
+            self.calls = getattr(self, "calls", 0) + 1
+            self.last = x
+            return super().forward(x)
+
+    override = DwSepBlock(8)  # the instance's forward, not the class's: the conv_pw output is used twice
+    override.forward = types.MethodType(lambda self, x: self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
+                                        + self.conv_pw(x), override)
+    cases = ((UsesConvTwice(8), ["conv_pw"]), (Untraceable(8), []), (WithDropout(8), ["conv_pw"]),
+             (OptionalSkip(8), []), (ModeDependent(8), ["conv_dw"]), (override, []),
+             (EveryLayerOut(nn.Conv2d(8, 8, 1), BatchNormAct2d(8)), []))
+    for m, fused_convs in cases:
+        _randomize_bn(m)
         f, rep = ck.fuse(m, return_report=True)
         got = sorted(n for n, c in f.named_children() if isinstance(c, FusedConv2d))
-        assert got == fused_convs, (cls.__name__, str(rep))
+        assert got == fused_convs, (type(m).__name__, str(rep))
         x = torch.randn(2, 8, 6, 6)
-        with torch.no_grad():
-            torch.testing.assert_close(f.eval()(x), m.eval()(x), rtol=1e-5, atol=1e-5)
+        for training in (False,) if isinstance(m, WithDropout) else (False, True):  # (dropout: random in training)
+            with torch.no_grad():
+                torch.testing.assert_close(f.train(training)(x), m.train(training)(x), rtol=1e-5, atol=1e-5,
+                                           msg=lambda s, m=m, t=training: f"{type(m).__name__} training={t}: {s}")
+    assert any("more than the input" in w for _, w in ck.fuse(OptionalSkip(8), return_report=True)[1].skipped)
+    m = SideEffects(8)
+    f = ck.fuse(m, inplace=True)  # the traces run on a copy: no count, no fx Proxy left on the model
+    assert isinstance(f.conv_dw, FusedConv2d) and "calls" not in m.__dict__ and "last" not in m.__dict__
     hooked = DwSepBlock(8)
     hooked.bn1.register_forward_hook(lambda *a: None)
     f, rep = ck.fuse(hooked, return_report=True)
@@ -593,3 +631,24 @@ def test_verify_runs_random_layers_as_in_eval():
     # the same network in every run: the original's own errors are rounding, not different random draws
     # (which also widen every bound: a check that passes for the wrong reason)
     assert max(c[2] for c in res["checks"]) < 1e-4, max(res["checks"], key=lambda c: c[2])
+    assert res["random_forward"] is False
+
+    class FunctionalDropout(nn.Module):  # random draws no module flag can turn off: reported
+        def forward(self, x):
+            return nn.functional.dropout(x, 0.5, self.training)
+
+    res = verify_model(nn.Sequential(model[:3], FunctionalDropout()), input_shape=(4, 8, 6, 6))
+    assert res["random_forward"] is True
+
+    class DropPathBlock(nn.Module):  # a random layer that holds a block: only its own flag goes off
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(x)
+
+    holder = nn.Sequential(nn.Conv2d(8, 8, 1), DropPathBlock())
+    from convmixer_kernels.verify import _run
+    _run(holder, torch.randn(2, 8, 4, 4), None, True)
+    assert holder[1].training is False and holder[1].bn.training is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from benchmarks import ncu_steps
 
@@ -66,6 +67,8 @@ def test_short_name_drops_long_template_arguments():
     long = "ns::kernel<" + ", ".join(f"cute::tuple<int, C<{i}>>" for i in range(8)) + ">(Params)"
     assert ncu_steps.short_name("void " + long) == "ns::kernel"
     assert ncu_steps.short_name("k<float, 3>(int)") == "k<float, 3>"
+    # template arguments that hold parentheses (CUTLASS's enum casts): cut at the argument list only
+    assert ncu_steps.short_name("void f<(cutlass::FloatRoundStyle)2, 4>(Params)") == "f<(cutlass::FloatRoundStyle)2, 4>"
 
 
 def test_summary_without_rows_shows_ncus_error(tmp_path):
@@ -119,6 +122,24 @@ def test_a_rejected_stall_metric_runs_the_case_again_without(tmp_path, monkeypat
     text = open(os.path.join(tmp_path, "ncu", "dw7_cl_eval.csv")).read()
     assert "Failed to find metric" in text and "(again without the stall metrics)" in text
     assert "2 kernels, 358.3 us in all" in open(os.path.join(tmp_path, "ncu", "summary.md")).read()
+
+
+def test_a_case_past_its_time_stops_ncu_and_the_program(tmp_path, monkeypatch):
+    """The profiled program is ncu's child: a timeout must stop both, or it would run on into the next case."""
+    pidfile = tmp_path / "child.pid"
+    exe = tmp_path / "slow-ncu"
+    exe.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > '{pidfile}'\nwait\n")
+    exe.chmod(0o755)
+    t0 = time.monotonic()
+    text = ncu_steps.run_ncu(str(exe), "dw7_cl_eval", timeout=1, stalls=False)
+    assert "stopped after 1 s" in text
+    assert time.monotonic() - t0 < 20, "the program outlived ncu (and held its output open)"
+    pid = int(pidfile.read_text())
+    for _ in range(50):  # (reaped by init shortly after the kill)
+        if not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]:
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
 
 
 def test_budget_skips_cases_that_cannot_run(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
-// Stand-ins for the c10/cuda pieces csrc/cuda/pw.cpp uses, when the CPU emulator compiles that file's host
-// code (tests/cuda_emu/emu_pw_host.cpp) for CPU tensors: the device guard does nothing, the current
-// stream is the null stream (the emulated launches ignore it), C10_CUDA_CHECK is emu.h's.
+// Stand-ins for the c10/cuda pieces the CUDA ops' host code uses (csrc/cuda/cuda_host.h), when the CPU
+// emulator compiles csrc/cuda/{pw,dw,bn}.cpp (tests/cuda_emu/emu_host_*.cpp) for CPU tensors: the device
+// guard does nothing, the current stream is the null stream (the emulated launches ignore it),
+// C10_CUDA_CHECK is emu.h's.
 #pragma once
 
 #include <c10/core/Device.h>
