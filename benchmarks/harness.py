@@ -159,22 +159,28 @@ BASELINES = ("eager", "compile", "compile_max", "eager_graph")
 
 
 @contextlib.contextmanager
-def as_provider(prov):
-    """Run as provider `prov`: its backend, and its environment variables set inside the block."""
-    backend, env = PROVIDERS[prov]
-    assert env is None or len(env) % 2 == 0, f"{prov}: environment as (name, value, name, value, ...)"
-    pairs = [] if env is None else list(zip(env[0::2], env[1::2]))
+def env_set(pairs):
+    """The environment variables (name, value) set inside the block; each restored after it (or removed
+    when it was not set)."""
     old = {name: os.environ.get(name) for name, _ in pairs}
     os.environ.update(dict(pairs))
     try:
-        with ck.backend(backend):
-            yield
+        yield
     finally:
         for name, value in old.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def as_provider(prov):
+    """Run as provider `prov`: its backend, and its environment variables set inside the block."""
+    backend, env = PROVIDERS[prov]
+    assert env is None or len(env) % 2 == 0, f"{prov}: environment as (name, value, name, value, ...)"
+    with env_set([] if env is None else list(zip(env[0::2], env[1::2]))), ck.backend(backend):
+        yield
 
 
 def unavailable(prov, device) -> str | None:

@@ -17,13 +17,11 @@ namespace {
 
 using at::Tensor;
 
-void check_cuda(const Tensor& t, const char* name) { check_on_device(t, name); }
-
 std::tuple<Tensor, Tensor, Tensor> bn_params_cuda(const Tensor& mean, const Tensor& var,
                                                   const std::optional<Tensor>& weight,
                                                   const std::optional<Tensor>& bias, double eps) {
   bn::check_params_args(mean, var, weight, bias, eps);
-  check_cuda(mean, "mean");
+  check_on_device(mean, "mean");
   const c10::cuda::CUDAGuard guard(mean.device());
   const int64_t C = mean.size(0);
   Tensor invstd = new_output({C}, mean.options()), scale = new_output({C}, mean.options()),
@@ -40,7 +38,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_params_cuda(const Tensor& mean, const Tens
 std::tuple<Tensor, Tensor> bn_bwd_coefs_cuda(const Tensor& sum_g, const Tensor& sum_gxhat, const Tensor& scale,
                                              const Tensor& invstd, double count, bool batch_stats) {
   bn::check_coefs_args(sum_g, sum_gxhat, scale, invstd, count);
-  check_cuda(sum_g, "sum_g");
+  check_on_device(sum_g, "sum_g");
   const c10::cuda::CUDAGuard guard(sum_g.device());
   const int64_t C = sum_g.size(0);
   Tensor cb = new_output({C}, sum_g.options()), cd = new_output({C}, sum_g.options());
@@ -58,7 +56,7 @@ void bn_update_running_cuda(const Tensor& running_mean, const Tensor& running_va
                             double count, std::optional<double> momentum) {
   const bn::RunningConsts k =
       bn::check_running_args(running_mean, running_var, num_batches_tracked, mean, var, count, momentum);
-  check_cuda(running_mean, "running_mean");
+  check_on_device(running_mean, "running_mean");
   const c10::cuda::CUDAGuard guard(running_mean.device());
   int64_t* nbt = num_batches_tracked ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "bn_update_running", [&] {

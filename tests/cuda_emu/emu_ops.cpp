@@ -1,8 +1,10 @@
-// The four depthwise ops, the per-channel passes of the pointwise/stem ops and the BatchNorm kernels, on CPU tensors
-// through the emulated CUDA kernels: the same launchers (csrc/cuda/dw_launch.cu,
-// csrc/cuda/pw_kernels.cu) and kernels as the extension, with entry code that mirrors
-// csrc/cuda/dw.cpp and csrc/cuda/pw.cpp.  Every tensor the kernels touch lives inside a larger NaN-filled buffer, so
-// out-of-bounds reads poison results and out-of-bounds writes are caught by check_guards().
+// The four depthwise ops and the per-channel passes of the pointwise/stem ops on CPU tensors through the
+// emulated CUDA kernels: the same launchers (csrc/cuda/dw_launch.cu, csrc/cuda/pw_kernels.cu) and kernels
+// as the extension, with entry code that mirrors csrc/cuda/dw.cpp and csrc/cuda/pw.cpp and places every
+// tensor at a chosen offset (misaligned starts).  The host code of csrc/cuda/{pw,dw,bn}.cpp itself is
+// bound too (emu_host_*.cpp: bind_*_host), which is all the BatchNorm ops need.  Every tensor the mirrored
+// entry points hand the kernels lives inside a larger NaN-filled buffer, so out-of-bounds reads poison
+// results and out-of-bounds writes are caught by check_guards().
 #include "emu.h"
 
 #include <torch/extension.h>
@@ -11,8 +13,6 @@
 #include <vector>
 
 #include "common.h"
-#include "bn.h"
-#include "cuda/bn.cuh"
 #include "cuda/dw.cuh"
 #include "cuda/dw_common.cuh"
 #include "cuda/pw.cuh"
@@ -30,7 +30,6 @@ namespace {
 
 using at::Tensor;
 namespace dw = convmixer_kernels::dwcuda;
-namespace bnk = convmixer_kernels::bncuda;
 
 constexpr int64_t kGuard = 4096;  // elements on each side
 
@@ -236,43 +235,10 @@ std::vector<Tensor> pw_dpre(const Tensor& dy, const Tensor& pre, const Tensor& s
 
 }  // namespace
 
-// The per-channel BatchNorm kernels (bn_kernels.cu), float32: outputs in guarded NaN-filled buffers, the
-// running statistics and num_batches_tracked updated in place (as the extension's bn_update_running).
-std::vector<Tensor> bn_params(const Tensor& mean, const Tensor& var, const std::optional<Tensor>& gamma,
-                              const std::optional<Tensor>& beta, double eps) {
-  const int64_t C = mean.size(0);
-  Tensor invstd = vecout(C), scale = vecout(C), shift = vecout(C);
-  ok(bnk::launch_params<float>(fp(mean), fp(var), gamma ? fp(*gamma) : nullptr, beta ? fp(*beta) : nullptr,
-                               static_cast<float>(eps), C, invstd.data_ptr<float>(), scale.data_ptr<float>(),
-                               shift.data_ptr<float>(), nullptr));
-  return {invstd, scale, shift};
-}
-
-std::vector<Tensor> bn_bwd_coefs(const Tensor& sum_g, const Tensor& sum_gxhat, const Tensor& scale,
-                                 const Tensor& invstd, double count, bool batch_stats) {
-  const int64_t C = sum_g.size(0);
-  Tensor cb = vecout(C), cd = vecout(C);
-  ok(bnk::launch_bwd_coefs<float>(fp(sum_g), fp(sum_gxhat), fp(scale), fp(invstd), static_cast<float>(count),
-                                  batch_stats, C, cb.data_ptr<float>(), cd.data_ptr<float>(), nullptr));
-  return {cb, cd};
-}
-
-void bn_update_running(const Tensor& rm, const Tensor& rv, const std::optional<Tensor>& nbt, const Tensor& mean,
-                       const Tensor& var, double count, std::optional<double> momentum) {
-  const auto k = convmixer_kernels::bn::check_running_args(rm, rv, nbt, mean, var, count, momentum);
-  ok(bnk::launch_update_running<float>(rm.data_ptr<float>(), rv.data_ptr<float>(),
-                                       nbt ? nbt->data_ptr<int64_t>() : nullptr, fp(mean), fp(var),
-                                       static_cast<float>(k.unbias), static_cast<float>(k.keep),
-                                       static_cast<float>(k.momentum), k.cumulative, rm.size(0), nullptr));
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cmk_emu::bind_pw_host(m);
   cmk_emu::bind_dw_host(m);
   cmk_emu::bind_bn_host(m);
-  m.def("bn_params", &bn_params);
-  m.def("bn_bwd_coefs", &bn_bwd_coefs);
-  m.def("bn_update_running", &bn_update_running);
   m.def("pw_stats", &pw_stats);
   m.def("pw_bn_act", &pw_bn_act);
   m.def("pw_dpre", &pw_dpre);

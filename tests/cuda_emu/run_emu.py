@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from benchmarks.harness import env_set  # noqa: E402
 from dw_op_cases import check_all_ops, make_inputs  # noqa: E402
 from oracle import check_2x  # noqa: E402
 
@@ -259,14 +260,15 @@ def host_cases(quick: bool):
     return out[::3] if quick else out
 
 
+_POISONED = [("CONVMIXER_KERNELS_POISON_OUTPUTS", "1")]  # every output of the C++ ops starts as NaN
+
+
 def check_host(mod, case, seed):
     """The ops of csrc/cuda/pw.cpp (checks, GEMMs, im2col, passes) and dw.cpp (checks, workspace, launches)
     against the spec, as the GPU tests run them, with every output starting as NaN."""
     from pw_op_cases import check_pw_ops, check_stem_ops, make_pw_inputs
 
-    old = os.environ.get("CONVMIXER_KERNELS_POISON_OUTPUTS")
-    os.environ["CONVMIXER_KERNELS_POISON_OUTPUTS"] = "1"
-    try:
+    with env_set(_POISONED):
         if case[0] == "pw":
             _, shape, dt, cl, act, af, residual, bias = case
             inp = make_pw_inputs(*shape, dt, "cpu", channels_last=cl, residual=residual, bias=bias, seed=seed)
@@ -279,11 +281,6 @@ def check_host(mod, case, seed):
             _, p, (h, w), dt, cl, act, af = case
             inp = make_pw_inputs(2, 3, 53 if p == 7 else 24, h, w, dt, "cpu", channels_last=cl, stem_p=p, seed=seed)
             check_stem_ops(HostOps(mod), inp, act, af, dt, cl)
-    finally:
-        if old is None:
-            os.environ.pop("CONVMIXER_KERNELS_POISON_OUTPUTS", None)
-        else:
-            os.environ["CONVMIXER_KERNELS_POISON_OUTPUTS"] = old
 
 
 def bn_cases():
@@ -293,9 +290,15 @@ def bn_cases():
 
 
 def check_bn(mod, case, seed):
-    """The BatchNorm kernels against the formulas in float64 (the 2x rule against PyTorch's float32 ops of
-    convmixer_kernels.ops/functional), bitwise against the extension's CPU ops when it is built (one
-    formula, csrc/bn_math.h), and num_batches_tracked incremented exactly once."""
+    """The BatchNorm ops (csrc/cuda/bn.cpp and its kernels, outputs starting as NaN) against the formulas in
+    float64 (the 2x rule against PyTorch's float32 ops of convmixer_kernels.ops/functional), bitwise against
+    the extension's CPU ops when it is built (one formula, csrc/bn_math.h), num_batches_tracked incremented
+    exactly once and the running statistics' version counters bumped."""
+    with env_set(_POISONED):
+        _check_bn(mod, case, seed)
+
+
+def _check_bn(mod, case, seed):
     from convmixer_kernels import functional, ops
 
     C, affine, momentum = case
@@ -303,7 +306,7 @@ def check_bn(mod, case, seed):
     mean, var = torch.randn(C, generator=g) * 3, torch.rand(C, generator=g) * 4 + 1e-3
     gamma, beta = (torch.randn(C, generator=g), torch.randn(C, generator=g)) if affine else (None, None)
     eps = 1e-5
-    got = mod.bn_params(mean, var, gamma, beta, eps)
+    got = mod.host_bn_params(mean, var, gamma, beta, eps)
     theirs = ops._bn_scale_shift(C, torch.float32, "cpu", gamma, beta, mean, var, eps, "torch")
     oracle = ops._bn_scale_shift(C, torch.float64, "cpu", None if gamma is None else gamma.double(),
                                  None if beta is None else beta.double(), mean.double(), var.double(), eps, "torch")
@@ -312,34 +315,26 @@ def check_bn(mod, case, seed):
     invstd, scale = got[0], got[1]
     sum_g, sum_gx = torch.randn(C, generator=g) * 50, torch.randn(C, generator=g) * 50
     n = 4 * 17 * 23
-    cb, cd = mod.bn_bwd_coefs(sum_g, sum_gx, scale, invstd, float(n), True)
+    cb, cd = mod.host_bn_bwd_coefs(sum_g, sum_gx, scale, invstd, float(n), True)
     want = (-scale * invstd * sum_gx / n, -scale * sum_g / n)
     want64 = (-scale.double() * invstd.double() * sum_gx.double() / n, -scale.double() * sum_g.double() / n)
     for name, a, b, o in zip(("cb", "cd"), (cb, cd), want, want64):
         check_2x(f"bn_bwd_coefs {name}", a, b, o, torch.float32)
-    z = mod.bn_bwd_coefs(sum_g, sum_gx, scale, invstd, float(n), False)
+    z = mod.host_bn_bwd_coefs(sum_g, sum_gx, scale, invstd, float(n), False)
     assert all(torch.equal(t, torch.zeros(C)) for t in z), "bn_bwd_coefs without batch statistics: not zeros"
     rm0, rv0 = torch.randn(C, generator=g), torch.rand(C, generator=g) + 0.5
     nbt0 = torch.tensor(4, dtype=torch.int64)
     rm, rv, nbt = rm0.clone(), rv0.clone(), nbt0.clone()
-    mod.bn_update_running(rm, rv, nbt, mean, var, float(n), momentum)
+    v0 = rm._version
+    mod.host_bn_update_running(rm, rv, nbt, mean, var, float(n), momentum)
     assert int(nbt) == 5, f"num_batches_tracked {int(nbt)}, expected 5"
+    assert rm._version > v0, "bn_update_running: running_mean's version counter not bumped"
     t_rm, t_rv, t_n = rm0.clone(), rv0.clone(), nbt0.clone()
     functional.update_running_stats(t_rm, t_rv, t_n, mean, var, n, momentum, "torch")
     o_rm, o_rv, o_n = rm0.double(), rv0.double(), nbt0.clone()
     functional.update_running_stats(o_rm, o_rv, o_n, mean.double(), var.double(), n, momentum, "torch")
     check_2x("running_mean", rm, t_rm, o_rm, torch.float32)
     check_2x("running_var", rv, t_rv, o_rv, torch.float32)
-    # csrc/cuda/bn.cpp's own host code around the same kernels: the same bits, and its version bumps
-    h_rm, h_rv, h_n = rm0.clone(), rv0.clone(), nbt0.clone()
-    v0 = h_rm._version
-    mod.host_bn_update_running(h_rm, h_rv, h_n, mean, var, float(n), momentum)
-    assert torch.equal(h_rm, rm) and torch.equal(h_rv, rv) and int(h_n) == 5, "host bn_update_running"
-    assert h_rm._version > v0, "host bn_update_running: running_mean's version counter not bumped"
-    assert all(torch.equal(a, b) for a, b in zip(got, mod.host_bn_params(mean, var, gamma, beta, eps))), \
-        "host bn_params"
-    assert all(torch.equal(a, b) for a, b in zip((cb, cd), mod.host_bn_bwd_coefs(sum_g, sum_gx, scale, invstd,
-                                                                                  float(n), True))), "host bn_bwd_coefs"
     if ops._HAS_BN_OPS:  # the extension's CPU loops: the same formula, so the same bits
         cpu = torch.ops.convmixer_kernels
         assert all(torch.equal(a, b) for a, b in zip(got, cpu.bn_params(mean, var, gamma, beta, eps))), "bn_params"
@@ -380,20 +375,13 @@ def main():
         inp = make_inputs(*shape, k, dt, "cpu", channels_last=cl, bias=bias, seed=n)
         tag = describe(c)
         t1 = time.time()
-        saved = {name: os.environ.get(name) for name, _ in env}
-        os.environ.update(dict(env))
         try:
-            check_all_ops(EmuOps(mod, off), inp, act, af, res, dt, cl)
+            with env_set(env):
+                check_all_ops(EmuOps(mod, off), inp, act, af, res, dt, cl)
         except Exception as e:  # noqa: BLE001
             fails += 1
             print(f"FAIL {tag}: {e}", flush=True)
             continue
-        finally:
-            for name, v in saved.items():
-                if v is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = v
         print(f"ok   {tag} ({time.time() - t1:.1f}s)", flush=True)
     total = len(cs)
     for label, more, check in (("pw", pw_cases(args.quick), check_pw), ("bn", bn_cases(), check_bn),
