@@ -124,8 +124,9 @@ class CaseTimer:
 # compile providers run the unfused reference modules (their backend does not matter); *_graph run
 # the step captured in one CUDA graph.  cuda_ipb1: the CUDA kernels with one item per forward depthwise
 # block (no next tile to copy in while computing), so the same run shows what the cp.async pipeline
-# gains.  cuda_cutlass / cuda_cutlass_pp: the pointwise eval forward as one CUTLASS GEMM with the epilogue
-# fused, its cooperative / ping-pong schedule (CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE, csrc/cuda/pw.cpp);
+# gains.  cuda_cutlass / cuda_cutlass_pp: the CUTLASS pointwise GEMMs (csrc/cuda/pw.cpp cutlass_applies):
+# the eval forward as one GEMM with the epilogue fused, in its cooperative / ping-pong schedule
+# (CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE), and the training forward's GEMM with the statistics in its epilogue;
 # cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward;
 # =require raises where they do not apply); auto_mma: a whole fused model with them wherever they apply
 # (=1); cuda_fma: the FMA depthwise kernels only (=0; by default the tensor-core ones run the cases where

@@ -103,6 +103,25 @@ def test_deterministic(backend, device, triton_cpu):
             assert torch.equal(outs[0][n], outs[1][n]), f"{n} differs between two identical runs"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the CUTLASS pointwise GEMMs run on compute capability 9.0 only")
+@pytest.mark.parametrize("order", ["act_norm", "norm_act"])
+def test_pw_cutlass_block(monkeypatch, order, poison):
+    """A pointwise block through the CUTLASS GEMMs (the training forward's statistics in its epilogue, the
+    eval forward fused whole), bf16 channels_last, against the fp64 oracle with the 2x rule: outputs, every
+    gradient and the running statistics over two training steps, then eval."""
+    from convmixer_kernels import _ext
+
+    if _ext.build_info().get("cutlass") != "1":
+        pytest.skip("this build has no CUTLASS pointwise GEMMs")
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
+    blk = pw(64, 72, activation="gelu", order=order)
+    harness.compare(blk, [_x(3, 64, 17, 23)], "cuda", "cuda", torch.bfloat16, layout="channels_last", steps=2)
+    harness.compare(blk, [_x(3, 64, 17, 23)], "cuda", "cuda", torch.bfloat16, layout="channels_last",
+                    training=False)
+
+
 def test_gradcheck_cpu_float64():
     from convmixer_kernels import _ext
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convmixer_kernels import _ext, torch_ops
-from pw_op_cases import check_bn_act_ops, check_pw_ops, check_stem_ops, make_pw_inputs
+from pw_op_cases import assert_close_op, check_bn_act_ops, check_pw_ops, check_stem_ops, make_pw_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -163,21 +163,55 @@ def _cutlass_runs_here():
     return _ext.build_info().get("cutlass") == "1" and torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not _ext.built_with_cuda() or not _cutlass_runs_here(),
-                    reason="the CUTLASS pointwise GEMM needs a build with it (9.0a) and a compute capability 9.0 GPU")
-@pytest.mark.parametrize("shape,bias", [(pytest.param((3, 64, 72, 17, 23), True, id="odd_M")),
-                                        (pytest.param((2, 256, 128, 32, 32), False, id="no_bias"))])
+_NEEDS_CUTLASS = pytest.mark.skipif(
+    not torch.cuda.is_available() or not _ext.built_with_cuda() or not _cutlass_runs_here(),
+    reason="the CUTLASS pointwise GEMMs need a build with them (9.0a) and a compute capability 9.0 GPU")
+
+
+@_NEEDS_CUTLASS
+@pytest.mark.parametrize("shape,bias,residual", [(pytest.param((3, 64, 72, 17, 23), True, False, id="odd_M")),
+                                                 (pytest.param((2, 256, 128, 32, 32), False, False, id="no_bias")),
+                                                 (pytest.param((2, 40, 264, 9, 7), True, True, id="t_N264"))])
 @pytest.mark.parametrize("act_first", ORDERS)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
-def test_pw_fwd_cutlass(poison, monkeypatch, schedule, dtype, act, act_first, shape, bias):
-    """pw_fwd as one CUTLASS GEMM with the epilogue fused (=require: it runs, or the op raises), in both
-    of its schedules."""
+def test_pw_cutlass(poison, monkeypatch, schedule, dtype, act, act_first, shape, bias, residual):
+    """pw_fwd as one CUTLASS GEMM with the epilogue fused, in both of its schedules, and pw_gemm_stats as one
+    with the batch statistics in its epilogue (=require: they run, or the op raises).  C_out 264: a partial
+    128-column tile of the statistics' partials."""
     monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
     monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", schedule)
-    inp = make_pw_inputs(*shape, dtype, "cuda", channels_last=True, residual=False, bias=bias, seed=act)
+    inp = make_pw_inputs(*shape, dtype, "cuda", channels_last=True, residual=residual, bias=bias, seed=act)
     check_pw_ops(OPS, inp, act, act_first, dtype, True)
+
+
+@_NEEDS_CUTLASS
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("act_first", ORDERS)
+def test_pw_cutlass_stats_far_mean(monkeypatch, dtype, act_first):
+    """The statistics GEMM sums u and u*u per tile, which cancels where a channel's mean is far from zero
+    against its spread: channel means of 4-8 over a spread near 1 (a large bias), against the spec."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
+    inp = make_pw_inputs(4, 64, 96, 16, 16, dtype, "cuda", channels_last=True, seed=11)
+    inp["bias"] = torch.linspace(4.0, 8.0, 96, device="cuda")
+    n1 = ("x", "t", "weight", "bias")
+    c = {k: (None if inp[k] is None else inp[k].cpu()) for k in n1}
+    for act in (0, 1):  # identity keeps the mean; relu keeps it too (positive values)
+        got = OPS.pw_gemm_stats(*[inp[k] for k in n1], act, act_first)
+        want = torch_ops.pw_gemm_stats(*[c[k] for k in n1], act, act_first)
+        for name, a, b in zip(("pre", "mean", "var"), got, want):
+            assert_close_op(f"pw_gemm_stats {name}", a, b, dtype, True if name == "pre" else None)
+
+
+@_NEEDS_CUTLASS
+def test_pw_cutlass_stats_deterministic(monkeypatch):
+    """The statistics GEMM's per-tile partials and their fixed-order finalize: the same bits run after run."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
+    inp = make_pw_inputs(8, 128, 192, 24, 20, torch.bfloat16, "cuda", channels_last=True, seed=5)
+    runs = [OPS.pw_gemm_stats(inp["x"], None, inp["weight"], inp["bias"], 1, True) for _ in range(3)]
+    for r in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], r)), "pw_gemm_stats differs between runs"
 
 
 def test_pw_cutlass_schedule_names_bad_value(monkeypatch):

@@ -253,6 +253,103 @@ std::pair<Tensor, Tensor> dpre_for_gemm(const Tensor& dy, const Tensor& pre, con
 // ------------------------------------------------------------------------------------------------
 // Ops.
 
+// Whether the CUTLASS pointwise GEMMs (pw_cutlass.cu) take this problem: the eval forward as one GEMM whose
+// epilogue does bias, rounding, activation and the BN affine, and the training forward's GEMM with the batch
+// statistics in its epilogue, instead of cuBLAS and a pass over its output.  Opt-in until a GPU run has
+// measured and tested them: CONVMIXER_KERNELS_PW_CUTLASS=1 uses them where they apply (a build with them,
+// compute capability 9.0, channels_last fp16/bf16, C_in and C_out multiples of 8, 16-byte aligned operands),
+// =require raises where they do not (tests).  CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE picks the eval kernel's
+// schedule: cooperative (unset) or pingpong (pw_cutlass_gemm.cuh), until a GPU run has measured which is
+// faster; the statistics GEMM is cooperative.  Returns nullopt where they do not apply (the caller takes the
+// usual path), else whether the schedule is ping-pong.
+std::optional<bool> cutlass_applies(const Tensor& s, const Tensor& w, std::initializer_list<const void*> ptrs,
+                                    bool cl) {
+  const char* env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS");
+  const std::string mode = env == nullptr ? "" : env;
+  if (mode != "1" && mode != "require") return std::nullopt;
+  const bool require = mode == "require";
+  const char* sched_env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE");
+  const std::string sched = sched_env == nullptr ? "" : sched_env;
+  TORCH_CHECK(sched.empty() || sched == "cooperative" || sched == "pingpong",
+              "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE must be unset, 'cooperative' or 'pingpong', got '", sched, "'");
+  auto skip = [&](const char* why) -> std::optional<bool> {
+    TORCH_CHECK(!require, "CONVMIXER_KERNELS_PW_CUTLASS=require: the CUTLASS pointwise GEMM does not apply: ", why);
+    return std::nullopt;
+  };
+  if (!pwcutlass::built()) return skip("not in this build (needs CUTLASS headers and TORCH_CUDA_ARCH_LIST with 9.0a)");
+  if (!cl) return skip("x is not channels_last");
+  const auto dt = s.scalar_type();
+  if (dt != at::kHalf && dt != at::kBFloat16) return skip("dtype is not float16 or bfloat16");
+  int dev = 0, major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  if (major != 9 || minor != 0) return skip("the GPU is not compute capability 9.0");
+  const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w.size(0);
+  if (M == 0 || K % 8 != 0 || N % 8 != 0) return skip("C_in and C_out must be multiples of 8");
+  // (the per-channel vectors too: the epilogue reads them 4 floats at a time)
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return skip("an operand is not 16-byte aligned");
+  return sched == "pingpong";
+}
+
+// CUTLASS reported that it cannot implement the problem: the caller takes the usual path, or raises (=require).
+bool cutlass_declined(cudaError_t e) {
+  if (e != cudaErrorNotSupported) {
+    C10_CUDA_CHECK(e);
+    return false;
+  }
+  (void)cudaGetLastError();
+  const char* env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS");
+  TORCH_CHECK(env == nullptr || std::string(env) != "require",
+              "CONVMIXER_KERNELS_PW_CUTLASS=require: the CUTLASS pointwise GEMM does not apply: CUTLASS cannot "
+              "implement this problem");
+  return true;
+}
+
+Tensor cutlass_workspace(const Tensor& like, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
+}
+
+// The eval forward y = bn_act(round(s @ w2d^T + bias)) as one CUTLASS GEMM; false when it did not run.
+bool pw_fwd_cutlass(const Tensor& s, const Tensor& w2d, Tensor& y, const OptTensor& bias, const Tensor& scale,
+                    const Tensor& shift, int64_t act, bool act_first, bool cl) {
+  const Tensor w = w2d.contiguous();
+  const auto pingpong = cutlass_applies(
+      s, w, {s.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias), scale.data_ptr(), shift.data_ptr()}, cl);
+  if (!pingpong.has_value()) return false;
+  const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w.size(0);
+  const bool bf16 = s.scalar_type() == at::kBFloat16;
+  Tensor ws = cutlass_workspace(s, pwcutlass::workspace_bytes(bf16, *pingpong, M, N, K));
+  return !cutlass_declined(pwcutlass::bn_act_gemm(bf16, *pingpong, s.data_ptr(), w.data_ptr(), y.data_ptr(),
+                                                  fptr(bias), scale.data_ptr<float>(), shift.data_ptr<float>(),
+                                                  static_cast<int>(act), act_first, M, N, K, ws.data_ptr(),
+                                                  c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+// The training forward's GEMM, pre = round(s @ w2d^T + bias), with the batch statistics of u in its epilogue
+// (per-tile column sums, pw_cutlass_stats.cuh) and a fixed-order finalize into mean and var; false when it
+// did not run.
+bool pw_gemm_stats_cutlass(const Tensor& s, const Tensor& w2d, Tensor& pre, const OptTensor& bias, int64_t act,
+                           bool act_first, bool cl, Tensor& mean, Tensor& var) {
+  const Tensor w = w2d.contiguous();
+  if (!cutlass_applies(s, w, {s.data_ptr(), w.data_ptr(), pre.data_ptr(), fptr(bias)}, cl).has_value()) return false;
+  const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w.size(0);
+  const int64_t T = pwcutlass::stats_tiles(M), ld = pwcutlass::stats_ld(N);
+  const bool bf16 = s.scalar_type() == at::kBFloat16;
+  Tensor partial = at::empty({2, T, ld}, s.options().dtype(at::kFloat));
+  float* sums = partial.data_ptr<float>();
+  float* sqs = sums + T * ld;
+  Tensor ws = cutlass_workspace(s, pwcutlass::stats_workspace_bytes(bf16, M, N, K));
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (cutlass_declined(pwcutlass::stats_gemm(bf16, s.data_ptr(), w.data_ptr(), pre.data_ptr(), fptr(bias),
+                                             static_cast<int>(act), act_first, M, N, K, sums, sqs, ws.data_ptr(),
+                                             stream)))
+    return false;
+  pw::launch_tile_stats_finalize(sums, sqs, T, ld, N, M, mean.data_ptr<float>(), var.data_ptr<float>(), stream);
+  return true;
+}
+
 Tensor3 pw_gemm_stats_cuda(const Tensor& x, const OptTensor& t, const Tensor& weight, const OptTensor& bias,
                            int64_t act, bool act_first) {
   const bool cl = check_anchor(x, "x");
@@ -268,63 +365,12 @@ Tensor3 pw_gemm_stats_cuda(const Tensor& x, const OptTensor& t, const Tensor& we
   Tensor mean = new_output({C_out}, fopts), var = new_output({C_out}, fopts);
   const Tensor s = pw_input(x, t, cl);
   const Tensor w2d = weight.reshape({C_out, C_in});
+  if (pre.numel() > 0 && pw_gemm_stats_cutlass(s, w2d, pre, bias, act, act_first, cl, mean, var))
+    return {pre, mean, var};
   const bool bias_left = gemm_fwd(pre, cl ? rows_view(s) : Tensor(), cl ? Tensor() : s.view({N, C_in, H * W}), w2d,
                                   bias, cl);
   run_stats(pre, bias_left ? bias : OptTensor(), act, act_first, cl, mean, var);
   return {pre, mean, var};
-}
-
-// The eval forward as one CUTLASS GEMM whose epilogue does bias, rounding, activation and the BN
-// affine (pw_cutlass.cu), instead of cuBLAS and a bn_act pass over its output.  Opt-in until a GPU
-// run has measured and tested it: CONVMIXER_KERNELS_PW_CUTLASS=1 uses it where it applies (a build
-// with it, compute capability 9.0, channels_last fp16/bf16, C_in and C_out multiples of 8, 16-byte
-// aligned operands), =require raises where it does not (tests).  CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE
-// picks the kernel's schedule: cooperative (unset) or pingpong (pw_cutlass_gemm.cuh), until a GPU run
-// has measured which is faster.  Returns false when it did not run (the caller takes the usual path).
-bool pw_fwd_cutlass(const Tensor& s, const Tensor& w2d, Tensor& y, const OptTensor& bias, const Tensor& scale,
-                    const Tensor& shift, int64_t act, bool act_first, bool cl) {
-  const char* env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS");
-  const std::string mode = env == nullptr ? "" : env;
-  if (mode != "1" && mode != "require") return false;
-  const bool require = mode == "require";
-  const char* sched_env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE");
-  const std::string sched = sched_env == nullptr ? "" : sched_env;
-  TORCH_CHECK(sched.empty() || sched == "cooperative" || sched == "pingpong",
-              "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE must be unset, 'cooperative' or 'pingpong', got '", sched, "'");
-  const bool pingpong = sched == "pingpong";
-  auto skip = [&](const char* why) {
-    TORCH_CHECK(!require, "CONVMIXER_KERNELS_PW_CUTLASS=require: the CUTLASS pointwise GEMM does not apply: ", why);
-    return false;
-  };
-  if (!pwcutlass::built()) return skip("not in this build (needs CUTLASS headers and TORCH_CUDA_ARCH_LIST with 9.0a)");
-  if (!cl) return skip("x is not channels_last");
-  const auto dt = s.scalar_type();
-  if (dt != at::kHalf && dt != at::kBFloat16) return skip("dtype is not float16 or bfloat16");
-  int dev = 0, major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  if (major != 9 || minor != 0) return skip("the GPU is not compute capability 9.0");
-  const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w2d.size(0);
-  if (M == 0 || K % 8 != 0 || N % 8 != 0) return skip("C_in and C_out must be multiples of 8");
-  const Tensor w = w2d.contiguous();
-  // (the per-channel vectors too: the epilogue reads them 4 floats at a time)
-  for (const void* p : std::initializer_list<const void*>{s.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias),
-                                                          scale.data_ptr(), shift.data_ptr()})
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return skip("an operand is not 16-byte aligned");
-  const bool bf16 = dt == at::kBFloat16;
-  const size_t ws_bytes = pwcutlass::workspace_bytes(bf16, pingpong, M, N, K);
-  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, s.options().dtype(at::kByte));
-  const cudaError_t e = pwcutlass::bn_act_gemm(bf16, pingpong, s.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias),
-                                               scale.data_ptr<float>(), shift.data_ptr<float>(), static_cast<int>(act),
-                                               act_first, M, N, K, ws.data_ptr(),
-                                               c10::cuda::getCurrentCUDAStream().stream());
-  if (e == cudaErrorNotSupported) {
-    (void)cudaGetLastError();
-    return skip("CUTLASS cannot implement this problem");
-  }
-  C10_CUDA_CHECK(e);
-  return true;
 }
 
 Tensor pw_fwd_cuda(const Tensor& x, const OptTensor& t, const Tensor& weight, const OptTensor& bias,

@@ -100,6 +100,10 @@ inline ChannelParams channel_params(int64_t N, int64_t C, int64_t HW, bool cl, i
 void launch_bn_act(const ChannelParams& p, DType dt, cudaStream_t stream);
 void launch_stats(const ChannelParams& p, DType dt, float* mean, float* var, cudaStream_t stream);
 void launch_dpre(const ChannelParams& p, DType dt, float* dsum, cudaStream_t stream);
+// mean, var (biased) of C channels over M rows from per-tile fp32 column sums of u and u * u, [T][ld]
+// each (the CUTLASS statistics GEMM's partials, pw_cutlass.cuh), added in a fixed order in double.
+void launch_tile_stats_finalize(const float* sums, const float* sqs, int64_t T, int64_t ld, int64_t C, int64_t M,
+                                float* mean, float* var, cudaStream_t stream);
 
 }  // namespace pw
 }  // namespace convmixer_kernels

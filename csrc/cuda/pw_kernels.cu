@@ -526,6 +526,40 @@ void dpre_impl(const ChannelParams& p, float* dsum, cudaStream_t stream) {
     }                                                \
   }
 
+// The CUTLASS statistics GEMM's finalize (pw_cutlass_stats.cuh): sums and sqs are [T][ld] per-tile fp32
+// column sums of u and u * u over the M rows; mean = S / M and the biased var = Q / M - mean^2, with S and Q
+// added in double in tile order (warp w takes tiles w, w + kTileFinWarps, ... in order, then warp 0 adds the
+// warps' sums in order), so bitwise reproducible.  A block owns 32 consecutive channels, one a lane: one
+// coalesced segment a tile (as dwcuda's sum_finalize_kernel).
+constexpr int kTileFinWarps = 8;
+__global__ void __launch_bounds__(32 * kTileFinWarps)
+    tile_stats_finalize_kernel(const float* __restrict__ sums, const float* __restrict__ sqs, int64_t T, int64_t ld,
+                               int64_t C, int64_t M, float* __restrict__ mean, float* __restrict__ var) {
+  __shared__ double red[2][kTileFinWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+  const bool ok = c < C;
+  double s = 0.0, q = 0.0;
+  if (ok) {
+    for (int64_t t = warp; t < T; t += kTileFinWarps) {
+      s += static_cast<double>(sums[t * ld + c]);
+      q += static_cast<double>(sqs[t * ld + c]);
+    }
+  }
+  red[0][warp][lane] = s;
+  red[1][warp][lane] = q;
+  __syncthreads();
+  if (warp != 0 || !ok) return;
+  for (int w = 1; w < kTileFinWarps; ++w) {
+    s += red[0][w][lane];
+    q += red[1][w][lane];
+  }
+  const double m = s / static_cast<double>(M);
+  const double v = q / static_cast<double>(M) - m * m;
+  mean[c] = static_cast<float>(m);
+  var[c] = static_cast<float>(v > 0.0 ? v : (v == v ? 0.0 : v));  // rounding may leave a tiny negative; NaN stays
+}
+
 }  // namespace
 
 void launch_bn_act(const ChannelParams& p, DType dt, cudaStream_t stream) {
@@ -540,6 +574,13 @@ void launch_dpre(const ChannelParams& p, DType dt, float* dsum, cudaStream_t str
   ChannelParams q = p;
   if (dsum == nullptr) q.partial = nullptr;
   CMK_PW_DISPATCH(dt, dpre_impl<T>(q, dsum, stream));
+}
+
+void launch_tile_stats_finalize(const float* sums, const float* sqs, int64_t T, int64_t ld, int64_t C, int64_t M,
+                                float* mean, float* var, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(ceil_div(C, 32));
+  CMK_LAUNCH(tile_stats_finalize_kernel, blocks, 32 * kTileFinWarps, 0, stream)(sums, sqs, T, ld, C, M, mean, var);
+  C10_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace pw

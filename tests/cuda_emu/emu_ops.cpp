@@ -233,6 +233,19 @@ std::vector<Tensor> pw_dpre(const Tensor& dy, const Tensor& pre, const Tensor& s
   return {out, dsum};
 }
 
+// The CUTLASS statistics GEMM's finalize (pw::launch_tile_stats_finalize) on given partials: partial is
+// (2, T, ld) float (sums, then sums of squares), outputs NaN-filled and guarded.
+std::tuple<Tensor, Tensor> tile_stats_finalize(const Tensor& partial, int64_t C, int64_t M, int64_t offset) {
+  TORCH_CHECK(partial.dim() == 3 && partial.size(0) == 2 && partial.scalar_type() == at::kFloat);
+  const int64_t T = partial.size(1), ld = partial.size(2);
+  Tensor part = guarded_clone(partial.contiguous(), offset);
+  Tensor mean = guarded_empty({C}, at::kFloat, false, offset), var = guarded_empty({C}, at::kFloat, false, offset);
+  const float* sums = part.data_ptr<float>();
+  pwk::launch_tile_stats_finalize(sums, sums + T * ld, T, ld, C, M, mean.data_ptr<float>(), var.data_ptr<float>(),
+                                  nullptr);
+  return {mean, var};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -242,6 +255,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pw_stats", &pw_stats);
   m.def("pw_bn_act", &pw_bn_act);
   m.def("pw_dpre", &pw_dpre);
+  m.def("tile_stats_finalize", &tile_stats_finalize);
   m.def("dw_conv_stats", &conv_stats);
   m.def("dw_fwd", &fwd);
   m.def("dw_bwd_reduce", &bwd_reduce);

@@ -257,7 +257,8 @@ def host_cases(quick: bool):
     # ("dw", shape, k, dtype, channels_last, act, act_first, residual, bias)
     for i, (k, dt, cl) in enumerate(itertools.product([3, 7, 9], DTYPES, [False, True])):
         out.append(("dw", (2, 37, 17, 23), k, dt, cl, i % 5, bool(i % 2), bool((i // 2) % 2), i % 3 != 2))
-    return out[::3] if quick else out
+    out = out[::3] if quick else out
+    return out + [("cutlass_env",)]
 
 
 _POISONED = [("CONVMIXER_KERNELS_POISON_OUTPUTS", "1")]  # every output of the C++ ops starts as NaN
@@ -277,10 +278,48 @@ def check_host(mod, case, seed):
             _, shape, k, dt, cl, act, af, residual, bias = case
             inp = make_inputs(*shape, k, dt, "cpu", channels_last=cl, bias=bias, seed=seed)
             check_all_ops(HostOps(mod), inp, act, af, residual, dt, cl)
+        elif case[0] == "cutlass_env":
+            _check_cutlass_env(mod)
         else:
             _, p, (h, w), dt, cl, act, af = case
             inp = make_pw_inputs(2, 3, 53 if p == 7 else 24, h, w, dt, "cpu", channels_last=cl, stem_p=p, seed=seed)
             check_stem_ops(HostOps(mod), inp, act, af, dt, cl)
+
+
+def _check_cutlass_env(mod):
+    """pw.cpp's gate of the CUTLASS pointwise GEMMs (cutlass_applies) in a build without them, as on the CPU
+    and on GPUs other than compute capability 9.0: =1 takes the usual path (the same bits as unset), =require
+    raises naming the variable and why, a bad schedule name raises naming its variable."""
+    from pw_op_cases import make_pw_inputs
+
+    inp = make_pw_inputs(2, 64, 72, 5, 7, torch.bfloat16, "cpu", channels_last=True, seed=3)
+
+    def stats():
+        return mod.host_pw_gemm_stats(inp["x"], None, inp["weight"], inp["bias"], 2, True)
+
+    def fwd():
+        return mod.host_pw_fwd(inp["x"], None, inp["weight"], inp["bias"], inp["scale"], inp["shift"], 2, True)
+
+    want = (stats(), fwd())
+    with env_set([("CONVMIXER_KERNELS_PW_CUTLASS", "1")]):
+        got = (stats(), fwd())
+    assert all(torch.equal(a, b) for a, b in zip(want[0], got[0])) and torch.equal(want[1], got[1]), \
+        "CONVMIXER_KERNELS_PW_CUTLASS=1 without CUTLASS changed the results"
+    for op in (stats, fwd):
+        with env_set([("CONVMIXER_KERNELS_PW_CUTLASS", "require")]):
+            try:
+                op()
+            except RuntimeError as e:
+                assert "CONVMIXER_KERNELS_PW_CUTLASS=require" in str(e) and "not in this build" in str(e), str(e)
+            else:
+                raise AssertionError("CONVMIXER_KERNELS_PW_CUTLASS=require ran without CUTLASS")
+        with env_set([("CONVMIXER_KERNELS_PW_CUTLASS", "1"), ("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", "pinpong")]):
+            try:
+                op()
+            except RuntimeError as e:
+                assert "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE" in str(e), str(e)
+            else:
+                raise AssertionError("a bad CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE was accepted")
 
 
 def bn_cases():
@@ -345,6 +384,40 @@ def _check_bn(mod, case, seed):
         assert torch.equal(c_rm, rm) and torch.equal(c_rv, rv) and int(c_n) == 5, "bn_update_running"
 
 
+def tile_stats_cases():
+    # (M, C, ld, offset): a partial last tile, tiles fewer than and not a multiple of the finalize's 8 warps,
+    # C not a multiple of 32 (a partial block) below ld (the GEMM's padded row), one row, misaligned buffers.
+    return [(1173, 72, 128, 0), (300, 37, 128, 1), (1, 8, 128, 0), (128 * 20 + 5, 200, 256, 1)]
+
+
+def check_tile_stats(mod, case, seed):
+    """The finalize of the CUTLASS statistics GEMM (csrc/cuda/pw_cutlass_stats.cuh, which itself runs only on
+    a GPU) from per-128-row-tile fp32 sums of u and u*u, as the GEMM's epilogue writes them, against the
+    float64 mean and biased variance of u: channel means far from zero against their spread (the sums' weak
+    spot, var = E[u^2] - E[u]^2), values rounded to bf16 as pre is; and NaN in a channel stays NaN."""
+    M, C, ld, off = case
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.rand(C, generator=g) * 2 + 0.05
+    u = (torch.randn(M, C, generator=g, dtype=torch.float64) * spread + torch.linspace(-30, 30, C, dtype=torch.float64))
+    u = u.to(torch.bfloat16).float()
+    if C > 3:
+        u[M // 2, 3] = float("nan")
+    T = (M + 127) // 128
+    tiles = torch.cat([u, torch.zeros(T * 128 - M, C)]).view(T, 128, C)
+    partial = torch.full((2, T, ld), float("nan"))  # the padded columns stay NaN: never read
+    partial[0, :, :C] = tiles.sum(dim=1)
+    partial[1, :, :C] = (tiles * tiles).sum(dim=1)
+    mean, var = mod.tile_stats_finalize(partial, C, M, off)
+    mod.check_guards()
+    u64 = u.double()
+    m64, v64 = u64.mean(dim=0), u64.var(dim=0, correction=0)
+    ok = ~torch.isnan(m64)
+    assert torch.equal(torch.isnan(mean), ~ok) and torch.equal(torch.isnan(var), ~ok), "NaN where not expected"
+    assert (mean.double() - m64)[ok].abs().max() <= 1e-6 * u64[:, ok].abs().max(), "mean off"
+    rel = ((var.double() - v64).abs() / v64.clamp_min(1e-30))[ok].max()
+    assert rel <= 2e-5, f"var off by {rel:.3g} (relative)"
+
+
 def describe(c):
     shape, k, dt, cl, act, af, res, bias, off, env = c
     extra = "".join(f" {k}={v}" for k, v in env)
@@ -385,6 +458,7 @@ def main():
         print(f"ok   {tag} ({time.time() - t1:.1f}s)", flush=True)
     total = len(cs)
     for label, more, check in (("pw", pw_cases(args.quick), check_pw), ("bn", bn_cases(), check_bn),
+                               ("tile_stats", tile_stats_cases(), check_tile_stats),
                                ("host", host_cases(args.quick), check_host)):
         more = [c for c in more if args.only in f"{label} {c}"] if args.only else more
         total += len(more)
