@@ -187,6 +187,19 @@ def test_pw_cutlass(poison, monkeypatch, schedule, dtype, act, act_first, shape,
 
 
 @_NEEDS_CUTLASS
+@pytest.mark.parametrize("p,hw", [(2, (9, 7)), (7, (30, 29)), (4, (32, 32))])
+@pytest.mark.parametrize("act_first", ORDERS)
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_stem_cutlass(poison, monkeypatch, dtype, act_first, p, hw):
+    """The stem's GEMMs through CUTLASS (=require): the patch matrix's K = 3*p*p (12, 147, 48) padded to 16
+    bytes, rows of the remainder dropped, both forwards; the backward is unchanged (cuBLAS)."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
+    inp = make_pw_inputs(2, 3, 72, *hw, dtype, "cuda", channels_last=True, stem_p=p, seed=p)
+    for act in (1, 2):
+        check_stem_ops(OPS, inp, act, act_first, dtype, True)
+
+
+@_NEEDS_CUTLASS
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("act_first", ORDERS)
 def test_pw_cutlass_stats_far_mean(monkeypatch, dtype, act_first):

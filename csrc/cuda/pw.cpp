@@ -253,98 +253,110 @@ std::pair<Tensor, Tensor> dpre_for_gemm(const Tensor& dy, const Tensor& pre, con
 // ------------------------------------------------------------------------------------------------
 // Ops.
 
-// Whether the CUTLASS pointwise GEMMs (pw_cutlass.cu) take this problem: the eval forward as one GEMM whose
+// The CUTLASS GEMMs (pw_cutlass.cu) of the pointwise block and the stem: the eval forward as one GEMM whose
 // epilogue does bias, rounding, activation and the BN affine, and the training forward's GEMM with the batch
 // statistics in its epilogue, instead of cuBLAS and a pass over its output.  Opt-in until a GPU run has
 // measured and tested them: CONVMIXER_KERNELS_PW_CUTLASS=1 uses them where they apply (a build with them,
-// compute capability 9.0, channels_last fp16/bf16, C_in and C_out multiples of 8, 16-byte aligned operands),
+// compute capability 9.0, channels_last fp16/bf16, K and C_out multiples of 8, 16-byte aligned operands),
 // =require raises where they do not (tests).  CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE picks the eval kernel's
 // schedule: cooperative (unset) or pingpong (pw_cutlass_gemm.cuh), until a GPU run has measured which is
-// faster; the statistics GEMM is cooperative.  Returns nullopt where they do not apply (the caller takes the
-// usual path), else whether the schedule is ping-pong.
-std::optional<bool> cutlass_applies(const Tensor& s, const Tensor& w, std::initializer_list<const void*> ptrs,
-                                    bool cl) {
+// faster; the statistics GEMM is cooperative.
+struct CutlassMode {
+  bool require, pingpong;
+};
+
+// nullopt when the variable is off.
+std::optional<CutlassMode> cutlass_mode() {
   const char* env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS");
   const std::string mode = env == nullptr ? "" : env;
   if (mode != "1" && mode != "require") return std::nullopt;
-  const bool require = mode == "require";
   const char* sched_env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE");
   const std::string sched = sched_env == nullptr ? "" : sched_env;
   TORCH_CHECK(sched.empty() || sched == "cooperative" || sched == "pingpong",
               "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE must be unset, 'cooperative' or 'pingpong', got '", sched, "'");
-  auto skip = [&](const char* why) -> std::optional<bool> {
-    TORCH_CHECK(!require, "CONVMIXER_KERNELS_PW_CUTLASS=require: the CUTLASS pointwise GEMM does not apply: ", why);
-    return std::nullopt;
-  };
-  if (!pwcutlass::built()) return skip("not in this build (needs CUTLASS headers and TORCH_CUDA_ARCH_LIST with 9.0a)");
-  if (!cl) return skip("x is not channels_last");
-  const auto dt = s.scalar_type();
-  if (dt != at::kHalf && dt != at::kBFloat16) return skip("dtype is not float16 or bfloat16");
+  return CutlassMode{mode == "require", sched == "pingpong"};
+}
+
+// The caller takes the usual path (false), or raises under =require.
+bool cutlass_skip(const CutlassMode& m, const char* why) {
+  TORCH_CHECK(!m.require, "CONVMIXER_KERNELS_PW_CUTLASS=require: the CUTLASS pointwise GEMM does not apply: ", why);
+  return false;
+}
+
+// Why the GEMM of a (M, K) row-major by w (N, K) row-major into ptrs' tensors cannot run here, or nullptr.
+const char* cutlass_unfit(const Tensor& a, const Tensor& w, std::initializer_list<const void*> ptrs) {
+  if (!pwcutlass::built()) return "not in this build (needs CUTLASS headers and TORCH_CUDA_ARCH_LIST with 9.0a)";
+  const auto dt = a.scalar_type();
+  if (dt != at::kHalf && dt != at::kBFloat16) return "dtype is not float16 or bfloat16";
   int dev = 0, major = 0, minor = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  if (major != 9 || minor != 0) return skip("the GPU is not compute capability 9.0");
-  const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w.size(0);
-  if (M == 0 || K % 8 != 0 || N % 8 != 0) return skip("C_in and C_out must be multiples of 8");
+  if (major != 9 || minor != 0) return "the GPU is not compute capability 9.0";
+  if (a.size(0) == 0 || a.size(1) % 8 != 0 || w.size(0) % 8 != 0) return "C_in and C_out must be multiples of 8";
   // (the per-channel vectors too: the epilogue reads them 4 floats at a time)
   for (const void* p : ptrs)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return skip("an operand is not 16-byte aligned");
-  return sched == "pingpong";
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return "an operand is not 16-byte aligned";
+  return nullptr;
 }
 
 // CUTLASS reported that it cannot implement the problem: the caller takes the usual path, or raises (=require).
-bool cutlass_declined(cudaError_t e) {
+bool cutlass_declined(const CutlassMode& m, cudaError_t e) {
   if (e != cudaErrorNotSupported) {
     C10_CUDA_CHECK(e);
     return false;
   }
   (void)cudaGetLastError();
-  const char* env = std::getenv("CONVMIXER_KERNELS_PW_CUTLASS");
-  TORCH_CHECK(env == nullptr || std::string(env) != "require",
-              "CONVMIXER_KERNELS_PW_CUTLASS=require: the CUTLASS pointwise GEMM does not apply: CUTLASS cannot "
-              "implement this problem");
-  return true;
+  return !cutlass_skip(m, "CUTLASS cannot implement this problem");
 }
 
 Tensor cutlass_workspace(const Tensor& like, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
 }
 
-// The eval forward y = bn_act(round(s @ w2d^T + bias)) as one CUTLASS GEMM; false when it did not run.
-bool pw_fwd_cutlass(const Tensor& s, const Tensor& w2d, Tensor& y, const OptTensor& bias, const Tensor& scale,
-                    const Tensor& shift, int64_t act, bool act_first, bool cl) {
+// The eval forward y (rows: M x N) = bn_act(round(a @ w2d^T + bias)) as one CUTLASS GEMM, a the (M, K)
+// row-major operand (undefined unless cl); false when it did not run.
+bool gemm_fwd_cutlass(const Tensor& a, const Tensor& w2d, Tensor& y, const OptTensor& bias, const Tensor& scale,
+                      const Tensor& shift, int64_t act, bool act_first, bool cl) {
+  const auto mode = cutlass_mode();
+  if (!mode.has_value()) return false;
+  if (!cl) return cutlass_skip(*mode, "x is not channels_last");
   const Tensor w = w2d.contiguous();
-  const auto pingpong = cutlass_applies(
-      s, w, {s.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias), scale.data_ptr(), shift.data_ptr()}, cl);
-  if (!pingpong.has_value()) return false;
-  const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w.size(0);
-  const bool bf16 = s.scalar_type() == at::kBFloat16;
-  Tensor ws = cutlass_workspace(s, pwcutlass::workspace_bytes(bf16, *pingpong, M, N, K));
-  return !cutlass_declined(pwcutlass::bn_act_gemm(bf16, *pingpong, s.data_ptr(), w.data_ptr(), y.data_ptr(),
-                                                  fptr(bias), scale.data_ptr<float>(), shift.data_ptr<float>(),
-                                                  static_cast<int>(act), act_first, M, N, K, ws.data_ptr(),
-                                                  c10::cuda::getCurrentCUDAStream().stream()));
+  const char* why = cutlass_unfit(
+      a, w, {a.data_ptr(), w.data_ptr(), y.data_ptr(), fptr(bias), scale.data_ptr(), shift.data_ptr()});
+  if (why != nullptr) return cutlass_skip(*mode, why);
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
+  Tensor ws = cutlass_workspace(a, pwcutlass::workspace_bytes(bf16, mode->pingpong, M, N, K));
+  return !cutlass_declined(*mode, pwcutlass::bn_act_gemm(bf16, mode->pingpong, a.data_ptr(), w.data_ptr(),
+                                                         y.data_ptr(), fptr(bias), scale.data_ptr<float>(),
+                                                         shift.data_ptr<float>(), static_cast<int>(act), act_first,
+                                                         M, N, K, ws.data_ptr(),
+                                                         c10::cuda::getCurrentCUDAStream().stream()));
 }
 
-// The training forward's GEMM, pre = round(s @ w2d^T + bias), with the batch statistics of u in its epilogue
-// (per-tile column sums, pw_cutlass_stats.cuh) and a fixed-order finalize into mean and var; false when it
-// did not run.
-bool pw_gemm_stats_cutlass(const Tensor& s, const Tensor& w2d, Tensor& pre, const OptTensor& bias, int64_t act,
-                           bool act_first, bool cl, Tensor& mean, Tensor& var) {
+// The training forward's GEMM, pre (rows) = round(a @ w2d^T + bias), with the batch statistics of u in its
+// epilogue (per-tile column sums, pw_cutlass_stats.cuh) and a fixed-order finalize into mean and var; false
+// when it did not run.
+bool gemm_stats_cutlass(const Tensor& a, const Tensor& w2d, Tensor& pre, const OptTensor& bias, int64_t act,
+                        bool act_first, bool cl, Tensor& mean, Tensor& var) {
+  const auto mode = cutlass_mode();
+  if (!mode.has_value()) return false;
+  if (!cl) return cutlass_skip(*mode, "x is not channels_last");
   const Tensor w = w2d.contiguous();
-  if (!cutlass_applies(s, w, {s.data_ptr(), w.data_ptr(), pre.data_ptr(), fptr(bias)}, cl).has_value()) return false;
-  const int64_t M = s.size(0) * s.size(2) * s.size(3), K = s.size(1), N = w.size(0);
+  const char* why = cutlass_unfit(a, w, {a.data_ptr(), w.data_ptr(), pre.data_ptr(), fptr(bias)});
+  if (why != nullptr) return cutlass_skip(*mode, why);
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
   const int64_t T = pwcutlass::stats_tiles(M), ld = pwcutlass::stats_ld(N);
-  const bool bf16 = s.scalar_type() == at::kBFloat16;
-  Tensor partial = at::empty({2, T, ld}, s.options().dtype(at::kFloat));
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
+  Tensor partial = at::empty({2, T, ld}, a.options().dtype(at::kFloat));
   float* sums = partial.data_ptr<float>();
   float* sqs = sums + T * ld;
-  Tensor ws = cutlass_workspace(s, pwcutlass::stats_workspace_bytes(bf16, M, N, K));
+  Tensor ws = cutlass_workspace(a, pwcutlass::stats_workspace_bytes(bf16, M, N, K));
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (cutlass_declined(pwcutlass::stats_gemm(bf16, s.data_ptr(), w.data_ptr(), pre.data_ptr(), fptr(bias),
-                                             static_cast<int>(act), act_first, M, N, K, sums, sqs, ws.data_ptr(),
-                                             stream)))
+  if (cutlass_declined(*mode, pwcutlass::stats_gemm(bf16, a.data_ptr(), w.data_ptr(), pre.data_ptr(), fptr(bias),
+                                                    static_cast<int>(act), act_first, M, N, K, sums, sqs,
+                                                    ws.data_ptr(), stream)))
     return false;
   pw::launch_tile_stats_finalize(sums, sqs, T, ld, N, M, mean.data_ptr<float>(), var.data_ptr<float>(), stream);
   return true;
@@ -365,7 +377,8 @@ Tensor3 pw_gemm_stats_cuda(const Tensor& x, const OptTensor& t, const Tensor& we
   Tensor mean = new_output({C_out}, fopts), var = new_output({C_out}, fopts);
   const Tensor s = pw_input(x, t, cl);
   const Tensor w2d = weight.reshape({C_out, C_in});
-  if (pre.numel() > 0 && pw_gemm_stats_cutlass(s, w2d, pre, bias, act, act_first, cl, mean, var))
+  if (pre.numel() > 0 &&
+      gemm_stats_cutlass(cl ? rows_view(s) : Tensor(), w2d, pre, bias, act, act_first, cl, mean, var))
     return {pre, mean, var};
   const bool bias_left = gemm_fwd(pre, cl ? rows_view(s) : Tensor(), cl ? Tensor() : s.view({N, C_in, H * W}), w2d,
                                   bias, cl);
@@ -388,7 +401,8 @@ Tensor pw_fwd_cuda(const Tensor& x, const OptTensor& t, const Tensor& weight, co
   Tensor y = new_output({N, C_out, H, W}, x.options(), format_of(cl));
   const Tensor s = pw_input(x, t, cl);
   const Tensor w2d = weight.reshape({C_out, C_in});
-  if (pw_fwd_cutlass(s, w2d, y, bias, scale, shift, act, act_first, cl)) return y;
+  if (y.numel() > 0 && gemm_fwd_cutlass(cl ? rows_view(s) : Tensor(), w2d, y, bias, scale, shift, act, act_first, cl))
+    return y;
   const bool bias_left = gemm_fwd(y, cl ? rows_view(s) : Tensor(), cl ? Tensor() : s.view({N, C_in, H * W}), w2d,
                                   bias, cl);
   run_bn_act(y, y, bias_left ? bias : OptTensor(), scale, shift, act, act_first, cl);
@@ -493,12 +507,10 @@ StemGeo stem_geo(const Tensor& x, const Tensor& weight) {
   return g;
 }
 
-// pre-shaped stem GEMM into out (N, C_out, Ho, Wo); returns whether the bias is still to be added.
-bool stem_gemm(Tensor& out, const Tensor& x, const Tensor& weight, const OptTensor& bias, const StemGeo& g, bool cl) {
-  if (g.M == 0) return false;
-  const Tensor P = im2col(x, g);
-  return gemm_fwd(out, P, cl ? Tensor() : P.view({g.N, g.Ho * g.Wo, g.Kp}).transpose(1, 2), stem_w2d(weight, g), bias,
-                  cl);
+// pre-shaped stem GEMM of the patch matrix P into out (N, C_out, Ho, Wo); returns whether the bias is still
+// to be added.
+bool stem_gemm(Tensor& out, const Tensor& P, const Tensor& w2d, const OptTensor& bias, const StemGeo& g, bool cl) {
+  return gemm_fwd(out, P, cl ? Tensor() : P.view({g.N, g.Ho * g.Wo, g.Kp}).transpose(1, 2), w2d, bias, cl);
 }
 
 Tensor3 stem_gemm_stats_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t act,
@@ -512,7 +524,13 @@ Tensor3 stem_gemm_stats_cuda(const Tensor& x, const Tensor& weight, const OptTen
   const auto fopts = x.options().dtype(at::kFloat);
   Tensor pre = new_output({g.N, g.C_out, g.Ho, g.Wo}, x.options(), format_of(cl));
   Tensor mean = new_output({g.C_out}, fopts), var = new_output({g.C_out}, fopts);
-  const bool bias_left = stem_gemm(pre, x, weight, bias, g, cl);
+  if (g.M == 0 || g.C_out == 0) {
+    run_stats(pre, OptTensor(), act, act_first, cl, mean, var);  // the mean of nothing, as torch
+    return {pre, mean, var};
+  }
+  const Tensor P = im2col(x, g), w2d = stem_w2d(weight, g);
+  if (gemm_stats_cutlass(P, w2d, pre, bias, act, act_first, cl, mean, var)) return {pre, mean, var};
+  const bool bias_left = stem_gemm(pre, P, w2d, bias, g, cl);
   run_stats(pre, bias_left ? bias : OptTensor(), act, act_first, cl, mean, var);
   return {pre, mean, var};
 }
@@ -528,7 +546,10 @@ Tensor stem_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bia
   check_act(act);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor y = new_output({g.N, g.C_out, g.Ho, g.Wo}, x.options(), format_of(cl));
-  const bool bias_left = stem_gemm(y, x, weight, bias, g, cl);
+  if (y.numel() == 0) return y;
+  const Tensor P = im2col(x, g), w2d = stem_w2d(weight, g);
+  if (gemm_fwd_cutlass(P, w2d, y, bias, scale, shift, act, act_first, cl)) return y;
+  const bool bias_left = stem_gemm(y, P, w2d, bias, g, cl);
   run_bn_act(y, y, bias_left ? bias : OptTensor(), scale, shift, act, act_first, cl);
   return y;
 }

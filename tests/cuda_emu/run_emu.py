@@ -287,39 +287,37 @@ def check_host(mod, case, seed):
 
 
 def _check_cutlass_env(mod):
-    """pw.cpp's gate of the CUTLASS pointwise GEMMs (cutlass_applies) in a build without them, as on the CPU
-    and on GPUs other than compute capability 9.0: =1 takes the usual path (the same bits as unset), =require
-    raises naming the variable and why, a bad schedule name raises naming its variable."""
+    """pw.cpp's gate of the CUTLASS GEMMs of the pointwise and stem ops (cutlass_mode, cutlass_unfit) in a
+    build without them, as on the CPU and on GPUs other than compute capability 9.0: =1 takes the usual path
+    (the same bits as unset), =require raises naming the variable and why, a bad schedule name raises naming
+    its variable."""
     from pw_op_cases import make_pw_inputs
 
-    inp = make_pw_inputs(2, 64, 72, 5, 7, torch.bfloat16, "cpu", channels_last=True, seed=3)
-
-    def stats():
-        return mod.host_pw_gemm_stats(inp["x"], None, inp["weight"], inp["bias"], 2, True)
-
-    def fwd():
-        return mod.host_pw_fwd(inp["x"], None, inp["weight"], inp["bias"], inp["scale"], inp["shift"], 2, True)
-
-    want = (stats(), fwd())
-    with env_set([("CONVMIXER_KERNELS_PW_CUTLASS", "1")]):
-        got = (stats(), fwd())
-    assert all(torch.equal(a, b) for a, b in zip(want[0], got[0])) and torch.equal(want[1], got[1]), \
-        "CONVMIXER_KERNELS_PW_CUTLASS=1 without CUTLASS changed the results"
-    for op in (stats, fwd):
-        with env_set([("CONVMIXER_KERNELS_PW_CUTLASS", "require")]):
-            try:
-                op()
-            except RuntimeError as e:
-                assert "CONVMIXER_KERNELS_PW_CUTLASS=require" in str(e) and "not in this build" in str(e), str(e)
-            else:
-                raise AssertionError("CONVMIXER_KERNELS_PW_CUTLASS=require ran without CUTLASS")
-        with env_set([("CONVMIXER_KERNELS_PW_CUTLASS", "1"), ("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE", "pinpong")]):
-            try:
-                op()
-            except RuntimeError as e:
-                assert "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE" in str(e), str(e)
-            else:
-                raise AssertionError("a bad CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE was accepted")
+    pw = make_pw_inputs(2, 64, 72, 5, 7, torch.bfloat16, "cpu", channels_last=True, seed=3)
+    st = make_pw_inputs(2, 3, 72, 30, 29, torch.bfloat16, "cpu", channels_last=True, stem_p=7, seed=4)
+    ops = [lambda: mod.host_pw_gemm_stats(pw["x"], None, pw["weight"], pw["bias"], 2, True),
+           lambda: mod.host_pw_fwd(pw["x"], None, pw["weight"], pw["bias"], pw["scale"], pw["shift"], 2, True),
+           lambda: mod.host_stem_gemm_stats(st["x"], st["weight"], st["bias"], 2, True),
+           lambda: mod.host_stem_fwd(st["x"], st["weight"], st["bias"], st["scale"], st["shift"], 2, True)]
+    flat = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
+    for i, op in enumerate(ops):
+        want = flat(op())
+        with env_set([("CONVMIXER_KERNELS_PW_CUTLASS", "1")]):
+            got = flat(op())
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), \
+            f"op {i}: CONVMIXER_KERNELS_PW_CUTLASS=1 without CUTLASS changed the results"
+        for pairs, expect in (([("CONVMIXER_KERNELS_PW_CUTLASS", "require")], "=require: the CUTLASS pointwise GEMM"
+                               " does not apply: not in this build"),
+                              ([("CONVMIXER_KERNELS_PW_CUTLASS", "1"), ("CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE",
+                                                                        "pinpong")],
+                               "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE must be unset")):
+            with env_set(pairs):
+                try:
+                    op()
+                except RuntimeError as e:
+                    assert expect in str(e), f"op {i}: {e}"
+                else:
+                    raise AssertionError(f"op {i} ran under {pairs}")
 
 
 def bn_cases():
