@@ -204,9 +204,9 @@ def main(argv=None):
     # The opt-in CUTLASS pointwise GEMM is timed after everything else: a fault in it would be sticky on the
     # device and fail every row after it.  (The tensor-core depthwise kernels were timed here too until
     # their first GPU run, 2026-11-27, passed and made them the default where they were faster.)
-    # cuda_cutlass runs the whole model too (its training step takes the statistics GEMM in every pointwise
-    # block); the ping-pong schedule changes the eval GEMM only.
-    late_suite = {"cuda_cutlass": ("pw", "model"), "cuda_cutlass_pp": ("pw",)}
+    # cuda_cutlass runs the stem and the whole model too (the same GEMMs: the statistics one in training,
+    # the fused eval one); the ping-pong schedule changes the eval GEMM only.
+    late_suite = {"cuda_cutlass": ("pw", "stem", "model"), "cuda_cutlass_pp": ("pw",)}
     late = [p for p, ss in late_suite.items() if device == "cuda" and set(ss) & set(suites) and bench.wants(p)]
     if late:
         bench.only = [p for p in (only or PROVIDERS) if p not in late]

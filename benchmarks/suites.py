@@ -200,8 +200,8 @@ def gemm_cases(bench, kind):
             return [(64, 768, 32, 1, both, full + ("compile_max",), False), (64, 1536, 32, 1, both, full, False),
                     (8, 768, 32, 1, cl, ("eager", "eager_graph", "cuda", "cuda_graph"), True)]
         if bench.quick:
-            return [(64, 768, 224, 7, cl, ("eager", "cuda"), False)]
-        full = ("eager", "compile", "cuda", "triton")
+            return [(64, 768, 224, 7, cl, ("eager", "cuda", "cuda_cutlass"), False)]
+        full = ("eager", "compile", "cuda", "cuda_cutlass", "triton")
         return [(64, 768, 224, 7, cl, full, False), (64, 1536, 224, 7, cl, full, False),
                 (64, 1024, 224, 14, cl, full, False)]
     if bench.quick:
