@@ -124,7 +124,7 @@ class CaseTimer:
 # compile providers run the unfused reference modules (their backend does not matter); *_graph run
 # the step captured in one CUDA graph.  cuda_ipb1: the CUDA kernels with one item per forward depthwise
 # block (no next tile to copy in while computing), so the same run shows what the cp.async pipeline
-# gains.  cuda_cutlass / cuda_cutlass_pp: the CUTLASS pointwise GEMMs (csrc/cuda/pw.cpp cutlass_applies):
+# gains.  cuda_cutlass / cuda_cutlass_pp: the CUTLASS pointwise GEMMs (csrc/cuda/pw.cpp cutlass_mode), fp16/bf16:
 # the eval forward as one GEMM with the epilogue fused, in its cooperative / ping-pong schedule
 # (CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE), and the training forward's GEMM with the statistics in its epilogue;
 # cuda_mma: the depthwise block on tensor cores (fp16/bf16, k <= 9, both layouts, forward and backward;
@@ -190,7 +190,15 @@ def unavailable(prov, device) -> str | None:
         return "CUDA graphs need a GPU"
     if prov in ("compile", "compile_max", "eager", "eager_graph", "auto"):
         return None
-    return ck.backends.why_unavailable(PROVIDERS[prov][0], torch.device(device))
+    why = ck.backends.why_unavailable(PROVIDERS[prov][0], torch.device(device))
+    if why is None and prov.startswith("cuda_cutlass"):  # (its =require would fail every row otherwise)
+        from convmixer_kernels import _ext
+
+        if _ext.build_info().get("cutlass") != "1":
+            return "this build has no CUTLASS GEMMs (TORCH_CUDA_ARCH_LIST with 9.0a and CUTLASS's headers)"
+        if torch.cuda.get_device_capability(torch.device(device)) != (9, 0):
+            return "the CUTLASS GEMMs run on compute capability 9.0 only"
+    return why
 
 
 def module_of(prov, fused, ref):

@@ -187,12 +187,13 @@ def test_pw_cutlass(poison, monkeypatch, schedule, dtype, act, act_first, shape,
 
 
 @_NEEDS_CUTLASS
-@pytest.mark.parametrize("p,hw", [(2, (9, 7)), (7, (30, 29)), (4, (32, 32))])
+@pytest.mark.parametrize("p,hw", [(2, (9, 7)), (7, (30, 29)), (4, (32, 32)), (4, (64, 61))])
 @pytest.mark.parametrize("act_first", ORDERS)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 def test_stem_cutlass(poison, monkeypatch, dtype, act_first, p, hw):
     """The stem's GEMMs through CUTLASS (=require): the patch matrix's K = 3*p*p (12, 147, 48) padded to 16
-    bytes, rows of the remainder dropped, both forwards; the backward is unchanged (cuBLAS)."""
+    bytes, rows of the remainder dropped, M from 24 to 480 (several 128-row tiles, a partial last one), both
+    forwards; the backward is unchanged (cuBLAS)."""
     monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
     inp = make_pw_inputs(2, 3, 72, *hw, dtype, "cuda", channels_last=True, stem_p=p, seed=p)
     for act in (1, 2):
@@ -200,21 +201,50 @@ def test_stem_cutlass(poison, monkeypatch, dtype, act_first, p, hw):
 
 
 @_NEEDS_CUTLASS
+@pytest.mark.parametrize("act", [2, 4], ids=["gelu", "silu"])
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("act_first", ORDERS)
-def test_pw_cutlass_stats_far_mean(monkeypatch, dtype, act_first):
-    """The statistics GEMM sums u and u*u per tile, which cancels where a channel's mean is far from zero
-    against its spread: channel means of 4-8 over a spread near 1 (a large bias), against the spec."""
+def test_pw_cutlass_stats_far_mean(monkeypatch, dtype, act_first, act):
+    """The statistics GEMM sums u and u*u per tile in fp32, which cancels where a channel's mean is far from
+    its spread (for GELU/SiLU u is unrounded fp32, so u*u is not exact): channel means of 20-60 over a spread
+    near 1 (a large bias), M = 1173 (a partial last tile, whose rows past M must not count), against the
+    float64 statistics of the same pre.  Bound: 2 * 2^-24 * (mean^2 / var + 1) per fp32 add of a 128-long
+    chain, relative to var, i.e. what fp32 sums of u and u*u can lose, far below what rounding u to the
+    storage dtype costs PyTorch's own statistics (2^-9 or 2^-12 of the mean, squared, over var)."""
+    from convmixer_kernels import torch_ops as T
+
     monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
-    inp = make_pw_inputs(4, 64, 96, 16, 16, dtype, "cuda", channels_last=True, seed=11)
-    inp["bias"] = torch.linspace(4.0, 8.0, 96, device="cuda")
-    n1 = ("x", "t", "weight", "bias")
-    c = {k: (None if inp[k] is None else inp[k].cpu()) for k in n1}
-    for act in (0, 1):  # identity keeps the mean; relu keeps it too (positive values)
-        got = OPS.pw_gemm_stats(*[inp[k] for k in n1], act, act_first)
-        want = torch_ops.pw_gemm_stats(*[c[k] for k in n1], act, act_first)
-        for name, a, b in zip(("pre", "mean", "var"), got, want):
-            assert_close_op(f"pw_gemm_stats {name}", a, b, dtype, True if name == "pre" else None)
+    inp = make_pw_inputs(3, 64, 96, 17, 23, dtype, "cuda", channels_last=True, seed=11)
+    inp["bias"] = torch.linspace(20.0, 60.0, 96, device="cuda")
+    pre, mean, var = OPS.pw_gemm_stats(inp["x"], None, inp["weight"], inp["bias"], act, act_first)
+    want_pre = torch_ops.pw_gemm_stats(inp["x"].cpu(), None, inp["weight"].cpu(), inp["bias"].cpu(), act,
+                                       act_first)[0]
+    assert_close_op("pw_gemm_stats pre", pre, want_pre.cuda(), dtype, True)
+    u = pre.double().cpu()
+    u = T.act_fwd(u, act) if act_first else u
+    m64, v64 = u.mean(dim=(0, 2, 3)), u.var(dim=(0, 2, 3), correction=0)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    bound = 2 * 128 * 2.0 ** -24 * (m64 * m64 / v64 + 1)
+    rel_v = (var.double().cpu() - v64).abs() / v64
+    assert (rel_v <= bound).all(), f"var off by {float(rel_v.max()):.3g} relative (bound {float(bound.min()):.3g}+)"
+    rel_m = (mean.double().cpu() - m64).abs() / m64.abs()
+    assert (rel_m <= 4 * 2.0 ** -24 * 128).all(), f"mean off by {float(rel_m.max()):.3g} relative"
+
+
+@_NEEDS_CUTLASS
+@pytest.mark.parametrize("order", ["act_norm", "norm_act"])
+def test_pw_cutlass_block_far_mean(monkeypatch, order, poison):
+    """A whole pointwise block through the CUTLASS GEMMs with conv biases of 20-60 (channel means far from
+    their spread), GELU, fp16 (the dtype whose own rounding is smallest against the sums' cancellation),
+    against the fp64 oracle with the 2x rule: output, every gradient, running statistics."""
+    import block_harness as harness
+    from test_pw_block import _x, pw
+
+    monkeypatch.setenv("CONVMIXER_KERNELS_PW_CUTLASS", "require")
+    blk = pw(64, 72, activation="gelu", order=order)
+    with torch.no_grad():
+        blk.conv.bias.copy_(torch.linspace(20.0, 60.0, 72))
+    harness.compare(blk, [_x(3, 64, 17, 23)], "cuda", "cuda", torch.float16, layout="channels_last")
 
 
 @_NEEDS_CUTLASS

@@ -293,7 +293,8 @@ const char* cutlass_unfit(const Tensor& a, const Tensor& w, std::initializer_lis
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   if (major != 9 || minor != 0) return "the GPU is not compute capability 9.0";
-  if (a.size(0) == 0 || a.size(1) % 8 != 0 || w.size(0) % 8 != 0) return "C_in and C_out must be multiples of 8";
+  if (a.size(0) == 0) return "no rows (an empty batch or image)";
+  if (a.size(1) % 8 != 0 || w.size(0) % 8 != 0) return "C_in and C_out must be multiples of 8";
   // (the per-channel vectors too: the epilogue reads them 4 floats at a time)
   for (const void* p : ptrs)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return "an operand is not 16-byte aligned";
