@@ -105,7 +105,8 @@ def _plan(conv, act, bn, order, counts) -> tuple[dict | None, str | None]:
     if kind is None:
         return None, why
     if activation_name(act) is None:
-        return None, f"activation {type(act).__name__} is not supported (GELU, GELU(tanh), ReLU, SiLU, Identity)"
+        return None, (f"activation {type(act).__name__} is not supported (GELU, GELU(tanh), ReLU, SiLU, ReLU6, "
+                      "Hardswish, Identity)")
     bn_name = type(bn).__name__
     if bn.num_features != conv.out_channels:
         return None, f"{bn_name}({bn.num_features}) does not match the conv's {conv.out_channels} channels"
@@ -135,6 +136,14 @@ def match_pair(conv: nn.Module, bn: nn.Module, counts: dict[int, int]) -> tuple[
     if type(conv) is not nn.Conv2d or act is None:
         return None, None
     return _plan(conv, act, bn, "norm_act", counts)
+
+
+def match_plain_pair(conv: nn.Module, bn: nn.Module, counts: dict[int, int]) -> dict | None:
+    """Match conv -> BatchNorm2d with no activation after it (MobileNetV2's linear bottleneck, a BN followed by
+    something other than a supported activation): the plan of a norm_act block with the identity, or None."""
+    if type(conv) is not nn.Conv2d or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return None
+    return _plan(conv, nn.Identity(), bn, "norm_act", counts)[0]
 
 
 def direct_pairs(module: nn.Module) -> tuple[list[tuple[str, str]], str | None]:
@@ -275,13 +284,15 @@ def _fused_head_and_slot(plan, into: str, sync_bn, process_group):
 
 
 def _fuse_pair(module: nn.Module, conv_name: str, bn_name: str, prefix: str, counts, report: FuseReport, sync_bn,
-               process_group) -> bool:
-    """conv -> BatchNormAct children of module (the conv's output goes to the BN only): fused conv + placeholder."""
-    plan, why = match_pair(module._modules[conv_name], module._modules[bn_name], counts)
+               process_group, plan=None) -> bool:
+    """conv -> BatchNormAct children of module (the conv's output goes to the BN only), or a given plan of a
+    conv -> BatchNorm2d pair: fused conv + placeholder."""
     if plan is None:
-        if why is not None:
-            report.skipped.append((f"{prefix}{conv_name}", why))
-        return False
+        plan, why = match_pair(module._modules[conv_name], module._modules[bn_name], counts)
+        if plan is None:
+            if why is not None:
+                report.skipped.append((f"{prefix}{conv_name}", why))
+            return False
     head, slot = _fused_head_and_slot(plan, conv_name, sync_bn, process_group)
     module._modules[conv_name] = head
     module._modules[bn_name] = slot
@@ -291,8 +302,8 @@ def _fuse_pair(module: nn.Module, conv_name: str, bn_name: str, prefix: str, cou
 
 
 def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseReport, sync_bn, process_group):
-    """Runs conv, act, BN (or conv, BatchNormAct) inside a Sequential: fused conv + placeholders, every position
-    kept."""
+    """Runs conv, act, BN (or conv, BatchNormAct, or conv, BN not followed by a supported activation) inside a
+    Sequential: fused conv + placeholders, every position kept."""
     names = list(seq._modules)
     i = 0
     while i < len(names):
@@ -301,6 +312,12 @@ def _fuse_runs_in_place(seq: nn.Sequential, prefix: str, counts, report: FuseRep
             continue
         plan, why = match_run([seq._modules[n] for n in names[i:i + 3]], counts)
         if plan is None:
+            pair = match_plain_pair(seq._modules[names[i]], seq._modules[names[i + 1]], counts) \
+                if i + 1 < len(names) else None
+            if pair is not None:  # conv, BN, then no supported activation: the BN's output as the block's
+                _fuse_pair(seq, names[i], names[i + 1], prefix, counts, report, sync_bn, process_group, pair)
+                i += 2
+                continue
             if why is not None:
                 report.skipped.append((f"{prefix}{names[i]}", why))
             i += 1

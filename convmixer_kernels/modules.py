@@ -16,13 +16,14 @@ from torch import nn
 
 from . import functional as F_
 
-ACTIVATION_NAMES = ("identity", "relu", "gelu", "gelu_tanh", "silu")
+ACTIVATION_NAMES = ("identity", "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish")
 
 
 def make_activation(name: str) -> nn.Module:
     if name == "gelu_tanh":
         return nn.GELU(approximate="tanh")
-    mods = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+    mods = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "relu6": nn.ReLU6,
+            "hardswish": nn.Hardswish}
     if name not in mods:
         raise ValueError(f"activation: expected one of {', '.join(ACTIVATION_NAMES)}, got {name!r}")
     return mods[name]()
@@ -32,7 +33,8 @@ def activation_name(m: nn.Module) -> str | None:
     """The fused-kernel name of an activation module, or None if it is not one we fuse."""
     if type(m) is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate)
-    return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}.get(type(m))
+    return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity", nn.ReLU6: "relu6",
+            nn.Hardswish: "hardswish"}.get(type(m))
 
 
 def _bn_args(bn: nn.BatchNorm2d):
@@ -48,7 +50,8 @@ class _FusedConvActBN(nn.Module):
             raise ValueError(f"order: expected one of {', '.join(F_.ORDERS)}, got {order!r}")
         name = activation_name(act)
         if name is None:
-            raise ValueError(f"activation: expected one of nn.GELU (none/tanh), nn.ReLU, nn.SiLU, nn.Identity, got {act}")
+            raise ValueError("activation: expected one of nn.GELU (none/tanh), nn.ReLU, nn.SiLU, nn.ReLU6, "
+                             f"nn.Hardswish, nn.Identity, got {act}")
         self.activation, self.order, self.residual = name, order, residual
         self.sync_bn, self.process_group = isinstance(norm, nn.SyncBatchNorm), getattr(norm, "process_group", None)
         seq = [conv, act, norm] if order == "act_norm" else [conv, norm, act]

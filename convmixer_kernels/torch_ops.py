@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 # Run-time activation codes, shared with C++ (csrc/common.h) and Triton.
-ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu6": 5, "hardswish": 6}
 ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
 
 
@@ -49,11 +49,17 @@ def act_fwd(v: torch.Tensor, act: int) -> torch.Tensor:
         return F.gelu(v, approximate="tanh")
     if act == 4:
         return F.silu(v)
+    if act == 5:
+        return F.relu6(v)
+    if act == 6:
+        return F.hardswish(v)
     raise ValueError(f"act: expected an activation code in {sorted(ACT_NAMES)}, got {act}")
 
 
 def act_grad(v: torch.Tensor, act: int) -> torch.Tensor:
-    """d act(v) / dv, elementwise (relu'(0) = 0 as in PyTorch)."""
+    """d act(v) / dv, elementwise, as PyTorch's backward formulas take it: relu'(0) = 0; relu6' is 1 on the
+    open interval (0, 6) (and at NaN: hardtanh's backward passes the gradient where neither bound test
+    holds); hardswish' is 0 below -3, v / 3 + 1/2 on [-3, 3], 1 above (and at NaN)."""
     if act == 0:
         return torch.ones_like(v)
     if act == 1:
@@ -70,6 +76,11 @@ def act_grad(v: torch.Tensor, act: int) -> torch.Tensor:
     if act == 4:
         s = torch.sigmoid(v)
         return s * (1.0 + v * (1.0 - s))
+    if act == 5:
+        return (~((v <= 0) | (v >= 6))).to(v.dtype)
+    if act == 6:
+        one = torch.ones_like(v)
+        return torch.where(v < -3, torch.zeros_like(v), torch.where(v <= 3, v / 3 + 0.5, one))
     raise ValueError(f"act: expected an activation code in {sorted(ACT_NAMES)}, got {act}")
 
 

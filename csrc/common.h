@@ -15,14 +15,14 @@
 namespace convmixer_kernels {
 
 // Activation codes (must match convmixer_kernels/torch_ops.py::ACTIVATIONS).
-enum Activation : int64_t { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kRelu6 = 5, kHardswish = 6 };
 
 constexpr int64_t kMaxKernelSize = 31;
 
 inline void check_act(int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 4,
-              "act: expected an activation code in 0..4 (identity, relu, gelu, gelu_tanh, silu), got ",
-              act);
+  TORCH_CHECK(act >= 0 && act <= 6,
+              "act: expected an activation code in 0..6 (identity, relu, gelu, gelu_tanh, silu, relu6, hardswish), "
+              "got ", act);
 }
 
 // Memory format of a 4-D activation tensor: NCHW-contiguous or channels_last-contiguous.

@@ -16,7 +16,7 @@ from conftest import HAS_CUDA, backend_params
 import block_harness as harness
 from block_harness import randomize_bn, run
 
-ACTS = ["gelu", "gelu_tanh", "relu", "silu", "identity"]
+ACTS = ["gelu", "gelu_tanh", "relu", "silu", "identity", "relu6", "hardswish"]
 
 
 def make_block(C, k, activation, order, residual, bias, affine, track, momentum, seed):
@@ -104,11 +104,12 @@ def test_deterministic(backend, device, triton_cpu):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "relu6", "hardswish"])
 def test_nan_inf_propagate(backend, device, activation, triton_cpu):
-    """NaN and Inf propagate: non-finite exactly where the reference is.  With relu the NaN/Inf masks must
-    match exactly; GELU(+inf) is inf mathematically and on PyTorch's CUDA kernel but NaN on its vectorized
-    CPU kernel, so for gelu a non-finite value only has to stay non-finite."""
+    """NaN and Inf propagate: non-finite exactly where the reference is.  With relu, relu6 (inf -> 6) and
+    hardswish (-inf -> NaN) the NaN/Inf masks must match exactly; GELU(+inf) is inf mathematically and on
+    PyTorch's CUDA kernel but NaN on its vectorized CPU kernel, so for gelu a non-finite value only has to
+    stay non-finite."""
     blk = make_block(4, 3, activation, "act_norm", True, True, True, True, 0.1, 0).to(device).eval()
     x = torch.randn(1, 4, 6, 6, device=device)
     x[0, 0, 2, 2] = float("nan")
@@ -118,7 +119,7 @@ def test_nan_inf_propagate(backend, device, activation, triton_cpu):
         with ck.backend(backend):
             got = blk(x)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want))
-    if activation == "relu":
+    if activation != "gelu":
         assert torch.equal(torch.isnan(got), torch.isnan(want))
         assert torch.equal(torch.isinf(got), torch.isinf(want))
 

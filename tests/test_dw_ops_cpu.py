@@ -46,7 +46,7 @@ def _run(shape, k, dtype, cl, act, act_first, residual, bias=True, seed=0):
 @pytest.mark.parametrize("cl", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act_first", [True, False], ids=["act_first", "bn_first"])
-@pytest.mark.parametrize("act", [0, 1, 2, 3, 4], ids=list(torch_ops.ACTIVATIONS))
+@pytest.mark.parametrize("act", range(len(torch_ops.ACTIVATIONS)), ids=list(torch_ops.ACTIVATIONS))
 def test_activations(act, act_first, dtype, cl):
     _run(ODD, 5, dtype, cl, act, act_first, residual=True)
 
@@ -250,4 +250,4 @@ def test_mismatched_layout(inp):
 
 def test_bad_activation(inp):
     with pytest.raises(RuntimeError, match=r"act: expected an activation code"):
-        ops.dw_fwd(inp["x"], inp["weight"], inp["bias"], inp["scale"], inp["shift"], 5, True, True)
+        ops.dw_fwd(inp["x"], inp["weight"], inp["bias"], inp["scale"], inp["shift"], 7, True, True)

@@ -58,7 +58,7 @@ def _run(shape, k, dtype, cl, act, act_first, residual, bias=True, seed=0):
 # Every activation in both orders for every dtype and layout, k = 3.
 @pytest.mark.parametrize("cl", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("act", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("act", [0, 1, 2, 3, 4, 5, 6])
 def test_ops_activations(act, dtype, cl):
     seed = act + 5 * DTYPES.index(dtype)
     _run((2, 5, 7, 9), 3, dtype, cl, act, act_first=True, residual=act % 2 == 0, seed=seed)
@@ -199,7 +199,7 @@ BAD = [
     ("scale-dtype", lambda d: _fwd(d, scale=d["scale"].double()), "scale: expected dtype"),
     ("shift-noncontig", lambda d: _fwd(d, shift=torch.zeros(6, device=DEVICE)[::2]),
      "shift: expected a contiguous"),
-    ("act-range", lambda d: _fwd(d, act=5), "act: expected an activation code"),
+    ("act-range", lambda d: _fwd(d, act=7), "act: expected an activation code"),
     ("residual-type", lambda d: _fwd(d, residual=1), "residual: expected a bool"),
     ("dy-dtype", lambda d: _bwd(d, dy=d["dy"].half()), "dy: expected dtype"),
     ("dy-shape", lambda d: _bwd(d, dy=d["dy"][:, :, :3]), "dy: expected shape"),

@@ -594,10 +594,11 @@ def test_batchnormact_pairs_left_alone_where_they_must_be():
 
 def test_fuse_timm_efficientnet_and_mobilenet():
     """timm builds these from conv -> BatchNormAct2d attribute pairs: the stride-1 depthwise convs and the
-    1x1 convs fuse (SiLU, ReLU, identity); stride-2 convs and unsupported activations are reported."""
+    1x1 convs fuse (SiLU, ReLU, ReLU6, Hardswish, identity); stride-2 convs are reported."""
     timm = pytest.importorskip("timm")
     for name, n_fused, skip_needle in (("efficientnet_b0", 44, "depthwise stride"),
-                                       ("mobilenetv3_small_050", 14, "Hardswish")):
+                                       ("mobilenetv3_small_050", 29, "depthwise stride"),
+                                       ("mobilenetv2_100", 47, "depthwise stride")):
         t = timm.create_model(name, pretrained=False)
         keys = list(t.state_dict())
         f, rep = ck.fuse(t, return_report=True)
@@ -609,6 +610,40 @@ def test_fuse_timm_efficientnet_and_mobilenet():
     # 2 for some initialisations; block by block the fused and PyTorch errors are alike: NOTES.md.)
     torch.manual_seed(0)
     res = verify_model(timm.create_model("efficientnet_b0", pretrained=False), input_shape=(2, 3, 128, 128))
+    assert res["ok"], [c for c in res["checks"] if not c[-1]]
+
+
+def test_fuse_torchvision_mobilenet_v2_and_verify():
+    """torchvision's MobileNetV2: Sequential runs conv -> BN -> ReLU6 (expansion and depthwise convs) and
+    conv -> BN with no activation after it (the linear bottleneck's projection, the end of its Sequential)
+    fuse as norm_act blocks (relu6, identity); the stride-2 depthwise convs and the 3x3 stride-2 stem stay
+    and are reported; state-dict keys kept; eval and a training step within the project's rule."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    keys = list(model.state_dict())
+    f, rep = ck.fuse(model, return_report=True)
+    acts = sorted({(w.split("(")[-1].split(",")[0], w.split("->")[1].split("(")[0].strip()) for _, w in rep.fused})
+    assert len(rep.fused) == 47, str(rep)
+    assert acts == [("identity", "pointwise block"), ("relu6", "depthwise block"), ("relu6", "pointwise block")]
+    assert sum("depthwise stride" in w for _, w in rep.skipped) == 4 and len(rep.skipped) == 5, str(rep)
+    assert list(f.state_dict()) == keys
+    res = verify_model(model, input_shape=(2, 3, 96, 96))
+    assert res["ok"], [c for c in res["checks"] if not c[-1]]
+
+
+def test_conv_bn_pair_without_activation_in_sequential():
+    """conv -> BN followed by no supported activation fuses as (identity, norm_act), the module after it kept
+    (Hardsigmoid here), and a BN that is not nn.BatchNorm2d is left alone."""
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Hardsigmoid(),
+                                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8),
+                                        nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8)))
+    f, rep = ck.fuse(model, return_report=True)
+    assert [w.split("-> ")[1] for _, w in rep.fused] == ["pointwise block (identity, norm_act)",
+                                                         "depthwise block (identity, norm_act)"], str(rep)
+    assert type(f[2]) is nn.Hardsigmoid and type(f[6]) is nn.GroupNorm and type(f[5]) is nn.Conv2d
+    res = verify_model(model, input_shape=(2, 8, 7, 9))
     assert res["ok"], [c for c in res["checks"] if not c[-1]]
 
 

@@ -15,7 +15,7 @@ from conftest import backend_params
 from convmixer_kernels.modules import FusedPatchEmbed, FusedPointwiseBlock
 
 BACKENDS = backend_params()
-ACTS = ["gelu", "gelu_tanh", "relu", "silu", "identity"]
+ACTS = ["gelu", "gelu_tanh", "relu", "silu", "identity", "relu6", "hardswish"]
 
 
 def pw(c_in, c_out, seed=0, **kw):

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.skipif(not _ext.loaded(), reason=f"extension not built
 DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in (torch.float32, torch.float16, torch.bfloat16,
                                                             torch.float64)]
 LAYOUTS = [pytest.param(False, id="nchw"), pytest.param(True, id="cl")]
-ACTS = [pytest.param(a, id=torch_ops.ACT_NAMES[a]) for a in range(5)]
+ACTS = [pytest.param(a, id=n) for n, a in torch_ops.ACTIVATIONS.items()]
 ORDERS = [pytest.param(True, id="act_first"), pytest.param(False, id="bn_first")]
 
 
@@ -95,7 +95,7 @@ def test_stem_dx_zero_beyond_last_patch_and_empty_without_need_dx():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_act_ops_odd_shape(dtype, channels_last, isa):
     """N=3, C=19, 7x9: partial vectors along channels (channels_last) and along pixels (NCHW)."""
-    for act in range(5):
+    for act in range(len(torch_ops.ACTIVATIONS)):
         inp = make_pw_inputs(3, 5, 19, 7, 9, dtype, "cpu", channels_last=channels_last, seed=act)
         check_bn_act_ops(ops(), inp, act, act % 2 == 0, dtype, channels_last)
 
@@ -109,7 +109,8 @@ def test_activations_on_a_dense_grid(act, isa):
     (Measured: gelu 2.6e-7 against PyTorch's 1.1e-6; a rational erf without exp, tried for speed, gave
     7.8e-7 here and a 10x larger relative error on the negative tail, so erf keeps its exp.)"""
     fns = {0: lambda t: t, 1: torch.relu, 2: torch.nn.functional.gelu,
-           3: lambda t: torch.nn.functional.gelu(t, approximate="tanh"), 4: torch.nn.functional.silu}
+           3: lambda t: torch.nn.functional.gelu(t, approximate="tanh"), 4: torch.nn.functional.silu,
+           5: torch.nn.functional.relu6, 6: torch.nn.functional.hardswish}
     fn = fns[act]
     x = torch.cat([torch.linspace(-12, 12, 400_001), torch.linspace(-30, 30, 1001), torch.tensor([0.0, 1e-30, -1e-30])])
     nan = torch.tensor([float("nan")])

@@ -83,7 +83,7 @@ def test_bn_act_unaligned_storage(poison, dtype):
         view.copy_(inp[k])
         assert view.data_ptr() % 16 != 0
         inp[k] = view
-    for act in range(5):
+    for act in range(len(torch_ops.ACTIVATIONS)):
         check_bn_act_ops(OPS, inp, act, act % 2 == 0, dtype, False)
 
 

@@ -61,7 +61,7 @@ def test_pw_ops(dtype, cl, act, act_first, residual, bias, shape):
 
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("act_first", [True, False], ids=["af", "bf"])
-@pytest.mark.parametrize("act", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("act", [0, 1, 2, 3, 4, 5, 6])
 def test_bn_act_ops_every_activation(act, act_first, cl):
     inp = make_pw_inputs(2, 5, 37, 5, 7, F32, DEVICE, channels_last=cl, seed=act)
     check_bn_act_ops(pw, inp, act, act_first, F32, cl)
@@ -157,7 +157,7 @@ def test_bad_inputs_pw():
     _bad(lambda: pw.pw_fwd(i["x"], i["t"].half(), i["weight"], None, i["scale"], i["shift"], 0, True), "^t:")
     _bad(lambda: pw.pw_fwd(i["x"], None, i["weight"], i["bias"][:3], i["scale"], i["shift"], 0, True), "^bias:")
     _bad(lambda: pw.pw_fwd(i["x"], None, i["weight"], None, i["scale"].half(), i["shift"], 0, True), "^scale:")
-    _bad(lambda: pw.pw_fwd(i["x"], None, i["weight"], None, i["scale"], i["shift"], 5, True), "^act:")
+    _bad(lambda: pw.pw_fwd(i["x"], None, i["weight"], None, i["scale"], i["shift"], 7, True), "^act:")
     _bad(lambda: pw.pw_gemm_stats(i["x"].transpose(2, 3), None, i["weight"], None, 0, True), "^x:")
     _bad(lambda: pw.pw_gemm_stats(i["x"][0], None, i["weight"], None, 0, True), "^x:")
     names = ("dy", "x", "t", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")

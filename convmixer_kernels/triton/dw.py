@@ -539,9 +539,9 @@ def _check_weight(weight, x: torch.Tensor) -> int:
 
 
 def _check_flags(act, **flags) -> tuple:
-    if isinstance(act, bool) or not isinstance(act, int) or not 0 <= act <= 4:
-        raise ValueError("act: expected an activation code in 0..4 (identity, relu, gelu, "
-                         f"gelu_tanh, silu), got {act!r}")
+    if isinstance(act, bool) or not isinstance(act, int) or not 0 <= act <= 6:
+        raise ValueError("act: expected an activation code in 0..6 (identity, relu, gelu, "
+                         f"gelu_tanh, silu, relu6, hardswish), got {act!r}")
     for name, v in flags.items():
         if not isinstance(v, bool):
             raise ValueError(f"{name}: expected a bool, got {v!r}")

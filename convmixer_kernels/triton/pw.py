@@ -495,8 +495,8 @@ def _fail(msg: str):
 
 
 def _check_act(act, act_first):
-    if not isinstance(act, int) or isinstance(act, bool) or not 0 <= act <= 4:
-        _fail(f"act: expected an activation code in 0..4, got {act!r}")
+    if not isinstance(act, int) or isinstance(act, bool) or not 0 <= act <= 6:
+        _fail(f"act: expected an activation code in 0..6, got {act!r}")
     if not isinstance(act_first, (bool, int)):
         _fail(f"act_first: expected a bool, got {act_first!r}")
 

@@ -1,6 +1,6 @@
 // The activations of the CPU kernels, vectorized: exp, erf, tanh, act(v) and act'(v) for the
 // activation codes of convmixer_kernels/torch_ops.py (0 identity, 1 relu, 2 gelu, 3 gelu_tanh,
-// 4 silu).  Included by dw_impl.h and pw_impl.h INSIDE their per-ISA anonymous namespaces (after
+// 4 silu, 5 relu6, 6 hardswish).  Included by dw_impl.h and pw_impl.h INSIDE their per-ISA anonymous namespaces (after
 // `using at::vec::Vectorized;`), so each instruction set gets its own copy.  One implementation
 // for both: the pointwise block's backward takes its BatchNorm sums (dw_bwd_reduce) from the
 // depthwise kernels and its dpre from pw_impl.h, and the conv-bias gradient is their difference,
@@ -85,8 +85,13 @@ inline Vectorized<A> act_fwd(const Vectorized<A>& v) {
   } else if constexpr (ACT == 3) {
     const Vec inner = Vec(A(0.7978845608028654)) * (v + Vec(A(0.044715)) * v * v * v);
     return Vec(A(0.5)) * v * (Vec(A(1)) + vtanh<A>(inner));
-  } else {
+  } else if constexpr (ACT == 4) {
     return v / (Vec(A(1)) + vexp<A>(v.neg()));
+  } else if constexpr (ACT == 5) {
+    return at::vec::clamp(v, Vec(A(0)), Vec(A(6)));  // NaN stays NaN
+  } else {
+    // x * min(max(x + 3, 0), 6) / 6, PyTorch's own order
+    return v * at::vec::minimum(at::vec::maximum(v + Vec(A(3)), Vec(A(0))), Vec(A(6))) / Vec(A(6));
   }
 }
 
@@ -107,9 +112,17 @@ inline Vectorized<A> act_grad(const Vectorized<A>& v) {
     const Vec t = vtanh<A>(Vec(k0) * (v + Vec(k1) * v * v * v));
     return Vec(A(0.5)) * (one + t) +
            Vec(A(0.5)) * v * (one - t * t) * Vec(k0) * (one + Vec(A(3) * k1) * v * v);
-  } else {
+  } else if constexpr (ACT == 4) {
     const Vec s = one / (one + vexp<A>(v.neg()));
     return s * (one + v * (one - s));
+  } else if constexpr (ACT == 5) {
+    // 0 where v <= 0 or v >= 6, else 1 (NaN: 1), as hardtanh's backward.  (The operators give all-ones
+    // masks for blendv; v.le() and friends give 1.0 / 0.0.)
+    return Vec::blendv(one, Vec(A(0)), (v <= Vec(A(0))) | (v >= Vec(A(6))));
+  } else {
+    // 0 below -3, v / 3 + 1/2 up to 3, 1 above (NaN: 1), as hardswish's backward
+    const Vec mid = v / Vec(A(3)) + Vec(A(0.5));
+    return Vec::blendv(Vec::blendv(one, mid, v <= Vec(A(3))), Vec(A(0)), v < Vec(A(-3)));
   }
 }
 
@@ -121,6 +134,8 @@ inline void with_act(int act, F&& body) {
     case 1: body(std::integral_constant<int, 1>{}); break;
     case 2: body(std::integral_constant<int, 2>{}); break;
     case 3: body(std::integral_constant<int, 3>{}); break;
+    case 5: body(std::integral_constant<int, 5>{}); break;
+    case 6: body(std::integral_constant<int, 6>{}); break;
     default: body(std::integral_constant<int, 4>{}); break;
   }
 }

@@ -143,6 +143,8 @@ Tensor act_fwd(const Tensor& v, int64_t act) {
     case kGelu: return at::gelu(v);
     case kGeluTanh: return at::gelu(v, "tanh");
     case kSilu: return at::silu(v);
+    case kRelu6: return at::hardtanh(v, 0.0, 6.0);
+    case kHardswish: return at::hardswish(v);
     default: return v;
   }
 }
@@ -161,6 +163,9 @@ Tensor act_grad(const Tensor& v, int64_t act) {
       const Tensor s = at::sigmoid(v);
       return s * (1.0 + v * (1.0 - s));
     }
+    case kRelu6: return at::logical_not(at::logical_or(v <= 0, v >= 6)).to(v.scalar_type());
+    case kHardswish:
+      return at::where(v < -3, at::zeros_like(v), at::where(v <= 3, v / 3 + 0.5, at::ones_like(v)));
     default: return at::ones_like(v);
   }
 }

@@ -180,6 +180,13 @@ __device__ __forceinline__ float act_fwd_t(float v) {
     return 0.5f * v * (1.f + tanhf(inner));
   } else if constexpr (A == 4) {
     return v / (1.f + expf(-v));
+  } else if constexpr (A == 5) {
+    return v <= 0.f ? 0.f : (v >= 6.f ? 6.f : v);  // PyTorch's hardtanh: NaN stays NaN
+  } else if constexpr (A == 6) {
+    float t = __fadd_rn(v, 3.f);  // x * min(max(x + 3, 0), 6) / 6 in PyTorch's order (no fmaxf: NaN stays)
+    t = t < 0.f ? 0.f : t;
+    t = 6.f < t ? 6.f : t;
+    return __fdiv_rn(__fmul_rn(v, t), 6.f);
   } else {
     return v;
   }
@@ -200,6 +207,10 @@ __device__ __forceinline__ float act_grad_t(float v) {
   } else if constexpr (A == 4) {
     const float s = 1.f / (1.f + expf(-v));
     return s * (1.f + v * (1.f - s));
+  } else if constexpr (A == 5) {
+    return (v <= 0.f || v >= 6.f) ? 0.f : 1.f;  // as hardtanh's backward (NaN: 1)
+  } else if constexpr (A == 6) {
+    return v < -3.f ? 0.f : (v <= 3.f ? __fadd_rn(__fdiv_rn(v, 3.f), 0.5f) : 1.f);  // as hardswish's backward
   } else {
     return 1.f;
   }
@@ -242,6 +253,8 @@ __device__ __forceinline__ void with_act(int act, F&& f) {
     case 2: f(ActTag<2>{}); break;
     case 3: f(ActTag<3>{}); break;
     case 4: f(ActTag<4>{}); break;
+    case 5: f(ActTag<5>{}); break;
+    case 6: f(ActTag<6>{}); break;
     default: f(ActTag<0>{}); break;
   }
 }

@@ -99,12 +99,12 @@ def cases(quick: bool):
     shapes = [(2, 37, 17, 23), (1, 3, 5, 4), (2, 40, 9, 33)]
     ks = [1, 3, 5, 7, 9, 11, 13, 15, 17]
     for i, (shape, k, dt, cl) in enumerate(itertools.product(shapes, ks, DTYPES, [False, True])):
-        act = i % 5
+        act = i % 7
         out.append((shape, k, dt, cl, act, bool(i % 2), bool((i // 2) % 2), bool((i // 3) % 2 == 0), 0))
     if quick:
         out = out[::5]
     # every activation/order for one shape, both layouts, vector and misaligned paths
-    for act, af, cl, off in itertools.product(range(5), [False, True], [False, True], [0, 1]):
+    for act, af, cl, off in itertools.product(range(7), [False, True], [False, True], [0, 1]):
         out.append(((2, 16, 12, 16), 7, torch.bfloat16, cl, act, af, True, True, off))
     # larger tiles: several W tiles, several strips per thread, multi-item backward blocks
     out.append(((1, 2, 20, 70), 9, torch.float32, False, 2, True, True, True, 0))
@@ -178,7 +178,7 @@ def pw_cases(quick: bool):
     out = []
     shapes = [(2, 37, 5, 7), (2, 64, 8, 8), (3, 40, 33, 64), (1, 3, 1, 1)]
     for i, (shape, dt, cl) in enumerate(itertools.product(shapes, DTYPES, [False, True])):
-        out.append((*shape, dt, cl, i % 5, bool(i % 2), bool((i // 2) % 2 == 0), i % 3 == 2))
+        out.append((*shape, dt, cl, i % 7, bool(i % 2), bool((i // 2) % 2 == 0), i % 3 == 2))
     return out[::3] if quick else out
 
 
@@ -250,13 +250,13 @@ def host_cases(quick: bool):
     out = []
     pw_shapes = [(2, 37, 53, 5, 7), (2, 64, 64, 8, 8)]
     for i, (shape, dt, cl) in enumerate(itertools.product(pw_shapes, DTYPES, [False, True])):
-        out.append(("pw", shape, dt, cl, i % 5, bool(i % 2), bool((i // 2) % 2), bool((i // 3) % 2 == 0)))
+        out.append(("pw", shape, dt, cl, i % 7, bool(i % 2), bool((i // 2) % 2), bool((i // 3) % 2 == 0)))
     stems = [(2, (9, 7)), (7, (17, 16)), (14, (30, 29)), (4, (32, 32))]
     for i, ((p, hw), dt, cl) in enumerate(itertools.product(stems, DTYPES, [False, True])):
         out.append(("stem", p, hw, dt, cl, (2, 4, 0)[i % 3], i % 3 != 1))
     # ("dw", shape, k, dtype, channels_last, act, act_first, residual, bias)
     for i, (k, dt, cl) in enumerate(itertools.product([3, 7, 9], DTYPES, [False, True])):
-        out.append(("dw", (2, 37, 17, 23), k, dt, cl, i % 5, bool(i % 2), bool((i // 2) % 2), i % 3 != 2))
+        out.append(("dw", (2, 37, 17, 23), k, dt, cl, i % 7, bool(i % 2), bool((i // 2) % 2), i % 3 != 2))
     out = out[::3] if quick else out
     return out + [("cutlass_env",)]
 
