@@ -301,8 +301,8 @@ def residual_suite(bench):
 
 # ----------------------------------------------------------------------------------------- models
 def model_cases(bench):
-    """(name, batch, resolution, providers): timm's ConvMixers, two ViTs of similar size and EfficientNet-B0
-    (a norm_act depthwise net) on the GPU (224x224); on the CPU, ConvMixer-768/32, DeiT-S and EfficientNet-B0
+    """(name, batch, resolution, providers): timm's ConvMixers, two ViTs of similar size, EfficientNet-B0 and
+    MobileNetV2 (norm_act depthwise nets: SiLU; ReLU6 and linear bottlenecks) on the GPU (224x224); on the CPU, ConvMixer-768/32, DeiT-S and EfficientNet-B0
     at a small batch and the CIFAR-sized reference ConvMixer-256/8; a tiny reference ConvMixer for the smoke
     test.  `auto`: the fused model as a user
     runs it (fuse(model), default backend choice per op); `cuda`/`triton`: every fused op on that backend."""
@@ -316,7 +316,8 @@ def model_cases(bench):
                 ("timm:convmixer_1024_20_ks9_p14", 64, 224, cm),
                 ("timm:deit_small_patch16_224", 64, 224, ("eager", "compile")),
                 ("timm:vit_small_patch16_224", 64, 224, ("eager", "compile")),
-                ("timm:efficientnet_b0", 64, 224, ("eager", "compile", "auto"))]
+                ("timm:efficientnet_b0", 64, 224, ("eager", "compile", "auto")),
+                ("timm:mobilenetv2_100", 64, 224, ("eager", "compile", "auto"))]
     if bench.quick:
         return [("convmixer-32/2-k5-p4", 2, 32, ("eager", "auto"))]
     return [("convmixer-256/8-k5-p2", 32, 32, ("eager", "auto")), ("timm:convmixer_768_32", 2, 224, ("eager", "auto")),

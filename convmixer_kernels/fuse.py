@@ -242,7 +242,9 @@ class FusedConv2d(nn.Conv2d):
     def forward(self, x):
         bn, act_name, order, kind = self._fused_peers[0], self._fused_act, self._fused_order, self._fused_kind
         args = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
-        kw = dict(training=self.training, momentum=bn.momentum, eps=bn.eps, activation=act_name, order=order,
+        # the BN's own flag decides batch or running statistics, as in eager (model.train() then .eval() on
+        # the BatchNorms, to freeze them, leaves the conv in training mode)
+        kw = dict(training=bn.training, momentum=bn.momentum, eps=bn.eps, activation=act_name, order=order,
                   sync=self._fused_sync, process_group=self._fused_pg)
         if kind == "dw":
             return F_.dw_block(x, *args, residual=False, **kw)

@@ -89,8 +89,8 @@ class _FusedConvActBN(nn.Module):
         return self._body()._modules["1" if self.order == "act_norm" else "2"]
 
     def _common_kwargs(self):
-        bn = self.norm
-        return dict(training=self.training, momentum=bn.momentum, eps=bn.eps, activation=self.activation,
+        bn = self.norm  # its own training flag, as in eager (a frozen BatchNorm in a model in training mode)
+        return dict(training=bn.training, momentum=bn.momentum, eps=bn.eps, activation=self.activation,
                     order=self.order, sync=self.sync_bn, process_group=self.process_group)
 
     def reference(self) -> nn.Module:

@@ -58,8 +58,10 @@ def act_fwd(v: torch.Tensor, act: int) -> torch.Tensor:
 
 def act_grad(v: torch.Tensor, act: int) -> torch.Tensor:
     """d act(v) / dv, elementwise, as PyTorch's backward formulas take it: relu'(0) = 0; relu6' is 1 on the
-    open interval (0, 6) (and at NaN: hardtanh's backward passes the gradient where neither bound test
-    holds); hardswish' is 0 below -3, v / 3 + 1/2 on [-3, 3], 1 above (and at NaN)."""
+    open interval (0, 6), else 0; hardswish' is 0 up to -3, v / 3 + 1/2 on (-3, 3), 1 from 3 on (torch
+    2.14's CPU and CUDA kernels: 0 at -3, 1 at 3).  At NaN both give 1 (the gradient passes), as
+    PyTorch's CUDA kernels and its scalar CPU loop; its vectorized CPU loop gives 0 (relu6) and NaN
+    (hardswish) there: PyTorch itself is not consistent."""
     if act == 0:
         return torch.ones_like(v)
     if act == 1:
@@ -80,7 +82,7 @@ def act_grad(v: torch.Tensor, act: int) -> torch.Tensor:
         return (~((v <= 0) | (v >= 6))).to(v.dtype)
     if act == 6:
         one = torch.ones_like(v)
-        return torch.where(v < -3, torch.zeros_like(v), torch.where(v <= 3, v / 3 + 0.5, one))
+        return torch.where(v <= -3, torch.zeros_like(v), torch.where(v < 3, v / 3 + 0.5, one))
     raise ValueError(f"act: expected an activation code in {sorted(ACT_NAMES)}, got {act}")
 
 

@@ -98,3 +98,31 @@ def check_bn_act_ops(ops, inp, act, act_first, dtype, channels_last):
     n2 = ("dy", "pre", "scale", "shift", "mean", "ca", "cb", "cd")
     _cmp("bn_act_bwd", ops.bn_act_bwd(*A(inp, n2), act, act_first),
          torch_ops.bn_act_bwd(*A(c, n2), act, act_first), dtype, channels_last)
+
+
+# The piecewise activations at their kinks and ends, where a backend's comparisons (< or <=) decide: PyTorch's
+# own forward and autograd there (the same in every dtype: these values are exact in fp16 and bf16).
+EDGE_ACTS = {"identity": (0, None), "relu": (1, torch.relu), "relu6": (5, torch.nn.functional.relu6),
+             "hardswish": (6, torch.nn.functional.hardswish)}
+EDGES = [-float("inf"), -6.0, -3.5, -3.0, -1.0, -0.0, 0.0, 0.5, 3.0, 5.5, 6.0, 7.0, float("inf")]
+
+
+def check_act_edges(bn_act_fwd, bn_act_bwd, device, dtype):
+    """bn_act_fwd(pre, scale=1, shift=0) = act(pre) and bn_act_bwd with ca=1, cb=cd=0 = dy * act'(pre), both
+    act_first, on EDGES: equal to PyTorch's forward and autograd (fp64, the same conventions in every dtype)
+    up to the dtype's rounding of the middle of hardswish's ramp.  (The gradient leaves out +-inf: there the
+    BatchNorm's term cb * (u - mean) is 0 * inf, NaN, in PyTorch's BatchNorm backward too.)"""
+    acc = torch_ops.acc_dtype(dtype)
+    one, zero = (torch.ones(1, device=device, dtype=acc), torch.zeros(1, device=device, dtype=acc))
+    pre = torch.tensor(EDGES, dtype=dtype, device=device).view(1, 1, 1, -1)
+    dy = torch.ones_like(pre)
+    for name, (act, fn) in EDGE_ACTS.items():
+        p64 = pre.double().cpu().requires_grad_()
+        y64 = fn(p64) if fn is not None else p64 * 1.0
+        g64, = torch.autograd.grad(y64.sum(), p64)
+        y = bn_act_fwd(pre, one, zero, act, True)
+        g = bn_act_bwd(dy, pre, one, zero, zero, one, zero, zero, act, True)
+        tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=0.0, equal_nan=True)  # hardswish(-inf): -inf * 0
+        torch.testing.assert_close(y.double().cpu(), y64.detach(), **tol, msg=lambda m: f"{name} forward: {m}")
+        fin = torch.isfinite(pre.double().cpu())
+        torch.testing.assert_close(g.double().cpu()[fin], g64[fin], **tol, msg=lambda m: f"{name} gradient: {m}")

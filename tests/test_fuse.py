@@ -647,6 +647,35 @@ def test_conv_bn_pair_without_activation_in_sequential():
     assert res["ok"], [c for c in res["checks"] if not c[-1]]
 
 
+def test_frozen_batchnorm_in_a_training_model():
+    """model.train(), then .eval() on every BatchNorm (fine-tuning with frozen statistics): each fused op takes
+    the BN's own flag, as eager does: running statistics used and left as they are, the conv's gradients
+    as eager's.  (The fused ops took the conv's or the block's flag: batch statistics, updated buffers.)"""
+    torch.manual_seed(0)
+    seq = _randomize_bn(nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU6(),
+                                      nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.GELU(), nn.BatchNorm2d(8)))
+    for model in (seq, nn.Sequential(ck.FusedPointwiseBlock(8, 8, activation="relu6", order="norm_act"))):
+        fused = ck.fuse(copy.deepcopy(model)) if model is seq else model
+        ref = copy.deepcopy(model) if model is seq else nn.Sequential(model[0].reference())
+        for m in (fused, ref):
+            m.train()
+            for bn in m.modules():
+                if isinstance(bn, nn.BatchNorm2d):
+                    bn.eval()
+        before = {k: v.clone() for k, v in fused.state_dict().items()}
+        x = torch.randn(2, 8, 5, 7)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        with ck.backend("torch"):
+            y = fused(xs[0])
+        y_ref = ref(xs[1])
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+        after = fused.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), "a frozen BatchNorm's buffers changed"
+
+
 def test_verify_runs_random_layers_as_in_eval():
     """Dropout and drop path draw different numbers in each of verify's runs (fp64 oracle, the original in two
     layouts, the fused model): the training checks run them as in eval, say so, and the rest in training."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convmixer_kernels import _ext, torch_ops
-from pw_op_cases import check_bn_act_ops, check_pw_ops, check_stem_ops, make_pw_inputs
+from pw_op_cases import check_act_edges, check_bn_act_ops, check_pw_ops, check_stem_ops, make_pw_inputs
 
 pytestmark = [pytest.mark.skipif(not _ext.loaded(), reason=f"extension not built: {_ext.load_error}"),
               pytest.mark.usefixtures("poison")]
@@ -125,6 +125,14 @@ def test_activations_on_a_dense_grid(act, isa):
     torch_err = ((theirs - want).abs() / scale).max().item()
     bound = 2 * torch_err + 2 * torch.finfo(torch.float32).eps
     assert ours_err <= bound, (ours_err, torch_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_activation_edges_match_pytorch(dtype):
+    """relu, relu6, hardswish at their kinks and ends (0, 6, -3, 3, +-inf): forward and gradient as PyTorch's,
+    in the CPU kernels and in the spec."""
+    check_act_edges(ops().bn_act_fwd, ops().bn_act_bwd, "cpu", dtype)
+    check_act_edges(torch_ops.bn_act_fwd, torch_ops.bn_act_bwd, "cpu", dtype)
 
 
 def test_stats_with_large_mean_are_accurate():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from convmixer_kernels import _ext, torch_ops
-from pw_op_cases import assert_close_op, check_bn_act_ops, check_pw_ops, check_stem_ops, make_pw_inputs
+from pw_op_cases import (assert_close_op, check_act_edges, check_bn_act_ops, check_pw_ops, check_stem_ops,
+                         make_pw_inputs)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -85,6 +86,12 @@ def test_bn_act_unaligned_storage(poison, dtype):
         inp[k] = view
     for act in range(len(torch_ops.ACTIVATIONS)):
         check_bn_act_ops(OPS, inp, act, act % 2 == 0, dtype, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_edges_match_pytorch(dtype):
+    """relu, relu6, hardswish at their kinks and ends: forward and gradient as PyTorch's."""
+    check_act_edges(OPS.bn_act_fwd, OPS.bn_act_bwd, "cuda", dtype)
 
 
 @pytest.mark.parametrize("cl", LAYOUTS)

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from convmixer_kernels import torch_ops  # noqa: E402
 from convmixer_kernels.triton import pw  # noqa: E402
-from pw_op_cases import check_bn_act_ops, check_pw_ops, check_stem_ops, make_pw_inputs  # noqa: E402
+from pw_op_cases import check_act_edges, check_bn_act_ops, check_pw_ops, check_stem_ops, make_pw_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -253,3 +253,9 @@ def test_fp32_gemm_blocks_not_chained_when_compiled():
     if r.returncode != 0 and "GPUTarget" in r.stderr and "ImportError" in r.stderr:
         pytest.skip("this Triton cannot compile for a CUDA target here")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=_id)
+def test_activation_edges_match_pytorch(dtype):
+    """relu, relu6, hardswish at their kinks and ends: forward and gradient as PyTorch's."""
+    check_act_edges(pw.bn_act_fwd, pw.bn_act_bwd, DEVICE, dtype)

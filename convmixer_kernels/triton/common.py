@@ -53,7 +53,7 @@ def _act_grad(v, act):
     elif act == 5:
         r = tl.where((v <= 0.0) | (v >= 6.0), 0.0, 1.0)
     elif act == 6:
-        r = tl.where(v < -3.0, 0.0, tl.where(v <= 3.0, v / 3.0 + 0.5, 1.0))
+        r = tl.where(v <= -3.0, 0.0, tl.where(v < 3.0, v / 3.0 + 0.5, 1.0))
     else:
         r = v * 0.0 + 1.0
     return r

@@ -120,9 +120,9 @@ inline Vectorized<A> act_grad(const Vectorized<A>& v) {
     // masks for blendv; v.le() and friends give 1.0 / 0.0.)
     return Vec::blendv(one, Vec(A(0)), (v <= Vec(A(0))) | (v >= Vec(A(6))));
   } else {
-    // 0 below -3, v / 3 + 1/2 up to 3, 1 above (NaN: 1), as hardswish's backward
+    // 0 up to -3, v / 3 + 1/2 on (-3, 3), 1 from 3 on (NaN: 1), as hardswish's backward (torch_ops.act_grad)
     const Vec mid = v / Vec(A(3)) + Vec(A(0.5));
-    return Vec::blendv(Vec::blendv(one, mid, v <= Vec(A(3))), Vec(A(0)), v < Vec(A(-3)));
+    return Vec::blendv(Vec::blendv(one, mid, v < Vec(A(3))), Vec(A(0)), v <= Vec(A(-3)));
   }
 }
 

@@ -165,7 +165,7 @@ Tensor act_grad(const Tensor& v, int64_t act) {
     }
     case kRelu6: return at::logical_not(at::logical_or(v <= 0, v >= 6)).to(v.scalar_type());
     case kHardswish:
-      return at::where(v < -3, at::zeros_like(v), at::where(v <= 3, v / 3 + 0.5, at::ones_like(v)));
+      return at::where(v <= -3, at::zeros_like(v), at::where(v < 3, v / 3 + 0.5, at::ones_like(v)));
     default: return at::ones_like(v);
   }
 }

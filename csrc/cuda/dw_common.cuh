@@ -183,7 +183,8 @@ __device__ __forceinline__ float act_fwd_t(float v) {
   } else if constexpr (A == 5) {
     return v <= 0.f ? 0.f : (v >= 6.f ? 6.f : v);  // PyTorch's hardtanh: NaN stays NaN
   } else if constexpr (A == 6) {
-    float t = __fadd_rn(v, 3.f);  // x * min(max(x + 3, 0), 6) / 6 in PyTorch's order (no fmaxf: NaN stays)
+    float t = __fadd_rn(v, 3.f);  // x * min(max(x + 3, 0), 6) / 6 as PyTorch's CPU kernel (its CUDA one
+    // multiplies by 1/6 instead: 1 ulp apart at most); no fmaxf, so NaN stays NaN
     t = t < 0.f ? 0.f : t;
     t = 6.f < t ? 6.f : t;
     return __fdiv_rn(__fmul_rn(v, t), 6.f);
@@ -210,7 +211,7 @@ __device__ __forceinline__ float act_grad_t(float v) {
   } else if constexpr (A == 5) {
     return (v <= 0.f || v >= 6.f) ? 0.f : 1.f;  // as hardtanh's backward (NaN: 1)
   } else if constexpr (A == 6) {
-    return v < -3.f ? 0.f : (v <= 3.f ? __fadd_rn(__fdiv_rn(v, 3.f), 0.5f) : 1.f);  // as hardswish's backward
+    return v <= -3.f ? 0.f : (v < 3.f ? __fadd_rn(__fdiv_rn(v, 3.f), 0.5f) : 1.f);  // as hardswish's backward
   } else {
     return 1.f;
   }

@@ -258,7 +258,7 @@ def host_cases(quick: bool):
     for i, (k, dt, cl) in enumerate(itertools.product([3, 7, 9], DTYPES, [False, True])):
         out.append(("dw", (2, 37, 17, 23), k, dt, cl, i % 7, bool(i % 2), bool((i // 2) % 2), i % 3 != 2))
     out = out[::3] if quick else out
-    return out + [("cutlass_env",)]
+    return out + [("cutlass_env",), ("act_edges",)]
 
 
 _POISONED = [("CONVMIXER_KERNELS_POISON_OUTPUTS", "1")]  # every output of the C++ ops starts as NaN
@@ -280,6 +280,11 @@ def check_host(mod, case, seed):
             check_all_ops(HostOps(mod), inp, act, af, residual, dt, cl)
         elif case[0] == "cutlass_env":
             _check_cutlass_env(mod)
+        elif case[0] == "act_edges":
+            from pw_op_cases import check_act_edges
+
+            for dt in DTYPES:
+                check_act_edges(HostOps(mod).bn_act_fwd, mod.host_bn_act_bwd, "cpu", dt)
         else:
             _, p, (h, w), dt, cl, act, af = case
             inp = make_pw_inputs(2, 3, 53 if p == 7 else 24, h, w, dt, "cpu", channels_last=cl, stem_p=p, seed=seed)
