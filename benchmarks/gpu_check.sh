@@ -18,6 +18,8 @@
 # (the first look's benchmark arguments), GPU_CHECK_BENCH_ARGS (the benchmarks'), GPU_CHECK_DIAG=1,
 # GPU_CHECK_NCU=0 / GPU_CHECK_NCU_ARGS (the last stage, Nsight Compute with the time left: --cases ...).
 # FIRST_RESERVE / TEST_RESERVE: the seconds those stages leave for the later ones (280 / 120).
+# TEST_TIMEOUT: the test stage's own limit (300 s: 217 s on 2026-11-27, and the thirteenth session added
+# the CUTLASS training GEMM's tests and two activations to every activation list).
 set -uo pipefail
 T0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-550}
@@ -103,7 +105,7 @@ $PY -c "import pytest_benchmark" 2>/dev/null && TOUT="$TOUT -p no:benchmark"
 # Outcomes are written to outcomes.log as they happen (tests/conftest.py: each failure in full, one
 # `passed <id>` line a passed test), so a run stopped by its limit still names what failed and what passed.
 GPU_CHECK_K=${GPU_CHECK_K-(cuda or triton or gpu) and not cuda_emu}
-OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/outcomes.log" timeout -k 10 $(limit ${TEST_TIMEOUT:-240} ${TEST_RESERVE:-120}) \
+OMP_NUM_THREADS=1 CONVMIXER_KERNELS_FAIL_LOG="$OUT/outcomes.log" timeout -k 10 $(limit ${TEST_TIMEOUT:-300} ${TEST_RESERVE:-120}) \
   $PY -m pytest -q -rfE $XDIST $TOUT --durations=25 tests ${GPU_CHECK_K:+-k "$GPU_CHECK_K"} ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
 tail -40 "$OUT/tests.log"
 if [ -s "$OUT/outcomes.log" ]; then
