@@ -10,8 +10,9 @@
 //     NCHW: per image pre_n (C_out x HW) = W (C_out x C_in) @ s_n (C_in x HW), one at::bmm on the
 //       (N, C_in, HW) view with W expanded over the batch (stride 0, no copy).
 //   cuBLASLt's GELU epilogue is the tanh approximation and it has no BatchNorm epilogue, so one light
-//   per-channel pass follows the GEMM and reads its output once (the eval forward can instead be one
-//   CUTLASS GEMM with the whole epilogue fused, pw_cutlass.cu: opt-in, see pw_fwd_cutlass):
+//   per-channel pass follows the GEMM and reads its output once (opt-in, CUTLASS GEMMs instead, see
+//   cutlass_mode: the eval forward with the whole epilogue fused, the training forward with the batch
+//   statistics in its epilogue):
 //     pw_fwd/stem_fwd: y = bn_act(pre) in place over the GEMM output;
 //     *_gemm_stats: per-block (count, mean, M2) of u (Chan merges: no cancellation), merged per
 //       channel in a fixed order.
