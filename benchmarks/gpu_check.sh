@@ -84,12 +84,13 @@ for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
 PYEOF
 
 # First look (its own process, so a fault in the never-run kernels cannot end the call or spoil the
-# later stages): issue 3's k=7 case, eager, the default kernels and the channels_last backward without
-# its fp32 dpre pass (cuda_bwd_staged, new on 2026-11-27 and never timed).  -> $OUT/first/
+# later stages): issue 3's k=7 case, eager, the default kernels, the channels_last backward without
+# its fp32 dpre pass (cuda_bwd_staged, new on 2026-11-27 and never timed) and with its weight-gradient
+# partials in registers (cuda_bwd_regs, new on 2026-11-28, never run).  -> $OUT/first/
 if [ "${GPU_CHECK_FIRST:-1}" = 1 ]; then
-  echo "== first look: k=7, eager vs cuda vs cuda_bwd_staged ($(left) s left)"
+  echo "== first look: k=7, eager vs cuda vs cuda_bwd_staged vs cuda_bwd_regs ($(left) s left)"
   BENCH_COMMIT=${GPU_CHECK_COMMIT:-} timeout -k 5 $(limit ${FIRST_TIMEOUT:-90} ${FIRST_RESERVE:-280}) \
-    $PY -m benchmarks.run ${GPU_CHECK_FIRST_ARGS:---quick --suite dw --k 7 --providers eager,cuda,cuda_bwd_staged} --out "$OUT/first" \
+    $PY -m benchmarks.run ${GPU_CHECK_FIRST_ARGS:---quick --suite dw --k 7 --providers eager,cuda,cuda_bwd_staged,cuda_bwd_regs} --out "$OUT/first" \
     > "$OUT/first.log" 2>&1 || echo "first look: exit status $? (see first.log)"
   grep "^| N=64" "$OUT"/first/*.md 2>/dev/null | grep " eval \| train " | cut -c1-150
 fi

@@ -135,6 +135,8 @@ class CaseTimer:
 # (CONVMIXER_KERNELS_DW_BWD_COPIES, csrc/cuda/dw_common.cuh plan_tiles), to measure that choice.
 # cuda_bwd_staged: the depthwise backward (FMA, both layouts; tensor cores, channels_last) computing dpre
 # while staging its tiles, as before the fp32 dpre pass (CONVMIXER_KERNELS_DW_BWD_DPRE=0, dw_launch.cu).
+# cuda_bwd_regs: the channels_last depthwise backward with its weight-gradient partials in registers where it
+# applies (k <= 7, 4 | C; CONVMIXER_KERNELS_DW_BWD_REGS=1, csrc/cuda/dw_bwd_cl_regs.cuh), opt-in until timed.
 # cuda_bn_torch: a training step's BatchNorm bookkeeping as PyTorch ops, not the bn_* ops (one launch each;
 # CONVMIXER_KERNELS_BN_OPS=0, ops.bn_ops_ok), to measure what the fewer launches save.
 PROVIDERS = {
@@ -152,6 +154,7 @@ PROVIDERS = {
     "cuda_bwd_copy": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_COPIES", "1")),
     "cuda_bwd_nocopy": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_COPIES", "0")),
     "cuda_bwd_staged": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_DPRE", "0")),
+    "cuda_bwd_regs": ("cuda", ("CONVMIXER_KERNELS_DW_BWD_REGS", "1")),
     "cuda_bn_torch": ("cuda", ("CONVMIXER_KERNELS_BN_OPS", "0")),
     "auto_mma": ("auto", ("CONVMIXER_KERNELS_DW_MMA", "1")),
 }

@@ -37,6 +37,7 @@ CASES = {
     "pw_cl_train": ("pw", 1, "channels_last", "train", {}),
     "pw_cl_train_cutlass": ("pw", 1, "channels_last", "train", {"CONVMIXER_KERNELS_PW_CUTLASS": "require"}),
     "dw7_cl_train": ("dw", 7, "channels_last", "train", {}),
+    "dw7_cl_train_regs": ("dw", 7, "channels_last", "train", {"CONVMIXER_KERNELS_DW_BWD_REGS": "require"}),
     "dw7_cl_eval": ("dw", 7, "channels_last", "eval", {}),
     "pw_cl_eval_cutlass_pp": ("pw", 1, "channels_last", "eval", {"CONVMIXER_KERNELS_PW_CUTLASS": "require",
                                                                  "CONVMIXER_KERNELS_PW_CUTLASS_SCHEDULE": "pingpong"}),

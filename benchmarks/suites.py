@@ -126,15 +126,17 @@ def dw_cases(bench):
     both = ("nchw", "channels_last")
     if bench.device == "cuda":
         if bench.quick:
-            # compile, the plan knobs: full runs; cuda_bwd_staged: the dpre pass's first measurement
+            # compile, the plan knobs: full runs; cuda_bwd_staged: the dpre pass's first measurement;
+            # cuda_bwd_regs: k <= 7 only (elsewhere it is `cuda`)
             fused = ("eager", "cuda", "cuda_fma", "cuda_mma", "cuda_bwd_staged")
-            return [(64, 768, 32, 7, both, fused, False),
+            return [(64, 768, 32, 7, both, fused + ("cuda_bwd_regs",), False),
                     (64, 768, 32, 9, both, fused, False),
                     (64, 1536, 32, 9, both, ("eager", "cuda"), False),
                     (8, 768, 32, 9, ("channels_last",), ("eager", "eager_graph", "cuda", "cuda_graph"), True)]
         full = ("eager", "compile", "cuda", "cuda_fma", "cuda_ipb1", "cuda_mma", "cuda_bwd_copy", "cuda_bwd_nocopy",
                 "cuda_bwd_staged", "triton")
-        cases = [(64, C, 32, k, both, full + (("compile_max",) if (C, k) == (768, 9) else ()), False)
+        cases = [(64, C, 32, k, both, full + (("compile_max",) if (C, k) == (768, 9) else ())
+                  + (("cuda_bwd_regs",) if k <= 7 else ()), False)
                  for C in (768, 1536) for k in (3, 5, 7, 9)]
         return cases + [(8, 768, 32, k, both, ("eager", "eager_graph", "cuda", "cuda_graph"), True) for k in (7, 9)]
     if bench.quick:
@@ -162,7 +164,7 @@ def dw_suite(bench):
                             continue  # the tensor-core forward serves fp16/bf16, k <= 9
                         if prov.startswith("cuda_bwd_") and mode != "train":
                             continue  # a backward choice
-                        if prov in ("cuda_bwd_copy", "cuda_bwd_nocopy") and layout != "channels_last":
+                        if prov in ("cuda_bwd_copy", "cuda_bwd_nocopy", "cuda_bwd_regs") and layout != "channels_last":
                             continue  # a channels_last backward plan choice
                         fused, ref = dw_modules(C, k, dtype, bench.device)
                         # bytes: eval x -> y; train_fwd x -> y, pre (saved); train adds dy, x, pre -> dx
@@ -309,7 +311,8 @@ def model_cases(bench):
     if bench.device == "cuda":
         cm = ("eager", "compile", "auto", "cuda", "auto_mma")
         if bench.quick:
-            return [("timm:convmixer_768_32", 32, 224, ("eager", "auto", "cuda", "cuda_bn_torch", "cuda_cutlass")),
+            return [("timm:convmixer_768_32", 32, 224, ("eager", "auto", "cuda", "cuda_bn_torch", "cuda_cutlass",
+                                                         "cuda_bwd_regs")),
                     ("timm:vit_small_patch16_224", 32, 224, ("eager",))]
         return [("timm:convmixer_1536_20", 64, 224, cm + ("triton",)),
                 ("timm:convmixer_768_32", 64, 224, cm + ("cuda_cutlass",)),

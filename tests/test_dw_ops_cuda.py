@@ -411,3 +411,46 @@ def test_backward_dpre_pass(ops, monkeypatch, k, dtype, C, W, cl, act, act_first
         assert ran == (mode == "1" and fits), f"DW_BWD_DPRE={mode} C={C} W={W}: dpre pass ran={ran} ({names})"
     for name, a, b in zip(("dx", "dweight", "dbias"), out["1"], out["0"]):
         assert torch.equal(a, b), f"{name}: the pass's dpre differs from the staged one"
+
+
+@pytest.mark.parametrize("k,dtype,shape,act,act_first,residual,ipb",
+                         [(7, torch.bfloat16, (2, 40, 17, 24), 2, True, True, None),
+                          (5, torch.float16, (2, 36, 9, 33), 3, False, True, None),
+                          (3, torch.float32, (3, 64, 5, 10), 4, True, False, "3"),
+                          (7, torch.float16, (2, 64, 32, 32), 1, True, True, None),
+                          (7, torch.bfloat16, (2, 64, 32, 32), 2, True, True, "3"),
+                          (7, torch.bfloat16, (1, 8, 150, 20), 6, False, True, "32")],
+                         ids=["k7-bf16", "k5-fp16-W33", "k3-fp32-H5-ipb3", "k7-fp16-32x32", "k7-bf16-32x32-ipb3",
+                              "k7-bf16-H150-ipb32"])
+def test_backward_cl_regs(ops, monkeypatch, k, dtype, shape, act, act_first, residual, ipb):
+    """The channels_last backward with its weight-gradient partials in registers (dw_bwd_cl_regs.cuh;
+    CONVMIXER_KERNELS_DW_BWD_REGS=require: it runs or the op fails): every op against the spec, its kernel
+    (and the dpre pass) launched, bitwise the same on a second run, and =1 runs the same kernel.  Small
+    shapes give one item a block on a full GPU; ipb forces several (the two dpre tiles alternate while the
+    next one is copied in, as at the benchmarks' N=64: about 11 a block), with a partial last run."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "0")
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_REGS", "require")
+    if ipb is not None:
+        monkeypatch.setenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", ipb)
+    inp = make_inputs(*shape, k, dtype, "cuda", channels_last=True, bias=True, seed=k + shape[1])
+    check_all_ops(ops, inp, act, act_first, residual, dtype, True)
+    args = [inp[a] for a in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
+    out = {}
+    names = _kernels_run(lambda: out.__setitem__("a", ops.dw_bwd(*args, act, act_first, residual)))
+    assert any("dw_bwd_cl_regs_kernel" in n for n in names), names
+    assert any("channel_cl_kernel" in n for n in names), f"no dpre pass: {names}"
+    out["b"] = ops.dw_bwd(*args, act, act_first, residual)
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_REGS", "1")
+    out["c"] = ops.dw_bwd(*args, act, act_first, residual)
+    for name, a, b, c in zip(("dx", "dweight", "dbias"), out["a"], out["b"], out["c"]):
+        assert torch.equal(a, b), f"{name}: two runs differ"
+        assert torch.equal(a, c), f"{name}: =1 and =require differ"
+
+
+def test_backward_cl_regs_require_refuses(ops, monkeypatch):
+    """=require where the register partials do not apply (k = 9) raises naming the variable."""
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_REGS", "require")
+    inp = make_inputs(2, 16, 12, 16, 9, torch.bfloat16, "cuda", channels_last=True, bias=True, seed=1)
+    args = [inp[a] for a in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
+    with pytest.raises(RuntimeError, match="CONVMIXER_KERNELS_DW_BWD_REGS=require"):
+        ops.dw_bwd(*args, 2, True, True)

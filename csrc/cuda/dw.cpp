@@ -24,15 +24,30 @@ using at::Tensor;
 // x: a CUDA tensor of a CUDA storage dtype in one of the two layouts.  Returns whether it is
 // channels_last and fills the geometry (k is set by the caller).
 // A launcher's status: cudaErrorNotSupported comes only from CONVMIXER_KERNELS_DW_MMA=require on a
-// call the tensor-core kernels do not serve (dw_mma.cu); say so, instead of CUDA's bare message.
+// call the tensor-core kernels do not serve (dw_mma.cu), or from CONVMIXER_KERNELS_DW_BWD_REGS=require
+// on a backward the register-partials kernel does not serve (dw_launch.cu); say so, instead of CUDA's
+// bare message.
 void check_launch(cudaError_t e) {
-  const char* mma = std::getenv("CONVMIXER_KERNELS_DW_MMA");
-  if (e == cudaErrorNotSupported && mma != nullptr && std::string(mma) == "require") {
-    (void)cudaGetLastError();
-    TORCH_CHECK(false, "CONVMIXER_KERNELS_DW_MMA=require: the tensor-core depthwise kernels do not serve this call "
-                       "(they need float16 or bfloat16 activations, k in {3, 5, 7, 9}, a GPU of compute capability "
-                       "8.0 or newer, and the image and channels within the shared-memory plan); set it to 1 to "
-                       "fall back to the other kernels");
+  if (e == cudaErrorNotSupported) {
+    auto required = [](const char* name) {
+      const char* v = std::getenv(name);
+      return v != nullptr && std::string(v) == "require";
+    };
+    std::string msg;
+    if (required("CONVMIXER_KERNELS_DW_MMA"))
+      msg += "CONVMIXER_KERNELS_DW_MMA=require: the tensor-core depthwise kernels do not serve this call (they need "
+             "float16 or bfloat16 activations, k in {3, 5, 7, 9}, a GPU of compute capability 8.0 or newer, and the "
+             "image and channels within the shared-memory plan)";
+    if (required("CONVMIXER_KERNELS_DW_BWD_REGS"))
+      msg += std::string(msg.empty() ? "" : "; or ") +
+             "CONVMIXER_KERNELS_DW_BWD_REGS=require: the register-partials depthwise backward does not serve this "
+             "call (it needs channels_last, k in {3, 5, 7}, a channel count divisible by 4, "
+             "CONVMIXER_KERNELS_DW_BWD_DPRE and CONVMIXER_KERNELS_DW_BWD_COPIES not 0, and 47-85 KB of shared "
+             "memory a block; under it the tensor-core backward does not run)";
+    if (!msg.empty()) {
+      (void)cudaGetLastError();
+      TORCH_CHECK(false, msg, "; set it to 1 to fall back to the other kernels");
+    }
   }
   C10_CUDA_CHECK(e);
 }

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
+#include <string>
 
 #include "chan.cuh"
 #include "dw.cuh"
@@ -32,8 +33,15 @@ namespace dwcuda {
 constexpr int kR = 16;           // outputs per thread along W
 constexpr int kCG = 32;          // channels per block in channels_last (one per lane)
 constexpr int kMaxThreads = 256;
+constexpr int kRegsMaxK = 7;     // largest k of the channels_last backward with register partials
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// dw_bwd_cl_regs_kernel's shared memory in floats: two dpre tiles of raw_off floats each, which the
+// block sums of its (KK + 1) partials a thread reuse at the end, then the weights at this offset.
+__host__ __device__ inline int regs_ws_off(int raw_off, int KK, int nwarps) {
+  const int red = (KK + 1) * nwarps * kCG;
+  return 2 * raw_off > red ? 2 * raw_off : red;
+}
 inline bool tiled_k(int k) { return k >= 3 && k <= 15 && (k % 2) == 1; }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,6 +394,7 @@ struct TilePlan {
   int rs = 0;           // NCHW: row stride in floats (odd: conflict-free strip reads)
   int raw_off = 0;      // floats before the storage-dtype copies of the tile (cp.async targets)
   bool copies = true;   // shared memory holds those copies (else the tile is staged by direct loads)
+  bool regs = false;    // channels_last backward: dw_bwd_cl_regs_kernel (dw_bwd_cl_regs.cuh)
   int pl = 0;           // staged columns left of the tile (NCHW: pad rounded up to 8 for 16B loads)
   size_t smem_bytes = 0;
   int64_t items = 0;    // (n, tile) pairs per channel (group)
@@ -393,6 +402,17 @@ struct TilePlan {
   int64_t groups = 0;   // blocks per channel (group) = partial results per channel
   int64_t blocks() const { return groups * cgroups; }
 };
+
+bool dpre_pass_allowed();  // dw_launch.cu
+// CONVMIXER_KERNELS_DW_BWD_REGS: "1" the channels_last backward keeps its weight-gradient partials in
+// registers where it can (plan_tiles; returns 1), "require" and the op fails where it cannot (tests;
+// returns 2), else 0: opt-in until a GPU has timed it against the default.
+inline int bwd_regs_mode() {
+  const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_REGS");
+  if (env == nullptr) return 0;
+  const std::string v(env);
+  return v == "1" ? 1 : (v == "require" ? 2 : 0);
+}
 
 inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
   TilePlan p;
@@ -483,7 +503,25 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
       const char* env = std::getenv("CONVMIXER_KERNELS_DW_BWD_COPIES");
       const int force = (env != nullptr && (env[0] == '0' || env[0] == '1')) ? env[0] - '0' : -1;
       double best = -1.0;
-      for (int copies = 1; copies >= 0; --copies) {
+      // The register partials (dw_bwd_cl_regs.cuh), where asked for and where they apply: k <= 7, dpre
+      // from the fp32 pass (4 | C), the copies allowed.  One warp a tile row, 8 rows (fewer if H is
+      // smaller), two fp32 dpre tiles and the weights in shared memory.
+      if (bwd_regs_mode() != 0 && K <= kRegsMaxK && g.C % 4 == 0 && force != 0 && dpre_pass_allowed()) {
+        const int TH = static_cast<int>(H < 8 ? H : 8);
+        const int64_t tile = int64_t(TH + K - 1) * p.smem_w * kCG;
+        const int raw_off = static_cast<int>(ceil_div(tile, 4) * 4);
+        const size_t bytes = sizeof(float) * (size_t(regs_ws_off(raw_off, KK, TH)) + size_t(KK) * kCG);
+        if (bytes <= hard) {
+          p.regs = true;
+          p.tile_h = TH;
+          p.threads = TH * 32;
+          p.raw_off = raw_off;
+          p.smem_bytes = bytes;
+          p.copies = true;
+          best = 1.0;
+        }
+      }
+      for (int copies = 1; copies >= 0 && !p.regs; --copies) {
         if (force >= 0 && copies != force) continue;
         for (int th : {8, 4, 2, 1}) {
           const int TH = static_cast<int>(th < H ? th : H);
@@ -528,7 +566,7 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
     // forward kernel its registers (at most 128 a thread: __launch_bounds__(256, 2)).
     int64_t per_sm = dev.smem_per_sm / static_cast<int64_t>(p.smem_bytes + 1024);
     int64_t by_threads = 2048 / p.threads;
-    if (!bwd && 65536 / (128 * p.threads) < by_threads) by_threads = 65536 / (128 * p.threads);
+    if ((!bwd || p.regs) && 65536 / (128 * p.threads) < by_threads) by_threads = 65536 / (128 * p.threads);
     per_sm = per_sm < by_threads ? per_sm : by_threads;
     per_sm = per_sm < 1 ? 1 : (per_sm > 32 ? 32 : per_sm);
     const int64_t target = int64_t(dev.sms > 0 ? dev.sms : 1) * per_sm * 4;
@@ -665,11 +703,23 @@ cudaError_t opt_in_smem(SmemOptIn& s, Kern kern, size_t bytes) {
   return e;
 }
 
+// Launch a tiled kernel on its plan's grid (blocks x threads, smem_bytes of dynamic shared memory, opted in
+// once per device through the caller's static `opted`, one per kernel instantiation).
+template <typename Kern>
+cudaError_t launch_planned(Kern kern, SmemOptIn& opted, const TileArgs& a, const TilePlan& p, cudaStream_t stream) {
+  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
+  if (e != cudaSuccess) return e;
+  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks()), p.threads, p.smem_bytes, stream)(a);
+  return cudaGetLastError();
+}
+
 // Launch helpers, one explicit instantiation per (dtype, k, layout) in dw_tiled_k*.cu.
 template <typename T, int K, bool CL>
 cudaError_t launch_fwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream);
 template <typename T, int K, bool CL>
 cudaError_t launch_bwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream);
+template <typename T, int K>
+cudaError_t launch_bwd_cl_regs(const TileArgs& a, const TilePlan& p, cudaStream_t stream);
 
 // The tensor-core forward (dw_mma.cu; when it runs: mma_mode, mma_default there).  dw_mma_launch runs
 // dw_fwd (stats = false) or dw_conv_stats (stats = true: part, mean and var as the tiled path) and sets

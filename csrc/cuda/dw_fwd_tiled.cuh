@@ -270,12 +270,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) dw_fwd_tiled_kernel(const Tile
 
 template <typename T, int K, bool CL>
 cudaError_t launch_fwd_tiled(const TileArgs& a, const TilePlan& p, cudaStream_t stream) {
-  auto kern = dw_fwd_tiled_kernel<T, K, CL>;
   static SmemOptIn opted;
-  const cudaError_t e = opt_in_smem(opted, kern, p.smem_bytes);
-  if (e != cudaSuccess) return e;
-  CMK_LAUNCH(kern, static_cast<unsigned>(p.blocks()), p.threads, p.smem_bytes, stream)(a);
-  return cudaGetLastError();
+  return launch_planned(dw_fwd_tiled_kernel<T, K, CL>, opted, a, p, stream);
 }
 
 }  // namespace dwcuda

@@ -56,6 +56,20 @@ cudaError_t fwd_tiled_k(int k, const TileArgs& a, const TilePlan& p, cudaStream_
 
 template <typename T, bool CL>
 cudaError_t bwd_tiled_k(int k, const TileArgs& a, const TilePlan& p, cudaStream_t s) {
+  if constexpr (CL) {
+    if (p.regs) {  // planned for k <= kRegsMaxK and the dpre pass only
+      if (a.dpre_in == nullptr) return cudaErrorInvalidValue;
+      switch (k) {
+        case 3:
+          return launch_bwd_cl_regs<T, 3>(a, p, s);
+        case 5:
+          return launch_bwd_cl_regs<T, 5>(a, p, s);
+        case 7:
+          return launch_bwd_cl_regs<T, 7>(a, p, s);
+      }
+      return cudaErrorInvalidValue;
+    }
+  }
   switch (k) { CMK_K_CASES(launch_bwd_tiled, T, CL) }
   return cudaErrorInvalidValue;
 }
@@ -267,11 +281,14 @@ cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const 
   o.cd = cd;
   o.part = part;
   o.residual = residual;
+  // CONVMIXER_KERNELS_DW_BWD_REGS=require: the register-partials kernel runs this call or nothing does
+  const bool need_regs = bwd_regs_mode() == 2;
   bool ran = false;
-  CMK_RETURN_IF_ERROR(dw_mma_bwd_launch(g, o, dweight, dbias, dpre, stream, &ran));
+  if (!need_regs) CMK_RETURN_IF_ERROR(dw_mma_bwd_launch(g, o, dweight, dbias, dpre, stream, &ran));
   if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, true, dev);
+  if (need_regs && !(p.tiled && p.regs && bwd_dpre_pass(g, p))) return cudaErrorNotSupported;
   const int KK = g.k * g.k;
   if (p.tiled) {
     TileArgs a = make_tile_args(g, p, o);

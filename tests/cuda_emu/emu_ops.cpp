@@ -164,7 +164,7 @@ std::vector<int64_t> plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t k,
   dw::DwGeom g{N, C, H, W, static_cast<int>(k), cl, static_cast<dw::DType>(dtype)};
   const dw::DevInfo dev{cmk_emu::g_sms, cmk_emu::g_smem_optin, cmk_emu::g_smem_optin + 1024};
   const dw::TilePlan p = dw::plan_tiles(g, backward, dev);
-  return {p.tiled, p.tile_h, p.tile_w, p.threads, static_cast<int64_t>(p.smem_bytes), p.ipb, p.groups};
+  return {p.tiled, p.tile_h, p.tile_w, p.threads, static_cast<int64_t>(p.smem_bytes), p.ipb, p.groups, p.regs};
 }
 
 // ---- the pointwise/stem per-channel passes (pw.cpp's run_stats / run_bn_act / run_dpre) ----

@@ -169,6 +169,23 @@ def cases(quick: bool):
     out.append(((2, 37, 17, 23), 5, torch.float16, True, 3, False, True, False, 0, cl1 + staged))
     # W = 64 at k=9: the pass's fourth buffer slot does not fit, the plan falls back to the staging
     out.append(((1, 8, 16, 64), 9, torch.bfloat16, True, 2, True, True, True, 0, cl1))
+    # The channels_last backward with its weight-gradient partials in registers (dw_bwd_cl_regs.cuh;
+    # =require: it runs or the op fails): every k it serves, every dtype, a partial row tile (12 rows in 8-row
+    # tiles), a partial column tile (W = 33), a partial channel group (C = 40), fewer rows than a tile (H = 5:
+    # 5 warps), several items per block (its two dpre tiles alternate), a misaligned start, the 32x32 images of
+    # the benchmarks; then =1 where it does not apply (k = 9; 4 does not divide C): the other kernels.
+    regs = (("CONVMIXER_KERNELS_DW_BWD_REGS", "require"),)
+    out.append(((2, 16, 12, 16), 7, torch.bfloat16, True, 2, True, True, True, 0, regs))
+    out.append(((2, 40, 9, 33), 5, torch.float16, True, 3, False, True, False, 0, regs))
+    out.append(((3, 36, 5, 10), 3, torch.float32, True, 4, True, False, True, 0,
+                regs + (("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "3"),)))
+    out.append(((3, 40, 12, 20), 7, torch.bfloat16, True, 2, True, True, True, 1,  # 12 items: a partial last run
+                regs + (("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", "5"),)))
+    out.append(((2, 16, 12, 16), 7, torch.float16, True, 6, False, True, True, 1, regs))
+    out.append(((2, 64, 32, 32), 7, torch.bfloat16, True, 1, True, True, True, 0, regs))
+    regs1 = (("CONVMIXER_KERNELS_DW_BWD_REGS", "1"),)
+    out.append(((2, 16, 12, 16), 9, torch.bfloat16, True, 2, True, True, True, 0, regs1))
+    out.append(((2, 37, 9, 11), 7, torch.bfloat16, True, 5, False, True, True, 0, regs1))
     return out
 
 
@@ -258,7 +275,7 @@ def host_cases(quick: bool):
     for i, (k, dt, cl) in enumerate(itertools.product([3, 7, 9], DTYPES, [False, True])):
         out.append(("dw", (2, 37, 17, 23), k, dt, cl, i % 7, bool(i % 2), bool((i // 2) % 2), i % 3 != 2))
     out = out[::3] if quick else out
-    return out + [("cutlass_env",), ("act_edges",)]
+    return out + [("cutlass_env",), ("act_edges",), ("regs_env",)]
 
 
 _POISONED = [("CONVMIXER_KERNELS_POISON_OUTPUTS", "1")]  # every output of the C++ ops starts as NaN
@@ -280,6 +297,8 @@ def check_host(mod, case, seed):
             check_all_ops(HostOps(mod), inp, act, af, residual, dt, cl)
         elif case[0] == "cutlass_env":
             _check_cutlass_env(mod)
+        elif case[0] == "regs_env":
+            _check_regs_env(mod)
         elif case[0] == "act_edges":
             from pw_op_cases import check_act_edges
 
@@ -289,6 +308,53 @@ def check_host(mod, case, seed):
             _, p, (h, w), dt, cl, act, af = case
             inp = make_pw_inputs(2, 3, 53 if p == 7 else 24, h, w, dt, "cpu", channels_last=cl, stem_p=p, seed=seed)
             check_stem_ops(HostOps(mod), inp, act, af, dt, cl)
+
+
+def _check_regs_env(mod):
+    """dw.cpp and dw_launch.cu's gate of the channels_last backward with register partials
+    (CONVMIXER_KERNELS_DW_BWD_REGS): where it does not apply (k = 9; 4 does not divide C; NCHW; the dpre pass
+    turned off) =1 gives the other kernels' bits and =require raises naming the variable; where it applies,
+    =1 and =require give the same bits, which differ from the default kernel's (a different plan, so a
+    different grouping of the weight-gradient sums): so =1 did switch kernels."""
+    ops = HostOps(mod)
+    names = ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")
+
+    def bwd(inp):
+        return ops.dw_bwd(*[inp[a] for a in names], 2, True, True)
+
+    def same(a, b):
+        return all(torch.equal(u, v) for u, v in zip(a, b))
+
+    def planned(shape, k, cl):  # the plan's regs flag (last entry of the emulator's plan())
+        return bool(mod.plan(*shape, k, cl, 2, True)[-1])
+
+    fits = make_inputs(2, 16, 12, 16, 7, torch.bfloat16, "cpu", channels_last=True, bias=True, seed=5)
+    base = bwd(fits)
+    assert not planned((2, 16, 12, 16), 7, True), "the register partials planned without being asked for"
+    with env_set([("CONVMIXER_KERNELS_DW_BWD_REGS", "1")]):
+        on = bwd(fits)
+        assert planned((2, 16, 12, 16), 7, True), "=1: the register partials not planned where they apply"
+    with env_set([("CONVMIXER_KERNELS_DW_BWD_REGS", "require")]):
+        req = bwd(fits)
+    assert same(on, req), "=1 and =require ran different kernels where the register partials apply"
+    assert not same(on, base), "=1 gave the default kernel's bits: the register partials did not run"
+    for what, shape, k, cl, env in (("k = 9", (2, 16, 12, 16), 9, True, []),
+                                    ("C = 37", (2, 37, 9, 11), 7, True, []),
+                                    ("NCHW", (2, 16, 12, 16), 7, False, []),
+                                    ("no dpre pass", (2, 16, 12, 16), 7, True, [("CONVMIXER_KERNELS_DW_BWD_DPRE", "0")])):
+        inp = make_inputs(*shape, k, torch.bfloat16, "cpu", channels_last=cl, bias=True, seed=6)
+        with env_set(env):
+            want = bwd(inp)
+        with env_set(env + [("CONVMIXER_KERNELS_DW_BWD_REGS", "1")]):
+            assert same(bwd(inp), want), f"{what}: =1 changed the results where the register partials do not apply"
+            assert not planned(shape, k, cl), f"{what}: the register partials planned"
+        with env_set(env + [("CONVMIXER_KERNELS_DW_BWD_REGS", "require")]):
+            try:
+                bwd(inp)
+            except RuntimeError as e:
+                assert "CONVMIXER_KERNELS_DW_BWD_REGS=require" in str(e), f"{what}: {e}"
+            else:
+                raise AssertionError(f"{what}: =require ran")
 
 
 def _check_cutlass_env(mod):
