@@ -243,3 +243,10 @@ def test_size_limits():
         dw._check_x(torch.empty(1, 70000, 1, 1000, dtype=torch.bfloat16, device=DEVICE))
     with pytest.raises(ValueError, match=r"x: N\*H\*W = 2147483648 pixels"):
         dw._check_x(torch.empty(2, 1, 32768, 32768, dtype=torch.bfloat16, device=DEVICE))
+    # the weight's int32 offsets (channel times k*k, tap row times C): C*(k*k + 1) <= 2^31 - 1 (meta tensors:
+    # a weight that size would take 8.6 GB)
+    C = 2147483647 // 962 + 1
+    x_m = torch.empty(1, C, 1, 1, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match=r"weight: C\*\(k\*k \+ 1\) = .* at most 2232311 channels at k = 31"):
+        dw._check_weight(torch.empty(C, 1, 31, 31, device="meta"), x_m)
+    assert dw._check_weight(torch.empty(C - 1, 1, 31, 31, device="meta"), x_m[:, :C - 1]) == 31

@@ -535,6 +535,10 @@ def _check_weight(weight, x: torch.Tensor) -> int:
                          f"got k = {k}")
     if not weight.is_contiguous():
         raise ValueError("weight: expected a contiguous tensor")
+    # The kernels offset into the weight with int32 products (channel times k*k, tap row times C)
+    if C * (k * k + 1) > _INT32_MAX:
+        raise ValueError(f"weight: C*(k*k + 1) = {C * (k * k + 1)} is more than the Triton backend supports "
+                         f"({_INT32_MAX}): at most {_INT32_MAX // (k * k + 1)} channels at k = {k}")
     return k
 
 

@@ -340,7 +340,9 @@ def _wgrad_kernel(a_ptr, x_ptr, t_ptr, ws_ptr,
     sp = s - sb * n_pix_splits
     b_lo = sb * imgs_per_split
     b_hi = tl.minimum(b_lo + imgs_per_split, n_batch)
-    p_lo = sp * pix_per_split
+    # int64: with close to 2^31 pixels a batch (_check_grid allows up to 2^31 - 1) p_lo + pix_per_split,
+    # and the loop's last k0 + BK, would wrap in int32
+    p_lo = sp.to(tl.int64) * pix_per_split
     p_hi = tl.minimum(p_lo + pix_per_split, K)
 
     a_row = rm.to(tl.int64) * a_sm

@@ -78,6 +78,15 @@ bool check_x(const Tensor& x, const char* name, dwcuda::DwGeom& g) {
   return cl;
 }
 
+// The kernels' grids count blocks per (channel, tap) (the direct weight gradient: C * (k*k + 1) blocks at
+// least) in 32 bits; far beyond any real layer, refused with a clear error.
+int check_k_fits(const dwcuda::DwGeom& g, int64_t k) {
+  TORCH_CHECK(g.C * (k * k + 1) <= INT32_MAX, "weight: C*(k*k + 1) = ", g.C * (k * k + 1),
+              " is more than the CUDA depthwise kernels support (", INT32_MAX, "): at most ", INT32_MAX / (k * k + 1),
+              " channels at k = ", k);
+  return static_cast<int>(k);
+}
+
 const float* fptr(const Tensor& t) { return t.data_ptr<float>(); }
 
 Tensor workspace(int64_t floats, const Tensor& x) {
@@ -89,7 +98,7 @@ std::tuple<Tensor, Tensor, Tensor> dw_conv_stats_cuda(const Tensor& x, const Ten
                                                        bool act_first) {
   dwcuda::DwGeom g{};
   const bool cl = check_x(x, "x", g);
-  g.k = static_cast<int>(check_dw_weight(weight, x));
+  g.k = check_k_fits(g, check_dw_weight(weight, x));
   if (bias.has_value()) check_vec(*bias, "bias", x);
   check_act(act);
   c10::cuda::CUDAGuard guard(x.device());
@@ -115,7 +124,7 @@ Tensor dw_fwd_cuda(const Tensor& x, const Tensor& weight, const std::optional<Te
                    const Tensor& scale, const Tensor& shift, int64_t act, bool act_first, bool residual) {
   dwcuda::DwGeom g{};
   const bool cl = check_x(x, "x", g);
-  g.k = static_cast<int>(check_dw_weight(weight, x));
+  g.k = check_k_fits(g, check_dw_weight(weight, x));
   if (bias.has_value()) check_vec(*bias, "bias", x);
   check_vec(scale, "scale", x);
   check_vec(shift, "shift", x);
@@ -170,7 +179,7 @@ std::tuple<Tensor, Tensor, Tensor> dw_bwd_cuda(const Tensor& dy, const Tensor& x
   const bool cl = check_x(x, "x", g);
   check_like_x(dy, "dy", x, cl);
   check_like_x(pre, "pre", x, cl);
-  g.k = static_cast<int>(check_dw_weight(weight, x));
+  g.k = check_k_fits(g, check_dw_weight(weight, x));
   check_vec(scale, "scale", x);
   check_vec(shift, "shift", x);
   check_vec(mean, "mean", x);

@@ -275,7 +275,7 @@ def host_cases(quick: bool):
     for i, (k, dt, cl) in enumerate(itertools.product([3, 7, 9], DTYPES, [False, True])):
         out.append(("dw", (2, 37, 17, 23), k, dt, cl, i % 7, bool(i % 2), bool((i // 2) % 2), i % 3 != 2))
     out = out[::3] if quick else out
-    return out + [("cutlass_env",), ("act_edges",), ("regs_env",)]
+    return out + [("cutlass_env",), ("act_edges",), ("regs_env",), ("size_limits",)]
 
 
 _POISONED = [("CONVMIXER_KERNELS_POISON_OUTPUTS", "1")]  # every output of the C++ ops starts as NaN
@@ -299,6 +299,17 @@ def check_host(mod, case, seed):
             _check_cutlass_env(mod)
         elif case[0] == "regs_env":
             _check_regs_env(mod)
+        elif case[0] == "size_limits":
+            # dw.cpp: the grids count C * (k*k + 1) blocks in 32 bits; one channel more than that allows at k = 31
+            # raises naming the weight (the weight's 8.6 GB are never touched: only its shape is read)
+            C = 2147483647 // 962 + 1
+            x = torch.empty(1, C, 1, 1, dtype=torch.bfloat16)
+            try:
+                mod.host_dw_conv_stats(x, torch.empty(C, 1, 31, 31), None, 2, True)
+            except RuntimeError as e:
+                assert "weight: C*(k*k + 1) = " in str(e) and "at most 2232311 channels at k = 31" in str(e), str(e)
+            else:
+                raise AssertionError("a weight past the grids' 32-bit block counts was accepted")
         elif case[0] == "act_edges":
             from pw_op_cases import check_act_edges
 
