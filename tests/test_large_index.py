@@ -6,7 +6,8 @@ starting as NaN.  Random rows at the top and at the bottom of the image (past el
 layouts; in NCHW the last channel's) are checked against the fp64 oracle with the usual 2x rule; the rest
 of the image is a constant, checked against the block of a constant image.  A 32-bit offset anywhere
 writes or reads the wrong place and these checks fail.  Needs about 10 GB of free memory (CPU) or GPU
-memory, else it skips; on a GPU it runs in `make gpu-check` (cuda and triton backends)."""
+memory, else it skips; on a GPU it runs in `make gpu-check` (cuda and triton backends).  The training ops
+(statistics forward, the backward's sums, the backward) on the same image: GPU only, about 40 GB."""
 
 from __future__ import annotations
 
@@ -137,3 +138,107 @@ def test_bn_act_pass_past_2_31_elements(backend, device, layout):
     mid = y[:, :, H // 2, W // 2 - 2:W // 2 + 2].cpu().double()
     want = spec(torch.full((N, C, 1, 1), FILL, dtype=torch.float64)).view(N, C, 1)
     assert torch.allclose(mid, want.expand_as(mid), rtol=1e-2, atol=1e-2), (mid, want)
+
+
+def _op(backend, name):
+    return getattr(torch.ops.convmixer_kernels, name + ("_triton" if backend == "triton" else ""))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend,device", [p for p in _params() if p.values[0] != "cpu"])
+def test_dw_training_ops_past_2_31_elements(backend, device, layout):
+    """The training ops of the depthwise block (dw_conv_stats, dw_bwd_reduce, dw_bwd) on the image above
+    (x: FILL except its random top and bottom bands; the bottom one lies past element 2^31 in both layouts).
+    The gradient dy is zero except on the bands' outer ROWS rows, and cb = cd = 0, so dpre is exactly zero
+    away from them: every sum (sum_g, sum_gxhat, dweight, dbias) is the bands' alone, checked with the 2x
+    rule against the spec on the bands (PyTorch's bf16 ops and fp64), as are pre and dx on the bands; the
+    rest of dx must be exactly 0 and the rest of pre the same in every interior pixel (and in each edge
+    column), every output having started as NaN.  The batch statistics include the whole image: checked
+    against fp64 sums of the op's own pre, within 2e-5 (|mean| + std) and 1e-3 of var, where dropping or
+    misreading the bottom band moves the mean by about 1e-4 and var by tens of percent.  Needs about 40 GB
+    of GPU memory, else it skips."""
+    from convmixer_kernels import torch_ops as T
+
+    if _free_gb(device) < 40:
+        pytest.skip(f"needs about 40 GB free on {device}")
+    act, bf = 2, torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(C, 1, 3, 3, generator=g) * 0.3
+    b = torch.randn(C, generator=g) * 0.1
+    x, top, bottom = _image(device, layout)
+    fmt = memory_format_of(x)
+    pre, mean, var = _op(backend, "dw_conv_stats")(x, w.to(device), b.to(device), act, True)
+    assert not torch.isnan(pre).any(), "pre: elements left unwritten"
+    # pre on the bands (rows whose 3x3 neighbourhood lies in the band or the image's padding)
+    for name, band, rows, brows in (("top", top, slice(0, ROWS), slice(0, ROWS)),
+                                    ("bottom", bottom, slice(H - ROWS, H), slice(1, ROWS + 1))):
+        want = T.dw_conv_stats(band, w, b, act, True)[0][:, :, brows]
+        want64 = T.dw_conv_stats(band.double(), w.double(), b.double(), act, True)[0][:, :, brows]
+        check_2x(f"{backend} {layout}: pre, {name} rows", pre[:, :, rows].cpu(), want, want64, bf)
+    mid = slice(ROWS + 2, H - ROWS - 2)
+    for cols in (slice(1, W - 1), slice(0, 1), slice(W - 1, W)):  # interior, left and right edge columns
+        ref = pre[:, :, H // 2, cols.start].view(1, C, 1, 1)
+        assert torch.count_nonzero(pre[:, :, mid, cols] != ref) == 0, f"pre: not uniform away from the bands ({cols})"
+    cst = T.dw_conv_stats(torch.full((1, C, 5, 5), FILL, dtype=bf), w, b, act, True)[0][:, :, 2, 2]
+    cst64 = T.dw_conv_stats(torch.full((1, C, 5, 5), FILL, dtype=torch.float64), w.double(), b.double(), act,
+                            True)[0][:, :, 2, 2]
+    check_2x(f"{backend} {layout}: pre, interior", pre[:, :, H // 2, W // 2].cpu(), cst, cst64, bf)
+    # batch statistics of u = gelu(pre) over the whole image, against fp64 sums of this pre (row chunks)
+    s1 = torch.zeros(C, dtype=torch.float64, device=device)
+    s2 = torch.zeros_like(s1)
+    for r0 in range(0, H, 3000):
+        u = T.act_fwd(pre[:, :, r0:r0 + 3000].double(), act)
+        s1 += u.sum(dim=(0, 2, 3))
+        s2 += (u * u).sum(dim=(0, 2, 3))
+        del u
+    n = N * H * W
+    m64 = s1 / n
+    v64 = s2 / n - m64 * m64
+    dm = (mean.double() - m64).abs()
+    assert (dm <= 2e-5 * (m64.abs() + v64.sqrt())).all(), f"{backend} {layout}: mean {mean} vs {m64}"
+    assert ((var.double() - v64).abs() <= 1e-3 * v64).all(), f"{backend} {layout}: var {var} vs {v64}"
+
+    # the backward, with the bands' dy
+    dy = torch.zeros(N, C, H, W, dtype=bf, device=device).contiguous(memory_format=fmt)
+    dy_top, dy_bottom = (torch.randn(N, C, ROWS + 1, W, generator=g).to(bf) for _ in range(2))
+    dy_top[:, :, ROWS] = 0  # the bands' inner rows: dpre zero there too
+    dy_bottom[:, :, 0] = 0
+    dy[:, :, :ROWS + 1] = dy_top.to(device)
+    dy[:, :, H - ROWS - 1:] = dy_bottom.to(device)
+    scale, shift = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.1
+    mean_p, invstd = torch.randn(C, generator=g) * 0.1, torch.rand(C, generator=g) + 0.5
+    ca, zero = torch.rand(C, generator=g) + 0.5, torch.zeros(C)
+    vecs = [v.to(device) for v in (scale, shift, mean_p)]
+    bands = (("top", dy_top, top, pre[:, :, :ROWS + 1].cpu()), ("bottom", dy_bottom, bottom, pre[:, :, H - ROWS - 1:].cpu()))
+
+    def spec(fn, *per_band):  # fn over both bands, summed (reductions), in bf16 (PyTorch's) and fp64
+        outs = []
+        for dt in (bf, torch.float64):
+            parts = [fn(*[t.to(dt) if t.dtype == bf else (t.double() if dt == torch.float64 else t) for t in args])
+                     for args in per_band]
+            outs.append([sum(p[i] for p in parts) for i in range(len(parts[0]))])
+        return outs
+
+    sums = _op(backend, "dw_bwd_reduce")(dy, pre, *vecs, invstd.to(device), act, True)
+    want, want64 = spec(lambda d, p, s, t, m, i: T.dw_bwd_reduce(d, p, s, t, m, i, act, True),
+                        *[(d, p, scale, shift, mean_p, invstd) for _, d, _, p in bands])
+    for name, got_, w_, o_ in zip(("sum_g", "sum_gxhat"), sums, want, want64):
+        check_2x(f"{backend} {layout}: {name}", got_.cpu(), w_, o_, bf)
+
+    dx, dweight, dbias = _op(backend, "dw_bwd")(dy, x, pre, w.to(device), *vecs, ca.to(device), zero.to(device),
+                                                zero.to(device), act, True, True)
+    assert not torch.isnan(dx).any(), "dx: elements left unwritten"
+    assert torch.count_nonzero(dx[:, :, ROWS + 1:H - ROWS - 1]) == 0, "dx: not zero away from the bands"
+
+    def bwd(d, xb, p, w_, s, t, m, a_, z):
+        r = T.dw_bwd(d, xb, p, w_, s, t, m, a_, z, z, act, True, True)
+        return r[1], r[2]
+
+    want, want64 = spec(bwd, *[(d, xb, p, w, scale, shift, mean_p, ca, zero) for _, d, xb, p in bands])
+    check_2x(f"{backend} {layout}: dweight", dweight.cpu(), want[0], want64[0], bf)
+    check_2x(f"{backend} {layout}: dbias", dbias.cpu(), want[1], want64[1], bf)
+    for (name, d, xb, p), rows in zip(bands, (slice(0, ROWS + 1), slice(H - ROWS - 1, H))):
+        dxb = T.dw_bwd(d, xb, p, w, scale, shift, mean_p, ca, zero, zero, act, True, True)[0]
+        dxb64 = T.dw_bwd(d.double(), xb.double(), p.double(), w.double(), scale.double(), shift.double(),
+                         mean_p.double(), ca.double(), zero.double(), zero.double(), act, True, True)[0]
+        check_2x(f"{backend} {layout}: dx, {name} rows", dx[:, :, rows].cpu(), dxb, dxb64, bf)
