@@ -7,7 +7,8 @@ layouts; in NCHW the last channel's) are checked against the fp64 oracle with th
 of the image is a constant, checked against the block of a constant image.  A 32-bit offset anywhere
 writes or reads the wrong place and these checks fail.  Needs about 10 GB of free memory (CPU) or GPU
 memory, else it skips; on a GPU it runs in `make gpu-check` (cuda and triton backends).  The training ops
-(statistics forward, the backward's sums, the backward) on the same image: GPU only, about 40 GB."""
+(statistics forward, the backward's sums, the backward) on the same image, and the pointwise block's on a
+1 x 768 x 1700 x 1700 activation: GPU only, about 40-45 GB."""
 
 from __future__ import annotations
 
@@ -144,6 +145,27 @@ def _op(backend, name):
     return getattr(torch.ops.convmixer_kernels, name + ("_triton" if backend == "triton" else ""))
 
 
+def _check_whole_stats(label, pre, mean, var, act, rows):
+    """mean and biased var of u = act(pre) over the whole tensor against fp64 sums of this pre (chunks of
+    `rows` rows): within 2e-5 (|mean| + std) and 1e-3 var.  In these tests the variance comes from the bands
+    alone (the rest is one value a channel), which move the mean by many times that bound."""
+    from convmixer_kernels import torch_ops as T
+
+    s1 = torch.zeros(pre.shape[1], dtype=torch.float64, device=pre.device)
+    s2 = torch.zeros_like(s1)
+    for r0 in range(0, pre.shape[2], rows):
+        u = T.act_fwd(pre[:, :, r0:r0 + rows].double(), act)
+        s1 += u.sum(dim=(0, 2, 3))
+        s2 += (u * u).sum(dim=(0, 2, 3))
+        del u
+    n = pre.shape[0] * pre.shape[2] * pre.shape[3]
+    m64 = s1 / n
+    v64 = s2 / n - m64 * m64
+    dm = (mean.double() - m64).abs()
+    assert (dm <= 2e-5 * (m64.abs() + v64.sqrt())).all(), f"{label}: mean {mean} vs {m64}"
+    assert ((var.double() - v64).abs() <= 1e-3 * v64).all(), f"{label}: var {var} vs {v64}"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend,device", [p for p in _params() if p.values[0] != "cpu"])
 def test_dw_training_ops_past_2_31_elements(backend, device, layout):
@@ -183,20 +205,8 @@ def test_dw_training_ops_past_2_31_elements(backend, device, layout):
     cst64 = T.dw_conv_stats(torch.full((1, C, 5, 5), FILL, dtype=torch.float64), w.double(), b.double(), act,
                             True)[0][:, :, 2, 2]
     check_2x(f"{backend} {layout}: pre, interior", pre[:, :, H // 2, W // 2].cpu(), cst, cst64, bf)
-    # batch statistics of u = gelu(pre) over the whole image, against fp64 sums of this pre (row chunks)
-    s1 = torch.zeros(C, dtype=torch.float64, device=device)
-    s2 = torch.zeros_like(s1)
-    for r0 in range(0, H, 3000):
-        u = T.act_fwd(pre[:, :, r0:r0 + 3000].double(), act)
-        s1 += u.sum(dim=(0, 2, 3))
-        s2 += (u * u).sum(dim=(0, 2, 3))
-        del u
-    n = N * H * W
-    m64 = s1 / n
-    v64 = s2 / n - m64 * m64
-    dm = (mean.double() - m64).abs()
-    assert (dm <= 2e-5 * (m64.abs() + v64.sqrt())).all(), f"{backend} {layout}: mean {mean} vs {m64}"
-    assert ((var.double() - v64).abs() <= 1e-3 * v64).all(), f"{backend} {layout}: var {var} vs {v64}"
+    # batch statistics of u = gelu(pre) over the whole image, against fp64 sums of this pre
+    _check_whole_stats(f"{backend} {layout}", pre, mean, var, act, 3000)
 
     # the backward, with the bands' dy
     dy = torch.zeros(N, C, H, W, dtype=bf, device=device).contiguous(memory_format=fmt)
@@ -242,3 +252,83 @@ def test_dw_training_ops_past_2_31_elements(backend, device, layout):
         dxb64 = T.dw_bwd(d.double(), xb.double(), p.double(), w.double(), scale.double(), shift.double(),
                          mean_p.double(), ca.double(), zero.double(), zero.double(), act, True, True)[0]
         check_2x(f"{backend} {layout}: dx, {name} rows", dx[:, :, rows].cpu(), dxb, dxb64, bf)
+
+
+PW_C, PW_HW, PW_ROWS = 768, 1700, 2  # 1 x 768 x 1700 x 1700: 2.22e9 elements; bands of PW_ROWS rows
+assert PW_C * PW_HW * PW_HW > 2**31 + 32 * 10**6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend,device", [p for p in _params() if p.values[0] != "cpu"])
+def test_pw_training_ops_past_2_31_elements(backend, device, layout):
+    """The pointwise block's training ops (pw_gemm_stats with the residual t fused into the operand load,
+    dw_bwd_reduce, pw_bwd) on 1 x 768 x 1700 x 1700 bf16 activations (2.22e9 elements; the bottom band lies
+    past element 2^31 in both layouts: NCHW's last channels, channels_last's last pixels).  x and t are
+    constants except on PW_ROWS rows at the top and at the bottom, dy is zero there too, and cb = cd = 0, so
+    dpre is zero away from the bands: a 1x1 conv couples no pixels, so every gradient sum is that of the two
+    bands side by side (one small image), checked with the 2x rule against the spec on it, as are pre and ds
+    on the bands; ds must be exactly zero elsewhere, pre within a bf16 step of one value a channel (each pixel
+    the same GEMM row), every output having started as NaN; the statistics against fp64 sums of the op's pre
+    (as the depthwise test).  Needs about 45 GB of GPU memory, else it skips."""
+    from convmixer_kernels import torch_ops as T
+
+    if _free_gb(device) < 45:
+        pytest.skip(f"needs about 45 GB free on {device}")
+    act, bf, R, Hp = 2, torch.bfloat16, PW_ROWS, PW_HW
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(PW_C, PW_C, 1, 1, generator=g) / PW_C ** 0.5).to(bf)
+    b = torch.randn(PW_C, generator=g) * 0.1
+
+    def banded(fill, zero_edges=False):  # (full tensor on device, the two bands side by side on the CPU)
+        full = torch.empty(1, PW_C, Hp, Hp, dtype=bf, device=device, memory_format=fmt).fill_(fill)
+        bands = torch.randn(1, PW_C, 2 * R, Hp, generator=g).to(bf)
+        full[:, :, :R] = bands[:, :, :R].to(device)
+        full[:, :, Hp - R:] = bands[:, :, R:].to(device)
+        return full, bands
+
+    x, xb = banded(FILL)
+    t, tb = banded(-0.5)
+    top, bot = slice(0, R), slice(Hp - R, Hp)
+
+    def at_bands(v):  # the two bands of a full tensor, side by side, on the CPU
+        return torch.cat([v[:, :, top].cpu(), v[:, :, bot].cpu()], dim=2)
+
+    pre, mean, var = _op(backend, "pw_gemm_stats")(x, t, w.to(device), b.to(device), act, True)
+    assert not torch.isnan(pre).any(), "pre: elements left unwritten"
+    check_2x(f"{backend} {layout}: pre, bands", at_bands(pre), T.pw_gemm_stats(xb, tb, w, b, act, True)[0],
+             T.pw_gemm_stats(xb.double(), tb.double(), w.double(), b.double(), act, True)[0], bf)
+    ref = pre[:, :, Hp // 2, Hp // 2].float().view(1, PW_C, 1, 1)
+    step = ref.abs() * 2.0 ** -7 + 1e-30  # one bf16 step (8 significant bits) at the value
+    for r0 in range(R, Hp - R, 400):
+        chunk = pre[:, :, r0:min(r0 + 400, Hp - R)].float()
+        assert ((chunk - ref).abs() <= step).all(), f"pre: rows {r0}+ differ from the interior value"
+    _check_whole_stats(f"{backend} {layout}", pre, mean, var, act, 200)
+
+    dy = torch.zeros(1, PW_C, Hp, Hp, dtype=bf, device=device).contiguous(memory_format=fmt)
+    dyb = torch.randn(1, PW_C, 2 * R, Hp, generator=g).to(bf)
+    dy[:, :, top] = dyb[:, :, :R].to(device)
+    dy[:, :, bot] = dyb[:, :, R:].to(device)
+    vec = lambda lo, hi: torch.rand(PW_C, generator=g) * (hi - lo) + lo  # noqa: E731
+    scale, shift, mean_p, invstd, ca = vec(0.5, 1.5), vec(-0.5, 0.5), vec(-0.2, 0.2), vec(0.5, 2.0), vec(0.5, 1.5)
+    zero = torch.zeros(PW_C)
+    pb = at_bands(pre)
+    dev = lambda *vs: [v.to(device) for v in vs]  # noqa: E731
+
+    sums = _op(backend, "dw_bwd_reduce")(dy, pre, *dev(scale, shift, mean_p, invstd), act, True)
+    want = T.dw_bwd_reduce(dyb, pb, scale, shift, mean_p, invstd, act, True)
+    want64 = T.dw_bwd_reduce(dyb.double(), pb.double(), *[v.double() for v in (scale, shift, mean_p, invstd)],
+                             act, True)
+    for name, got_, w_, o_ in zip(("sum_g", "sum_gxhat"), sums, want, want64):
+        check_2x(f"{backend} {layout}: {name}", got_.cpu(), w_, o_, bf)
+
+    ds, dweight, dbias = _op(backend, "pw_bwd")(dy, x, t, pre, w.to(device), *dev(scale, shift, mean_p, ca, zero, zero),
+                                                act, True)
+    assert not torch.isnan(ds).any(), "ds: elements left unwritten"
+    assert torch.count_nonzero(ds[:, :, R:Hp - R]) == 0, "ds: not zero away from the bands"
+    want = T.pw_bwd(dyb, xb, tb, pb, w, scale, shift, mean_p, ca, zero, zero, act, True)
+    want64 = T.pw_bwd(dyb.double(), xb.double(), tb.double(), pb.double(), w.double(),
+                      *[v.double() for v in (scale, shift, mean_p, ca, zero, zero)], act, True)
+    check_2x(f"{backend} {layout}: ds, bands", at_bands(ds), want[0], want64[0], bf)
+    check_2x(f"{backend} {layout}: dweight", dweight.cpu(), want[1], want64[1], bf)
+    check_2x(f"{backend} {layout}: dbias", dbias.cpu(), want[2], want64[2], bf)
