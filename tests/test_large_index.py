@@ -219,7 +219,8 @@ def test_dw_training_ops_past_2_31_elements(backend, device, layout):
     mean_p, invstd = torch.randn(C, generator=g) * 0.1, torch.rand(C, generator=g) + 0.5
     ca, zero = torch.rand(C, generator=g) + 0.5, torch.zeros(C)
     vecs = [v.to(device) for v in (scale, shift, mean_p)]
-    bands = (("top", dy_top, top, pre[:, :, :ROWS + 1].cpu()), ("bottom", dy_bottom, bottom, pre[:, :, H - ROWS - 1:].cpu()))
+    bands = (("top", dy_top, top, pre[:, :, :ROWS + 1].cpu()),
+             ("bottom", dy_bottom, bottom, pre[:, :, H - ROWS - 1:].cpu()))
 
     def spec(fn, *per_band):  # fn over both bands, summed (reductions), in bf16 (PyTorch's) and fp64
         outs = []

@@ -352,7 +352,8 @@ def _check_regs_env(mod):
     for what, shape, k, cl, env in (("k = 9", (2, 16, 12, 16), 9, True, []),
                                     ("C = 37", (2, 37, 9, 11), 7, True, []),
                                     ("NCHW", (2, 16, 12, 16), 7, False, []),
-                                    ("no dpre pass", (2, 16, 12, 16), 7, True, [("CONVMIXER_KERNELS_DW_BWD_DPRE", "0")])):
+                                    ("no dpre pass", (2, 16, 12, 16), 7, True,
+                                     [("CONVMIXER_KERNELS_DW_BWD_DPRE", "0")])):
         inp = make_inputs(*shape, k, torch.bfloat16, "cpu", channels_last=cl, bias=True, seed=6)
         with env_set(env):
             want = bwd(inp)
