@@ -36,13 +36,21 @@ def _one_at_a_time():
         finally:
             if HAS_CUDA:  # hand the cached blocks back for the next worker's test
                 import gc
+                import sys
+
+                # a failed test's traceback (kept by pytest in sys.last_*) holds its frame and tensors
+                for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+                    if hasattr(sys, name):
+                        setattr(sys, name, None)
 
                 gc.collect()
                 torch.cuda.empty_cache()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-pytestmark = pytest.mark.usefixtures("poison")
+# pytest-timeout (make gpu-check: --timeout 150) counts the wait for the lock above: the large tests, one at
+# a time, take longer than that together
+pytestmark = [pytest.mark.usefixtures("poison"), pytest.mark.timeout(290)]
 
 N, C, H, W = 1, 3, 27000, 27000  # 2,187,000,000 elements > 2^31 = 2,147,483,648
 assert N * C * H * W > 2**31 + 32 * 10**6
@@ -145,10 +153,21 @@ def _op(backend, name):
     return getattr(torch.ops.convmixer_kernels, name + ("_triton" if backend == "triton" else ""))
 
 
+def _check_uniform(label, t, rows, cols, ref):
+    """t[:, :, rows, cols] within one bf16 step of ref (one value a channel, shape (1, C, 1, 1)), in chunks
+    of rows (no full-size float copy)."""
+    step = ref.abs() * 2.0 ** -7  # one bf16 step (8 significant bits) at the value
+    for r0 in range(rows.start, rows.stop, 400):
+        chunk = t[:, :, r0:min(r0 + 400, rows.stop), cols].float()
+        assert ((chunk - ref).abs() <= step).all(), f"{label}: rows {r0}+ differ from the value away from the bands"
+
+
 def _check_whole_stats(label, pre, mean, var, act, rows):
     """mean and biased var of u = act(pre) over the whole tensor against fp64 sums of this pre (chunks of
-    `rows` rows): within 2e-5 (|mean| + std) and 1e-3 var.  In these tests the variance comes from the bands
-    alone (the rest is one value a channel), which move the mean by many times that bound."""
+    `rows` rows): within 1e-4 (|mean| + std) and 1e-3 var.  In these tests the variance comes from the bands
+    alone (the rest is one value a channel): dropping or misreading the bottom band moves var by 43-50%
+    (a full-size fp64 model of both tests' data).  The mean bound leaves room for the Triton pointwise
+    statistics' sequential fp32 sum of its tiles (up to 0.94 of a 2e-5 bound modelled at BM = 64)."""
     from convmixer_kernels import torch_ops as T
 
     s1 = torch.zeros(pre.shape[1], dtype=torch.float64, device=pre.device)
@@ -162,7 +181,7 @@ def _check_whole_stats(label, pre, mean, var, act, rows):
     m64 = s1 / n
     v64 = s2 / n - m64 * m64
     dm = (mean.double() - m64).abs()
-    assert (dm <= 2e-5 * (m64.abs() + v64.sqrt())).all(), f"{label}: mean {mean} vs {m64}"
+    assert (dm <= 1e-4 * (m64.abs() + v64.sqrt())).all(), f"{label}: mean {mean} vs {m64}"
     assert ((var.double() - v64).abs() <= 1e-3 * v64).all(), f"{label}: var {var} vs {v64}"
 
 
@@ -174,10 +193,9 @@ def test_dw_training_ops_past_2_31_elements(backend, device, layout):
     The gradient dy is zero except on the bands' outer ROWS rows, and cb = cd = 0, so dpre is exactly zero
     away from them: every sum (sum_g, sum_gxhat, dweight, dbias) is the bands' alone, checked with the 2x
     rule against the spec on the bands (PyTorch's bf16 ops and fp64), as are pre and dx on the bands; the
-    rest of dx must be exactly 0 and the rest of pre the same in every interior pixel (and in each edge
-    column), every output having started as NaN.  The batch statistics include the whole image: checked
-    against fp64 sums of the op's own pre, within 2e-5 (|mean| + std) and 1e-3 of var, where dropping or
-    misreading the bottom band moves the mean by about 1e-4 and var by tens of percent.  Needs about 40 GB
+    rest of dx must be exactly 0 and the rest of pre one value (within a bf16 step) in every interior pixel
+    and in each edge column, every output having started as NaN.  The batch statistics include the whole image: checked
+    against fp64 sums of the op's own pre (_check_whole_stats).  Needs about 40 GB
     of GPU memory, else it skips."""
     from convmixer_kernels import torch_ops as T
 
@@ -199,8 +217,7 @@ def test_dw_training_ops_past_2_31_elements(backend, device, layout):
         check_2x(f"{backend} {layout}: pre, {name} rows", pre[:, :, rows].cpu(), want, want64, bf)
     mid = slice(ROWS + 2, H - ROWS - 2)
     for cols in (slice(1, W - 1), slice(0, 1), slice(W - 1, W)):  # interior, left and right edge columns
-        ref = pre[:, :, H // 2, cols.start].view(1, C, 1, 1)
-        assert torch.count_nonzero(pre[:, :, mid, cols] != ref) == 0, f"pre: not uniform away from the bands ({cols})"
+        _check_uniform(f"pre, columns {cols}", pre, mid, cols, pre[:, :, H // 2, cols.start].float().view(1, C, 1, 1))
     cst = T.dw_conv_stats(torch.full((1, C, 5, 5), FILL, dtype=bf), w, b, act, True)[0][:, :, 2, 2]
     cst64 = T.dw_conv_stats(torch.full((1, C, 5, 5), FILL, dtype=torch.float64), w.double(), b.double(), act,
                             True)[0][:, :, 2, 2]
@@ -209,7 +226,7 @@ def test_dw_training_ops_past_2_31_elements(backend, device, layout):
     _check_whole_stats(f"{backend} {layout}", pre, mean, var, act, 3000)
 
     # the backward, with the bands' dy
-    dy = torch.zeros(N, C, H, W, dtype=bf, device=device).contiguous(memory_format=fmt)
+    dy = torch.empty(N, C, H, W, dtype=bf, device=device, memory_format=fmt).zero_()
     dy_top, dy_bottom = (torch.randn(N, C, ROWS + 1, W, generator=g).to(bf) for _ in range(2))
     dy_top[:, :, ROWS] = 0  # the bands' inner rows: dpre zero there too
     dy_bottom[:, :, 0] = 0
@@ -261,7 +278,7 @@ assert PW_C * PW_HW * PW_HW > 2**31 + 32 * 10**6
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend,device", [p for p in _params() if p.values[0] != "cpu"])
-def test_pw_training_ops_past_2_31_elements(backend, device, layout):
+def test_pw_training_ops_past_2_31_elements(backend, device, layout, monkeypatch):
     """The pointwise block's training ops (pw_gemm_stats with the residual t fused into the operand load,
     dw_bwd_reduce, pw_bwd) on 1 x 768 x 1700 x 1700 bf16 activations (2.22e9 elements; the bottom band lies
     past element 2^31 in both layouts: NCHW's last channels, channels_last's last pixels).  x and t are
@@ -275,6 +292,10 @@ def test_pw_training_ops_past_2_31_elements(backend, device, layout):
 
     if _free_gb(device) < 45:
         pytest.skip(f"needs about 45 GB free on {device}")
+    if backend == "triton":  # one tile config, no autotuning (17 compiles a layout: the indexing is the point)
+        from convmixer_kernels.triton import pw as tpw
+
+        monkeypatch.setattr(tpw, "_SMALL_GEMM", 1 << 62)
     act, bf, R, Hp = 2, torch.bfloat16, PW_ROWS, PW_HW
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     g = torch.Generator().manual_seed(2)
@@ -299,14 +320,10 @@ def test_pw_training_ops_past_2_31_elements(backend, device, layout):
     assert not torch.isnan(pre).any(), "pre: elements left unwritten"
     check_2x(f"{backend} {layout}: pre, bands", at_bands(pre), T.pw_gemm_stats(xb, tb, w, b, act, True)[0],
              T.pw_gemm_stats(xb.double(), tb.double(), w.double(), b.double(), act, True)[0], bf)
-    ref = pre[:, :, Hp // 2, Hp // 2].float().view(1, PW_C, 1, 1)
-    step = ref.abs() * 2.0 ** -7 + 1e-30  # one bf16 step (8 significant bits) at the value
-    for r0 in range(R, Hp - R, 400):
-        chunk = pre[:, :, r0:min(r0 + 400, Hp - R)].float()
-        assert ((chunk - ref).abs() <= step).all(), f"pre: rows {r0}+ differ from the interior value"
+    _check_uniform("pre", pre, slice(R, Hp - R), slice(None), pre[:, :, Hp // 2, Hp // 2].float().view(1, PW_C, 1, 1))
     _check_whole_stats(f"{backend} {layout}", pre, mean, var, act, 200)
 
-    dy = torch.zeros(1, PW_C, Hp, Hp, dtype=bf, device=device).contiguous(memory_format=fmt)
+    dy = torch.empty(1, PW_C, Hp, Hp, dtype=bf, device=device, memory_format=fmt).zero_()
     dyb = torch.randn(1, PW_C, 2 * R, Hp, generator=g).to(bf)
     dy[:, :, top] = dyb[:, :, :R].to(device)
     dy[:, :, bot] = dyb[:, :, R:].to(device)
