@@ -21,8 +21,6 @@ namespace {
 
 using at::Tensor;
 
-// x: a CUDA tensor of a CUDA storage dtype in one of the two layouts.  Returns whether it is
-// channels_last and fills the geometry (k is set by the caller).
 // A launcher's status: cudaErrorNotSupported comes only from CONVMIXER_KERNELS_DW_MMA=require on a
 // call the tensor-core kernels do not serve (dw_mma.cu), or from CONVMIXER_KERNELS_DW_BWD_REGS=require
 // on a backward the register-partials kernel does not serve (dw_launch.cu); say so, instead of CUDA's
@@ -52,6 +50,8 @@ void check_launch(cudaError_t e) {
   C10_CUDA_CHECK(e);
 }
 
+// x: a CUDA tensor of a CUDA storage dtype in one of the two layouts.  Returns whether it is
+// channels_last and fills the geometry (k is set by the caller: check_k_fits).
 bool check_x(const Tensor& x, const char* name, dwcuda::DwGeom& g) {
   check_on_device(x, name);
   check_storage_dtype(x, name, /*allow_double=*/false);
