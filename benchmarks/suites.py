@@ -304,8 +304,8 @@ def residual_suite(bench):
 # ----------------------------------------------------------------------------------------- models
 def model_cases(bench):
     """(name, batch, resolution, providers): timm's ConvMixers, two ViTs of similar size, EfficientNet-B0 and
-    MobileNetV2 (norm_act depthwise nets: SiLU; ReLU6 and linear bottlenecks) on the GPU (224x224); on the CPU, ConvMixer-768/32, DeiT-S and EfficientNet-B0
-    at a small batch and the CIFAR-sized reference ConvMixer-256/8; a tiny reference ConvMixer for the smoke
+    MobileNetV2 (norm_act depthwise nets: SiLU; ReLU6 and linear bottlenecks) on the GPU (224x224); on the CPU,
+    ConvMixer-768/32, DeiT-S and EfficientNet-B0 at a small batch and the CIFAR-sized reference ConvMixer-256/8; a tiny reference ConvMixer for the smoke
     test.  `auto`: the fused model as a user
     runs it (fuse(model), default backend choice per op); `cuda`/`triton`: every fused op on that backend."""
     if bench.device == "cuda":

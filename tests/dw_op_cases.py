@@ -57,6 +57,10 @@ def assert_close_op(name, got, want, dtype, channels_last=None):
     assert err <= tol, f"{name}: rel err {err:.3g} > {tol:.3g} at flat index {idx}"
 
 
+# dw_bwd's tensor arguments, in order
+BWD_ARGS = ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")
+
+
 def check_all_ops(ops, inp, act, act_first, residual, dtype, channels_last):
     """Run the four ops from `ops` (an object with dw_conv_stats, dw_fwd, dw_bwd_reduce, dw_bwd)
     on `inp` and compare each output with torch_ops on CPU copies of the same inputs."""
@@ -78,8 +82,7 @@ def check_all_ops(ops, inp, act, act_first, residual, dtype, channels_last):
     for n, g_, w_ in zip(("sum_g", "sum_gxhat"), got, want):
         assert_close_op(f"dw_bwd_reduce.{n}", g_, w_, dtype)
     # dw_bwd
-    args = ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")
-    got = ops.dw_bwd(*[inp[a] for a in args], act, act_first, residual)
-    want = torch_ops.dw_bwd(*[cpu[a] for a in args], act, act_first, residual)
+    got = ops.dw_bwd(*[inp[a] for a in BWD_ARGS], act, act_first, residual)
+    want = torch_ops.dw_bwd(*[cpu[a] for a in BWD_ARGS], act, act_first, residual)
     for n, g_, w_ in zip(("dx", "dweight", "dbias"), got, want):
         assert_close_op(f"dw_bwd.{n}", g_, w_, dtype, channels_last if n == "dx" else None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from convmixer_kernels import torch_ops
-from dw_op_cases import check_all_ops, make_inputs
+from dw_op_cases import BWD_ARGS, check_all_ops, make_inputs
 
 
 def _skip_reason() -> str | None:
@@ -400,7 +400,7 @@ def test_backward_dpre_pass(ops, monkeypatch, k, dtype, C, W, cl, act, act_first
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_MMA", "require" if mma else "0")
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_COPIES", "1")
     inp = make_inputs(2, C, 17, W, k, dtype, "cuda", channels_last=cl, bias=True, seed=k + C)
-    args = [inp[a] for a in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
+    args = [inp[a] for a in BWD_ARGS]
     fits = cl if mma else (C % 4 == 0 if cl else W % 4 == 0)
     out = {}
     for mode in ("1", "0"):
@@ -434,7 +434,7 @@ def test_backward_cl_regs(ops, monkeypatch, k, dtype, shape, act, act_first, res
         monkeypatch.setenv("CONVMIXER_KERNELS_DW_ITEMS_PER_BLOCK", ipb)
     inp = make_inputs(*shape, k, dtype, "cuda", channels_last=True, bias=True, seed=k + shape[1])
     check_all_ops(ops, inp, act, act_first, residual, dtype, True)
-    args = [inp[a] for a in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
+    args = [inp[a] for a in BWD_ARGS]
     out = {}
     names = _kernels_run(lambda: out.__setitem__("a", ops.dw_bwd(*args, act, act_first, residual)))
     assert any("dw_bwd_cl_regs_kernel" in n for n in names), names
@@ -451,6 +451,6 @@ def test_backward_cl_regs_require_refuses(ops, monkeypatch):
     """=require where the register partials do not apply (k = 9) raises naming the variable."""
     monkeypatch.setenv("CONVMIXER_KERNELS_DW_BWD_REGS", "require")
     inp = make_inputs(2, 16, 12, 16, 9, torch.bfloat16, "cuda", channels_last=True, bias=True, seed=1)
-    args = [inp[a] for a in ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")]
+    args = [inp[a] for a in BWD_ARGS]
     with pytest.raises(RuntimeError, match="CONVMIXER_KERNELS_DW_BWD_REGS=require"):
         ops.dw_bwd(*args, 2, True, True)

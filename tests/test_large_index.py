@@ -133,8 +133,7 @@ def test_bn_act_pass_past_2_31_elements(backend, device, layout):
     torch.manual_seed(0)
     scale = (torch.rand(C) + 0.5).to(device)
     shift = torch.randn(C).to(device)
-    op = getattr(torch.ops.convmixer_kernels, "bn_act_fwd" + ("_triton" if backend == "triton" else ""))
-    y = op(pre, scale, shift, 2, True, pre)
+    y = _op(backend, "bn_act_fwd")(pre, scale, shift, 2, True, pre)
     assert y.shape == pre.shape and y.is_contiguous(memory_format=memory_format_of(pre))
     del pre
     s, t = scale.cpu().view(1, C, 1, 1), shift.cpu().view(1, C, 1, 1)

@@ -404,6 +404,10 @@ struct TilePlan {
 };
 
 bool dpre_pass_allowed();  // dw_launch.cu
+// Whether the tiled backward's fp32 dpre pass fits this shape: 16-byte fp32 vectors along the tile rows
+// (channels_last: 4 | C; NCHW: 4 | W), and the pass not turned off (a plan also needs room for the copies:
+// bwd_dpre_pass in dw_launch.cu).
+inline bool dpre_pass_fits(const DwGeom& g) { return (g.cl ? g.C % 4 == 0 : g.W % 4 == 0) && dpre_pass_allowed(); }
 // CONVMIXER_KERNELS_DW_BWD_REGS: "1" the channels_last backward keeps its weight-gradient partials in
 // registers where it can (plan_tiles; returns 1), "require" and the op fails where it cannot (tests;
 // returns 2), else 0: opt-in until a GPU has timed it against the default.
@@ -506,7 +510,7 @@ inline TilePlan plan_tiles(const DwGeom& g, bool bwd, const DevInfo& dev) {
       // The register partials (dw_bwd_cl_regs.cuh), where asked for and where they apply: k <= 7, dpre
       // from the fp32 pass (4 | C), the copies allowed.  One warp a tile row, 8 rows (fewer if H is
       // smaller), two fp32 dpre tiles and the weights in shared memory.
-      if (bwd_regs_mode() != 0 && K <= kRegsMaxK && g.C % 4 == 0 && force != 0 && dpre_pass_allowed()) {
+      if (bwd_regs_mode() != 0 && K <= kRegsMaxK && force != 0 && dpre_pass_fits(g)) {
         const int TH = static_cast<int>(H < 8 ? H : 8);
         const int64_t tile = int64_t(TH + K - 1) * p.smem_w * kCG;
         const int raw_off = static_cast<int>(ceil_div(tile, 4) * 4);

@@ -110,9 +110,7 @@ DirectArgs make_direct_args(const DwGeom& g, const DwOperands& o) {
 // tiles by cp.async (dw_bwd_tiled.cuh), where the plan has room for the copies and 16-byte fp32
 // vectors fit the tile rows (channels_last: 4 | C; NCHW: 4 | W).  Shape only, so the workspace and
 // the launch agree.  CONVMIXER_KERNELS_DW_BWD_DPRE=0 (measurement knob): dpre computed while staging.
-bool bwd_dpre_pass(const DwGeom& g, const TilePlan& p) {
-  return p.tiled && p.copies && (g.cl ? g.C % 4 == 0 : g.W % 4 == 0) && dpre_pass_allowed();
-}
+bool bwd_dpre_pass(const DwGeom& g, const TilePlan& p) { return p.tiled && p.copies && dpre_pass_fits(g); }
 
 // Every op's common operands: the conv input x, the weight w (+ bias), the output (y, pre or dx),
 // activation and order.
@@ -288,7 +286,7 @@ cudaError_t dw_bwd_launch(const DwGeom& g, const void* dy, const void* x, const 
   if (ran) return cudaSuccess;
   const DevInfo dev = dev_info();
   const TilePlan p = plan_tiles(g, true, dev);
-  if (need_regs && !(p.tiled && p.regs && bwd_dpre_pass(g, p))) return cudaErrorNotSupported;
+  if (need_regs && !p.regs) return cudaErrorNotSupported;  // (p.regs: tiled, with the dpre pass)
   const int KK = g.k * g.k;
   if (p.tiled) {
     TileArgs a = make_tile_args(g, p, o);

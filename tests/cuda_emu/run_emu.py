@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from benchmarks.harness import env_set  # noqa: E402
-from dw_op_cases import check_all_ops, make_inputs  # noqa: E402
+from dw_op_cases import BWD_ARGS, check_all_ops, make_inputs  # noqa: E402
 from oracle import check_2x  # noqa: E402
 
 
@@ -328,10 +328,9 @@ def _check_regs_env(mod):
     =1 and =require give the same bits, which differ from the default kernel's (a different plan, so a
     different grouping of the weight-gradient sums): so =1 did switch kernels."""
     ops = HostOps(mod)
-    names = ("dy", "x", "pre", "weight", "scale", "shift", "mean", "ca", "cb", "cd")
 
     def bwd(inp):
-        return ops.dw_bwd(*[inp[a] for a in names], 2, True, True)
+        return ops.dw_bwd(*[inp[a] for a in BWD_ARGS], 2, True, True)
 
     def same(a, b):
         return all(torch.equal(u, v) for u, v in zip(a, b))
